@@ -1,0 +1,5 @@
+"""infenclave: confidential image classification by ternary model partitioning."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

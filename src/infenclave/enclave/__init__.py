@@ -1,0 +1,1 @@
+"""The enclave program: the trusted computing base. Keep this file free of imports."""

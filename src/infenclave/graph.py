@@ -1,0 +1,148 @@
+"""Cut points of a network, found on its dataflow graph.
+
+A *cut point* is a tensor T such that, in topological order, T is the only activation alive
+across the boundary right after it is produced: everything after depends on the input through
+T alone. On a residual network the skip tensor is alive across every node inside a block, so
+cuts fall only between blocks, never inside a skip connection.
+
+Two refinements keep the list meaningful rather than merely valid:
+- *pass-through* consumers (batch norm, activations, dropout, reshapes) do not get their own
+  cut: cutting before a ReLU exposes nothing that cutting after it does not, and such ops fuse
+  into the producer at run time;
+- where the graph carries module scopes (torch.fx module stacks, or scoped ONNX node names such
+  as `/_blocks.3/_project_conv/Conv`), cuts inside one module unit (a child of the model, or an
+  element of a Sequential/ModuleList child) are dropped: the unit is what the owner reasons
+  about, e.g. one MBConv block.
+
+Torch models are traced with `torch.fx`; ONNX models are read from their graph. Both feed the
+same liveness sweep below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from infenclave.errors import GraphError
+
+# ONNX op types whose output says nothing new about their (single activation) input.
+ONNX_PASSTHROUGH = {
+    "BatchNormalization", "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu",
+    "Elu", "Selu", "Gelu", "Tanh", "Softplus", "PRelu", "Dropout", "Identity", "Flatten",
+    "Reshape", "Squeeze", "Unsqueeze", "Shape", "Cast", "InstanceNormalization",
+    "LayerNormalization",
+}
+
+
+@dataclass(frozen=True)
+class Op:
+    """One node of a dataflow graph, reduced to what the cut analysis needs."""
+
+    name: str
+    unit: str | None  # module unit (see module docstring), None when the graph has no scopes
+    passthrough: bool
+    inputs: tuple[str, ...]  # activation tensors only (no weights, no constants)
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RawCut:
+    position: int  # index of the producing op
+    tensor: str
+    name: str
+
+
+def find_cuts(ops: Sequence[Op], graph_input: str, graph_output: str) -> list[RawCut]:
+    """The cut points of a topologically ordered op list (see module docstring)."""
+    produced_at: dict[str, int] = {graph_input: -1}
+    last_use: dict[str, int] = {graph_input: -1}
+    consumers: dict[str, list[int]] = {}
+    for i, op in enumerate(ops):
+        for t in op.inputs:
+            if t not in produced_at:
+                raise GraphError(f"op {op.name} reads {t!r} before it is produced")
+            last_use[t] = max(last_use[t], i)
+            consumers.setdefault(t, []).append(i)
+        for t in op.outputs:
+            produced_at[t] = i
+            last_use.setdefault(t, i)
+    if graph_output not in produced_at:
+        raise GraphError(f"graph output {graph_output!r} is never produced")
+    last_use[graph_output] = len(ops)  # the output is alive to the end
+
+    cuts: list[RawCut] = []
+    used_names: dict[str, int] = {}
+    for i, op in enumerate(ops[:-1]):
+        live = [t for t, p in produced_at.items() if p <= i < last_use[t]]
+        if len(live) != 1 or live[0] not in op.outputs or live[0] == graph_output:
+            continue
+        tensor = live[0]
+        users = [ops[j] for j in consumers.get(tensor, [])]
+        if users and all(u.passthrough for u in users):
+            continue
+        if op.unit is not None and users and all(u.unit == op.unit for u in users):
+            continue
+        name = _cut_name(ops, i, produced_at)
+        used_names[name] = used_names.get(name, 0) + 1
+        if used_names[name] > 1:
+            name = f"{name}#{used_names[name]}"
+        cuts.append(RawCut(position=i, tensor=tensor, name=name))
+    return cuts
+
+
+def _cut_name(ops: Sequence[Op], i: int, produced_at: dict[str, int]) -> str:
+    """Name a cut after the unit that computed it, looking through pass-through ops."""
+    j = i
+    while ops[j].passthrough and len(ops[j].inputs) == 1 and produced_at[ops[j].inputs[0]] >= 0:
+        j = produced_at[ops[j].inputs[0]]
+    return ops[j].unit or ops[j].name
+
+
+def onnx_scope_unit(node_name: str) -> str | None:
+    """`/layer1/layer1.0/conv1/Conv` -> `layer1.0`; `/_blocks.3/_bn2/...` -> `_blocks.3`.
+
+    Descends through container scopes: a component that extends its parent with `.<index>`
+    is an element of a Sequential/ModuleList, and the element is the unit.
+    """
+    if not node_name.startswith("/"):
+        return None
+    parts = [p for p in node_name.split("/")[1:-1] if p]
+    if not parts:
+        return None
+    unit = parts[0]
+    for part in parts[1:]:
+        if part.startswith(unit + "."):
+            unit = part
+        else:
+            break
+    return unit
+
+
+def onnx_ops(graph: "onnx.GraphProto") -> tuple[list[Op], str, str]:  # type: ignore[name-defined]  # noqa: F821
+    """Reduce an ONNX graph with one input and one output to `Op`s, dropping constant subgraphs."""
+    if len(graph.input) - len({i.name for i in graph.initializer} & {i.name for i in graph.input}) != 1:
+        raise GraphError("the ONNX model must have exactly one (non-initializer) input")
+    if len(graph.output) != 1:
+        raise GraphError(f"the ONNX model must have exactly one output, it has {len(graph.output)}")
+    initializers = {t.name for t in graph.initializer}
+    graph_input = next(i.name for i in graph.input if i.name not in initializers)
+    activations = {graph_input}
+    ops: list[Op] = []
+    for k, node in enumerate(graph.node):
+        inputs = tuple(t for t in node.input if t in activations)
+        if not inputs:
+            continue  # a constant, or computed from constants only
+        outputs = tuple(t for t in node.output if t)
+        activations.update(outputs)
+        ops.append(Op(
+            name=node.name or f"{node.op_type}_{k}",
+            unit=onnx_scope_unit(node.name),
+            passthrough=node.op_type in ONNX_PASSTHROUGH and len(inputs) == 1,
+            inputs=inputs,
+            outputs=outputs,
+        ))
+    return ops, graph_input, graph.output[0].name
+
+
+def unique(seq: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(seq))
