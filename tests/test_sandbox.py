@@ -86,8 +86,11 @@ def _tiny_onnx_model(path: Path) -> None:
 def test_sandbox_refuses_network_exec_and_allows_unix_and_onnxruntime(tmp_path: Path) -> None:
     model_path = tmp_path / "tiny.onnx"
     _tiny_onnx_model(model_path)
+    cache = tmp_path / "cache"
     result = _run_child(
         """
+        os.environ.pop("ORT_DISABLE_TELEMETRY", None)
+        os.environ["XDG_CACHE_HOME"] = sys.argv[2]
         netns_before = os.readlink("/proc/self/ns/net")
         from infenclave.enclave.sandbox import apply_sandbox
         report = apply_sandbox()
@@ -131,6 +134,7 @@ def test_sandbox_refuses_network_exec_and_allows_unix_and_onnxruntime(tmp_path: 
         print(json.dumps(out))
         """,
         str(model_path),
+        str(cache),
     )
     report = result["report"]
     assert report["not_dumpable"] and report["no_new_privs"] and report["seccomp_filter"]
@@ -147,6 +151,9 @@ def test_sandbox_refuses_network_exec_and_allows_unix_and_onnxruntime(tmp_path: 
     assert result["no_new_privs"] == "1"
     assert result["seccomp"] == "2"
     assert result["ort"] == [[10.0, 0.0]]
+    # onnxruntime's telemetry store was never created (it is, without the sandbox's step 0).
+    assert report["onnxruntime_telemetry_off"] is True
+    assert not (cache / "Microsoft").exists()
 
     if os.geteuid() == 0:
         # As root (this machine) the network namespace is entered: loopback only.
@@ -189,6 +196,7 @@ def test_sandbox_covers_threads_started_before_it() -> None:
 # is the situation the not-dumpable flag is for: another process of the *same* user.
 _VICTIM = """
 import ctypes, os, sys
+import pyseccomp  # noqa: F401  (loaded before the uid drop: the stdlib is not readable after)
 from infenclave.enclave.sandbox import apply_sandbox
 secret = ctypes.create_string_buffer(b"correct horse battery staple")
 os.setgroups([])

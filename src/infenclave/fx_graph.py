@@ -80,17 +80,15 @@ def _localise_batch_reads(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
-def _unit(node: fx.Node, root: nn.Module) -> str | None:
+def _unit(node: fx.Node) -> str | None:
+    """The outermost non-container module on the node's module stack (see `graph`)."""
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return None
-    for key, (path, _type) in stack.items():
-        try:
-            mod = root.get_submodule(path)
-        except AttributeError:
-            return key
-        if not isinstance(mod, _CONTAINERS):
-            return key
+    for key, (_path, module_type) in stack.items():
+        # the traced GraphModule keeps containers only as plain Modules: use the recorded type
+        if not (isinstance(module_type, type) and issubclass(module_type, _CONTAINERS)):
+            return str(key)
     return None
 
 
@@ -136,7 +134,7 @@ def fx_ops(gm: fx.GraphModule) -> tuple[list[Op], str, str]:
         # `size(0)` reads are local after tracing (see `_localise_batch_reads`): the tensor
         # they read is an input of the same consumer, so they add nothing to liveness
         inputs = tuple(a.name for a in node.all_input_nodes if a in act and not _is_size(a))
-        ops.append(Op(name=node.name, unit=_unit(node, gm), passthrough=_is_passthrough(node, gm),
+        ops.append(Op(name=node.name, unit=_unit(node), passthrough=_is_passthrough(node, gm),
                       inputs=inputs, outputs=(node.name,)))
     return ops, placeholders[0].name, result.name
 

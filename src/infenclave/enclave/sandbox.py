@@ -5,9 +5,16 @@ least makes it hard for its own code, once compromised (a malicious image exploi
 decoder, say), to send decrypted images anywhere, to start another program, or to read
 other processes; and makes it hard for other *unprivileged* processes to read its memory.
 
-Call `apply_sandbox` first thing in the enclave's ``__main__``: before importing numpy or
-onnxruntime (they start threads; a network namespace covers only the thread that creates
-it) and before any secret exists. In order it applies:
+Call `apply_sandbox` first thing in the enclave's ``__main__`` on the ``sim`` backend: before
+importing numpy or onnxruntime (they start threads; a network namespace covers only the
+thread that creates it) and before any secret exists. Not under Gramine: there the SGX
+enclave is the wall, and Gramine does not implement these system calls. In order it applies:
+
+0. ``ORT_DISABLE_TELEMETRY=1`` in the environment: the onnxruntime 1.32 Linux wheel ships
+   Microsoft 1DS telemetry (``mobile.events.data.microsoft.com``) and, unless this is set
+   before it is imported, keeps an event database and a device id under
+   ``$XDG_CACHE_HOME/Microsoft/DeveloperTools``. Checked on this machine; the telemetry
+   holds device and process facts, not inputs, but the TCB must not phone home at all.
 
 1. ``unshare(CLONE_NEWNET)``: a fresh network namespace with only a down loopback. Needs
    CAP_SYS_ADMIN; without it (EPERM), or when the process already has several threads, it
@@ -40,9 +47,8 @@ import ctypes
 import errno
 import os
 import socket
+import sys
 from dataclasses import dataclass
-
-import pyseccomp
 
 from infenclave.errors import EnclaveError
 
@@ -74,10 +80,12 @@ DENIED_SYSCALLS: tuple[str, ...] = (
 class SandboxReport:
     """What `apply_sandbox` did, for the enclave's start-up log and for tests.
 
-    ``network_namespace`` is False when step 1 was skipped; ``network_namespace_error`` then
-    says why (an errno name, or ``"multithreaded"``).
+    ``onnxruntime_telemetry_off`` is False when onnxruntime was imported before the sandbox
+    (too late to switch its telemetry off). ``network_namespace`` is False when step 1 was
+    skipped; ``network_namespace_error`` then says why (an errno name, or ``"multithreaded"``).
     """
 
+    onnxruntime_telemetry_off: bool
     network_namespace: bool
     network_namespace_error: str | None
     not_dumpable: bool
@@ -120,6 +128,11 @@ def _prctl(libc: ctypes.CDLL, option: int, arg: int) -> int:
 
 
 def _load_seccomp_filter() -> None:
+    # Imported here, not at module level: pyseccomp locates libseccomp by running ldconfig
+    # at import, which must happen before execve is refused, and which cannot happen at all
+    # under Gramine (where this sandbox is not used: the SGX enclave is the wall there).
+    import pyseccomp  # type: ignore[import-untyped]  # (no stubs, no py.typed)
+
     flt = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
     # Apply to every thread of the process, not only the caller (SECCOMP_FILTER_FLAG_TSYNC).
     flt.set_attr(pyseccomp.Attr.CTL_TSYNC, 1)
@@ -148,6 +161,10 @@ def apply_sandbox() -> SandboxReport:
     Raises `EnclaveError` when a step that must hold (not dumpable, no_new_privs, the
     seccomp filter) could not be applied or read back: the enclave must then not start.
     """
+    # Step 0: onnxruntime reads this when it is first imported.
+    os.environ["ORT_DISABLE_TELEMETRY"] = "1"
+    telemetry_off = "onnxruntime" not in sys.modules
+
     libc = _libc()
 
     # Step 1: network namespace (best effort; see module docstring).
@@ -166,12 +183,13 @@ def apply_sandbox() -> SandboxReport:
     # Step 4: seccomp filter, read back from /proc (2 = SECCOMP_MODE_FILTER).
     try:
         _load_seccomp_filter()
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # RuntimeError: pyseccomp found no libseccomp
         raise EnclaveError("the seccomp filter could not be loaded") from exc
     if _seccomp_mode() != 2:
         raise EnclaveError("the seccomp filter is not in force")
 
     return SandboxReport(
+        onnxruntime_telemetry_off=telemetry_off,
         network_namespace=netns_error is None,
         network_namespace_error=netns_error,
         not_dumpable=True,

@@ -1,0 +1,304 @@
+"""Attestation evidence as it arrives: typed, immutable, structure checked, nothing verified.
+
+`Evidence` is the envelope every backend produces and the client verifies:
+
+- `tee`: "sgx", "tdx", "sev-snp" or "simulated";
+- `raw`: the DCAP quote, the 1184-byte SNP report, or the simulated evidence document;
+- `collateral`: for SGX/TDX, the dcap-qvl collateral JSON (PCS CRLs, TCB info, QE identity);
+- `certificates`: for SEV-SNP, a PEM bundle of VCEK, ASK and ARK (leaf first).
+
+Constructing an `Evidence` checks sizes and layout (a quote's header matches its tee type,
+no trailing data, an SNP report's size and version, the simulated document's schema) and
+refuses garbage with a `VerificationError`; signatures, chains and policy are checked only
+by `infenclave.attest.verifier.verify`.
+
+On the wire (what the host server returns) the envelope is UTF-8 JSON::
+
+    {"format": "infenclave-evidence/1", "tee": "sgx",
+     "raw": "<base64>", "collateral": "<base64>" | null, "certificates": "<base64>" | null}
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from infenclave.attest._quote import parse_quote, quote_tee
+from infenclave.attest._snp import (
+    SNP_REPORT_BYTES,
+    looks_like_snp_report,
+    parse_snp_certificates,
+    parse_snp_report,
+)
+from infenclave.attest._x509 import load_der_certificate, load_pem_certificates
+from infenclave.attest.policy import TEE_TYPES
+from infenclave.attest.sim_format import (
+    MAX_SIM_EVIDENCE_BYTES,
+    SIM_EVIDENCE_FORMAT,
+    parse_sim_evidence,
+)
+from infenclave.errors import UsageError, VerificationError
+
+__all__ = [
+    "ENVELOPE_FORMAT",
+    "MAX_CERTIFICATES_BYTES",
+    "MAX_COLLATERAL_BYTES",
+    "MAX_ENVELOPE_BYTES",
+    "MAX_QUOTE_BYTES",
+    "Evidence",
+    "load_evidence_file",
+    "parse_evidence_envelope",
+]
+
+ENVELOPE_FORMAT = "infenclave-evidence/1"
+
+#: A DCAP quote with its embedded PCK chain is about 5 KiB.
+MAX_QUOTE_BYTES = 64 * 1024
+#: dcap-qvl collateral (two CRLs, TCB info, QE identity, three issuer chains) is ~20-40 KiB.
+MAX_COLLATERAL_BYTES = 1024 * 1024
+#: VCEK + ASK + ARK in PEM is about 6 KiB.
+MAX_CERTIFICATES_BYTES = 64 * 1024
+#: The base64 envelope of the largest allowed parts, with room to spare.
+MAX_ENVELOPE_BYTES = 2 * 1024 * 1024
+
+_ENVELOPE_KEYS = frozenset({"format", "tee", "raw", "collateral", "certificates"})
+# Where `load_evidence_file` looks for an SNP report's certificates, as the AMD KDS and
+# go-sev-guest name them.
+_VCEK_NAMES = ("vcek.der", "vcek.pem")
+_ASK_ARK_NAMES = ("ask_ark_milan.pem", "cert_chain.pem")
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Unverified attestation evidence whose structure has been checked (see module doc)."""
+
+    tee: str
+    raw: bytes
+    collateral: bytes | None = None
+    certificates: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if self.tee not in TEE_TYPES:
+            raise VerificationError(f"evidence: unknown TEE type {self.tee!r}")
+        for name in ("raw", "collateral", "certificates"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bytes):
+                raise VerificationError(f"evidence: {name} must be bytes")
+        _check_limit("collateral", self.collateral, MAX_COLLATERAL_BYTES)
+        _check_limit("certificates", self.certificates, MAX_CERTIFICATES_BYTES)
+        if self.tee in ("sgx", "tdx"):
+            _check_limit("quote", self.raw, MAX_QUOTE_BYTES)
+            detected = quote_tee(self.raw)
+            if detected != self.tee:
+                raise VerificationError(
+                    f"evidence: tagged {self.tee!r} but the quote header says "
+                    f"{detected or 'it is not a supported DCAP quote'}"
+                )
+            parse_quote(self.raw)
+            if self.certificates is not None:
+                raise VerificationError(
+                    f"evidence: {self.tee} evidence carries no certificates field "
+                    "(the PCK chain travels inside the quote)"
+                )
+        elif self.tee == "sev-snp":
+            parse_snp_report(self.raw)
+            if self.collateral is not None:
+                raise VerificationError(
+                    "evidence: SEV-SNP evidence has no collateral; its VCEK chain goes in "
+                    "certificates"
+                )
+            if self.certificates is not None:
+                parse_snp_certificates(self.certificates)
+        else:
+            parse_sim_evidence(self.raw)
+            if self.collateral is not None or self.certificates is not None:
+                raise VerificationError(
+                    "evidence: simulated evidence has no collateral or certificates"
+                )
+
+    def to_json(self) -> bytes:
+        """Serialise to the JSON envelope (`infenclave-evidence/1`)."""
+        document = {
+            "format": ENVELOPE_FORMAT,
+            "tee": self.tee,
+            "raw": _b64(self.raw),
+            "collateral": None if self.collateral is None else _b64(self.collateral),
+            "certificates": None if self.certificates is None else _b64(self.certificates),
+        }
+        return json.dumps(document, sort_keys=True).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Evidence:
+        """Parse a JSON envelope; the same as `parse_evidence_envelope`."""
+        return parse_evidence_envelope(data)
+
+
+def parse_evidence_envelope(data: bytes) -> Evidence:
+    """Parse the JSON envelope a server returns into `Evidence` (structure checked)."""
+    if len(data) > MAX_ENVELOPE_BYTES:
+        raise VerificationError(
+            f"evidence envelope is {len(data)} bytes, over the {MAX_ENVELOPE_BYTES} limit"
+        )
+    document = _json_object(data, "evidence envelope")
+    return _from_envelope(document)
+
+
+def load_evidence_file(path: Path, collateral_path: Path | None = None) -> Evidence:
+    """Load evidence from a file, recognising its kind by content.
+
+    Recognised: our JSON envelope; a simulated evidence document; a raw SGX quote v3 or TDX
+    quote v4/v5 (by header), with `collateral_path` naming its dcap-qvl collateral JSON
+    (optional: without it only the quote's own chain can be checked, and no policy accepts
+    it); a 1184-byte SEV-SNP report, whose certificates come from `collateral_path` (a PEM
+    bundle VCEK, ASK, ARK) or else from `vcek.der`/`vcek.pem` and
+    `ask_ark_milan.pem`/`cert_chain.pem` beside it.
+    """
+    data = _read(path, MAX_ENVELOPE_BYTES, "evidence")
+    if data.lstrip()[:1] == b"{":
+        document = _json_object(data, f"evidence file {path}")
+        kind = document.get("format")
+        if kind == SIM_EVIDENCE_FORMAT:
+            if collateral_path is not None:
+                raise UsageError("simulated evidence takes no collateral")
+            if len(data) > MAX_SIM_EVIDENCE_BYTES:
+                raise VerificationError("simulated evidence is over its size limit")
+            return Evidence(tee="simulated", raw=data)
+        if kind != ENVELOPE_FORMAT:
+            raise VerificationError(
+                f"evidence file {path}: JSON with format {kind!r} is neither "
+                f"{ENVELOPE_FORMAT!r} nor {SIM_EVIDENCE_FORMAT!r}"
+            )
+        evidence = _from_envelope(document)
+        if collateral_path is None:
+            return evidence
+        return _with_extra_file(evidence, collateral_path)
+    if looks_like_snp_report(data):
+        if collateral_path is not None:
+            certificates = _read(collateral_path, MAX_CERTIFICATES_BYTES, "SEV-SNP certificates")
+        else:
+            certificates = _discover_snp_certificates(path.parent)
+        return Evidence(tee="sev-snp", raw=data, certificates=certificates)
+    tee = quote_tee(data)
+    if tee is None:
+        raise VerificationError(
+            f"evidence file {path}: not recognised (not an infenclave JSON envelope, a "
+            f"simulated evidence document, an SGX v3 / TDX v4-v5 DCAP quote, or a "
+            f"{SNP_REPORT_BYTES}-byte SEV-SNP report)"
+        )
+    if len(data) > MAX_QUOTE_BYTES:
+        raise VerificationError(f"evidence file {path}: quote over the {MAX_QUOTE_BYTES} limit")
+    collateral = None
+    if collateral_path is not None:
+        collateral = _read(collateral_path, MAX_COLLATERAL_BYTES, "collateral")
+    return Evidence(tee=tee, raw=data, collateral=collateral)
+
+
+def _from_envelope(document: dict[str, Any]) -> Evidence:
+    if set(document) != _ENVELOPE_KEYS:
+        raise VerificationError(
+            f"evidence envelope: expected keys {sorted(_ENVELOPE_KEYS)}, got {sorted(document)}"
+        )
+    if document["format"] != ENVELOPE_FORMAT:
+        raise VerificationError(
+            f"evidence envelope: format {document['format']!r} is not {ENVELOPE_FORMAT!r}"
+        )
+    tee = document["tee"]
+    if not isinstance(tee, str):
+        raise VerificationError("evidence envelope: tee must be a string")
+    raw = _unb64("raw", document["raw"])
+    if raw is None:
+        raise VerificationError("evidence envelope: raw is required")
+    return Evidence(
+        tee=tee,
+        raw=raw,
+        collateral=_unb64("collateral", document["collateral"]),
+        certificates=_unb64("certificates", document["certificates"]),
+    )
+
+
+def _with_extra_file(evidence: Evidence, extra: Path) -> Evidence:
+    """Fill an envelope's missing collateral (SGX/TDX) or certificates (SNP) from a file."""
+    if evidence.tee in ("sgx", "tdx"):
+        if evidence.collateral is not None:
+            raise UsageError("the evidence envelope already carries collateral")
+        collateral = _read(extra, MAX_COLLATERAL_BYTES, "collateral")
+        return Evidence(evidence.tee, evidence.raw, collateral=collateral)
+    if evidence.tee == "sev-snp":
+        if evidence.certificates is not None:
+            raise UsageError("the evidence envelope already carries certificates")
+        certificates = _read(extra, MAX_CERTIFICATES_BYTES, "SEV-SNP certificates")
+        return Evidence(evidence.tee, evidence.raw, certificates=certificates)
+    raise UsageError("simulated evidence takes no collateral")
+
+
+def _discover_snp_certificates(directory: Path) -> bytes | None:
+    """Build the VCEK, ASK, ARK PEM bundle from the files beside a report, if present."""
+    vcek_path = next((directory / n for n in _VCEK_NAMES if (directory / n).is_file()), None)
+    chain_path = next((directory / n for n in _ASK_ARK_NAMES if (directory / n).is_file()), None)
+    if vcek_path is None or chain_path is None:
+        return None
+    vcek_bytes = _read(vcek_path, MAX_CERTIFICATES_BYTES, "VCEK")
+    if vcek_path.suffix == ".der":
+        vcek_pem = load_der_certificate(vcek_bytes, f"VCEK {vcek_path}").public_bytes(Encoding.PEM)
+    else:
+        vcek_pem = vcek_bytes
+    chain = load_pem_certificates(_read(chain_path, MAX_CERTIFICATES_BYTES, "ASK/ARK"), str(chain_path))
+    if len(chain) != 2:
+        raise VerificationError(f"{chain_path}: expected the ASK and the ARK, found {len(chain)} certificates")
+    return vcek_pem + b"".join(cert.public_bytes(Encoding.PEM) for cert in chain)
+
+
+def _read(path: Path, limit: int, what: str) -> bytes:
+    """Read at most `limit` bytes; a missing file is a usage error, a huge one is refused."""
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(limit + 1)
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} file {path}: {exc.strerror or exc}") from exc
+    if len(data) > limit:
+        raise VerificationError(f"{what} file {path} is larger than the {limit}-byte limit")
+    return data
+
+
+def _check_limit(name: str, value: bytes | None, limit: int) -> None:
+    if value is not None and len(value) > limit:
+        raise VerificationError(f"evidence: {name} is {len(value)} bytes, over the {limit} limit")
+
+
+def _json_object(data: bytes, what: str) -> dict[str, Any]:
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in result:
+                raise VerificationError(f"{what}: duplicate key {key!r}")
+            result[key] = value
+        return result
+
+    try:
+        value = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise VerificationError(f"{what}: not valid UTF-8 JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise VerificationError(f"{what}: expected a JSON object")
+    return value
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(key: str, value: Any) -> bytes | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise VerificationError(f"evidence envelope: {key} must be base64 or null")
+    try:
+        return base64.b64decode(value.encode("ascii"), validate=True)
+    except (UnicodeEncodeError, binascii.Error, ValueError) as exc:
+        raise VerificationError(f"evidence envelope: {key} is not valid base64") from exc

@@ -1,0 +1,293 @@
+"""Partition a model into a bundle: encrypted FrontNet and Tail, clear BackNet, a manifest.
+
+`partition` is what `infenclave partition` runs on the model owner's machine. It writes:
+
+- ``BUNDLE/`` (the format is documented in `infenclave.enclave.bundle_format`): what the
+  owner uploads to the untrusted host;
+- ``BUNDLE.key`` beside it (mode 0600, never inside the bundle): the fresh 256-bit model key
+  and the model id it belongs to, which the owner provisions to an attested enclave;
+- ``BUNDLE.policy.json`` beside it: a starter client policy that lists this release's
+  enclave measurement and refuses simulation (`starter_policy`).
+
+The host reads only the manifest and the BackNet (`read_manifest`, `read_backnet`); the
+enclave reads the encrypted parts itself (`infenclave.enclave.program`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from infenclave.crypto import AEAD_KEY_SIZE, aead_encrypt, generate_aead_key
+from infenclave.enclave.bundle_format import (
+    BUNDLE_FORMAT,
+    MANIFEST_FILE,
+    MAX_MANIFEST_BYTES,
+    MAX_PART_BYTES,
+    PART_FILES,
+    BundleManifest,
+    check_part,
+    encode_tail,
+    model_id_of,
+    parse_manifest,
+    part_aad,
+)
+from infenclave.errors import BundleError, UsageError
+
+__all__ = [
+    "KEY_FILE_FORMAT",
+    "ModelKey",
+    "PartitionResult",
+    "key_path_for",
+    "partition",
+    "policy_path_for",
+    "read_backnet",
+    "read_key_file",
+    "read_manifest",
+    "starter_policy",
+    "write_key_file",
+]
+
+KEY_FILE_FORMAT = "infenclave-model-key/1"
+_MAX_KEY_FILE_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    """The owner's secret: the bundle's AES-256 key and the model id it belongs to."""
+
+    model_id: str
+    key: bytes
+
+    def __repr__(self) -> str:  # never print the key by accident
+        return f"ModelKey(model_id={self.model_id!r}, key=<redacted>)"
+
+
+@dataclass(frozen=True)
+class PartitionResult:
+    """What `partition` wrote, for the CLI to report."""
+
+    bundle_dir: Path
+    key_file: Path
+    policy_file: Path
+    model_id: str
+    front_end: str
+    tail_start: str
+    sim_measurement: str
+    part_sizes: dict[str, int]
+
+
+def key_path_for(bundle_dir: Path) -> Path:
+    """``BUNDLE.key`` beside ``BUNDLE/``."""
+    bundle_dir = Path(bundle_dir)
+    return bundle_dir.with_name(bundle_dir.name + ".key")
+
+
+def policy_path_for(bundle_dir: Path) -> Path:
+    """``BUNDLE.policy.json`` beside ``BUNDLE/``."""
+    bundle_dir = Path(bundle_dir)
+    return bundle_dir.with_name(bundle_dir.name + ".policy.json")
+
+
+def partition(
+    model: Any,
+    front_end: str,
+    tail_start: str,
+    out: Path,
+    *,
+    mrenclave: tuple[str, ...] = (),
+    mrsigner: tuple[str, ...] = (),
+    force: bool = False,
+) -> PartitionResult:
+    """Split *model* (a `LoadedModel`) at the two cut points and write the bundle to *out*.
+
+    Refuses to overwrite an existing bundle, key or policy unless *force*: overwriting the
+    key of a bundle that is already deployed would lock its owner out.
+    """
+    from infenclave.measurement import sim_measurement
+    from infenclave.network import analyse
+    from infenclave.split import ternary_split
+
+    out = Path(out)
+    key_file, policy_file = key_path_for(out), policy_path_for(out)
+    existing = [p for p in (out, key_file, policy_file) if os.path.lexists(p)]
+    if existing and not force:
+        raise UsageError(
+            f"{', '.join(map(str, existing))} already exist(s); pass --force to replace"
+        )
+    net = analyse(model)
+    split = ternary_split(net, front_end, tail_start)
+    parts = split.parts_bytes()  # front/back/tail ONNX bytes
+    tail_container = encode_tail(parts["tail"], list(model.labels))
+    plaintext = {"frontnet": parts["front"], "backnet": parts["back"], "tail": tail_container}
+    for name, data in plaintext.items():
+        if len(data) > MAX_PART_BYTES:
+            raise BundleError(f"{name} is {len(data)} bytes, over the {MAX_PART_BYTES} limit")
+
+    manifest_doc = {
+        "format": BUNDLE_FORMAT,
+        "model": model.identity(),
+        "preprocess": model.preprocess.to_dict(),
+        "output": model.output,
+        "num_classes": model.num_classes,
+        "input_shape": list(net.input_shape[1:]),
+        "cuts": {
+            "front_end": _cut_doc(split.front_end),
+            "tail_start": _cut_doc(split.tail_start),
+        },
+        "parts": {
+            name: {
+                "file": PART_FILES[name],
+                "encrypted": name != "backnet",
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "size": len(data),
+            }
+            for name, data in plaintext.items()
+        },
+    }
+    manifest_bytes = (json.dumps(manifest_doc, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    manifest = parse_manifest(manifest_bytes)  # what we write is what readers accept
+    key = generate_aead_key()
+    measurement = sim_measurement().hex()
+
+    if force:
+        _remove(out, key_file, policy_file)
+    out.mkdir(parents=True)
+    _write(out / MANIFEST_FILE, manifest_bytes)
+    _write(out / PART_FILES["backnet"], plaintext["backnet"])
+    for name in ("frontnet", "tail"):
+        _write(out / PART_FILES[name], aead_encrypt(key, plaintext[name], part_aad(manifest.digest, name)))
+    write_key_file(key_file, ModelKey(manifest.model_id, key))
+    policy_file.write_text(
+        json.dumps(starter_policy(measurement, mrenclave=mrenclave, mrsigner=mrsigner), indent=2)
+        + "\n"
+    )
+    return PartitionResult(
+        bundle_dir=out,
+        key_file=key_file,
+        policy_file=policy_file,
+        model_id=manifest.model_id,
+        front_end=split.front_end.name,
+        tail_start=split.tail_start.name,
+        sim_measurement=measurement,
+        part_sizes={name: len(data) for name, data in plaintext.items()},
+    )
+
+
+def starter_policy(
+    sim_measurement_hex: str, *, mrenclave: tuple[str, ...] = (), mrsigner: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The starter client policy for a bundle: this release's measurements, no simulation.
+
+    It lists the ``sim`` measurement of the enclave program that ships with this release and,
+    when given, SGX MRENCLAVE/MRSIGNER values (from ``make -C deploy/gramine mrenclave``).
+    ``allow_simulation`` is false: a client refuses the ``sim`` backend unless its user
+    passes ``--allow-simulation`` (`infenclave.client.Client`), which flips only that switch
+    and keeps the measurement check.
+    """
+    tee_types = []
+    measurements: dict[str, list[str]] = {}
+    if mrenclave or mrsigner:
+        tee_types.append("sgx")
+        if mrenclave:
+            measurements["mrenclave"] = [v.lower() for v in mrenclave]
+        if mrsigner:
+            measurements["mrsigner"] = [v.lower() for v in mrsigner]
+    tee_types.append("simulated")
+    measurements["sim"] = [sim_measurement_hex]
+    return {
+        "tee_types": tee_types,
+        "measurements": measurements,
+        "allow_debug": False,
+        "tcb_statuses": ["UpToDate"],
+        "allow_simulation": False,
+        "max_evidence_age_s": 300,
+    }
+
+
+def read_manifest(bundle_dir: Path) -> BundleManifest:
+    """Read and structure-check ``BUNDLE/manifest.json``."""
+    path = Path(bundle_dir) / MANIFEST_FILE
+    return parse_manifest(_read(path, MAX_MANIFEST_BYTES, "manifest"))
+
+
+def read_backnet(bundle_dir: Path, manifest: BundleManifest) -> bytes:
+    """Read the clear BackNet and check it against the manifest's SHA-256."""
+    data = _read(Path(bundle_dir) / PART_FILES["backnet"], MAX_PART_BYTES, "BackNet")
+    check_part(manifest, "backnet", data)
+    return data
+
+
+def write_key_file(path: Path, model_key: ModelKey) -> None:
+    """Create the owner's key file with mode 0600 (refusing to follow or replace anything)."""
+    doc = {"format": KEY_FILE_FORMAT, "model_id": model_key.model_id, "key": model_key.key.hex()}
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        os.fchmod(handle.fileno(), 0o600)  # whatever the umask
+        handle.write(json.dumps(doc) + "\n")
+
+
+def read_key_file(path: Path) -> ModelKey:
+    """Read an owner key file; refuse one readable by group/others or malformed."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UsageError(f"cannot open key file {path}: {exc.strerror}") from exc
+    with os.fdopen(fd, "rb") as handle:
+        if os.fstat(handle.fileno()).st_mode & 0o077:
+            raise UsageError(f"key file {path} is accessible to group/others; chmod 600 it")
+        raw = handle.read(_MAX_KEY_FILE_BYTES + 1)
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+        if doc["format"] != KEY_FILE_FORMAT:
+            raise ValueError("format")
+        model_id, key = doc["model_id"], bytes.fromhex(doc["key"])
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"{path} is not an infenclave model key file") from exc
+    if len(key) != AEAD_KEY_SIZE or not isinstance(model_id, str) or len(model_id) != 64:
+        raise UsageError(f"{path} is not an infenclave model key file")
+    return ModelKey(model_id, key)
+
+
+def manifest_model_id(bundle_dir: Path) -> str:
+    """The model id of a bundle: SHA-256 of its manifest bytes."""
+    return model_id_of(_read(Path(bundle_dir) / MANIFEST_FILE, MAX_MANIFEST_BYTES, "manifest"))
+
+
+def _cut_doc(cut: Any) -> dict[str, Any]:
+    return {"name": cut.name, "tensor": cut.tensor, "shape": list(cut.shape)}
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "xb") as handle:
+        handle.write(data)
+
+
+def _remove(out: Path, *files: Path) -> None:
+    import shutil
+
+    if out.is_dir() and not out.is_symlink():
+        if not (out / MANIFEST_FILE).exists() and any(out.iterdir()):
+            raise UsageError(f"{out} exists and is not a bundle; refusing to delete it")
+        shutil.rmtree(out)
+    elif os.path.lexists(out):
+        out.unlink()
+    for path in files:
+        if os.path.lexists(path):
+            path.unlink()
+
+
+def _read(path: Path, limit: int, what: str) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(limit + 1)
+    except OSError as exc:
+        raise BundleError(f"cannot read the {what} {path}: {exc.strerror}") from exc
+    if len(data) > limit:
+        raise BundleError(f"the {what} {path} is larger than {limit} bytes")
+    return data
