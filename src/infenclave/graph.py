@@ -43,6 +43,11 @@ class Op:
     passthrough: bool
     inputs: tuple[str, ...]  # activation tensors only (no weights, no constants)
     outputs: tuple[str, ...]
+    data_inputs: tuple[str, ...] | None = None  # `inputs` less shape-only reads; None = same
+
+    @property
+    def data(self) -> tuple[str, ...]:
+        return self.inputs if self.data_inputs is None else self.data_inputs
 
 
 @dataclass(frozen=True)
@@ -93,8 +98,8 @@ def find_cuts(ops: Sequence[Op], graph_input: str, graph_output: str) -> list[Ra
 def _cut_name(ops: Sequence[Op], i: int, produced_at: dict[str, int]) -> str:
     """Name a cut after the unit that computed it, looking through pass-through ops."""
     j = i
-    while ops[j].passthrough and len(ops[j].inputs) == 1 and produced_at[ops[j].inputs[0]] >= 0:
-        j = produced_at[ops[j].inputs[0]]
+    while ops[j].passthrough and len(ops[j].data) == 1 and produced_at[ops[j].data[0]] >= 0:
+        j = produced_at[ops[j].data[0]]
     return ops[j].unit or ops[j].name
 
 
@@ -127,6 +132,7 @@ def onnx_ops(graph: "onnx.GraphProto") -> tuple[list[Op], str, str]:  # type: ig
     initializers = {t.name for t in graph.initializer}
     graph_input = next(i.name for i in graph.input if i.name not in initializers)
     activations = {graph_input}
+    shape_only: set[str] = set()  # tensors that carry a shape, not data
     ops: list[Op] = []
     for k, node in enumerate(graph.node):
         inputs = tuple(t for t in node.input if t in activations)
@@ -134,15 +140,118 @@ def onnx_ops(graph: "onnx.GraphProto") -> tuple[list[Op], str, str]:  # type: ig
             continue  # a constant, or computed from constants only
         outputs = tuple(t for t in node.output if t)
         activations.update(outputs)
+        data = tuple(t for t in inputs if t not in shape_only)
+        if node.op_type == "Shape" or not data:
+            shape_only.update(outputs)
         ops.append(Op(
             name=node.name or f"{node.op_type}_{k}",
             unit=onnx_scope_unit(node.name),
-            passthrough=node.op_type in ONNX_PASSTHROUGH and len(inputs) == 1,
+            passthrough=node.op_type in ONNX_PASSTHROUGH and len(data) <= 1,
             inputs=inputs,
             outputs=outputs,
+            data_inputs=data,
         ))
     return ops, graph_input, graph.output[0].name
 
 
 def unique(seq: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(seq))
+
+
+def localise_batch_reads(graph: "onnx.GraphProto") -> int:  # type: ignore[name-defined]  # noqa: F821
+    """Re-point `Shape(x) -> Gather(0)` batch-size reads to a tensor next to their use.
+
+    Exporters turn `x.view(x.size(0), -1)` into a `Shape` of the network *input* whose batch
+    size is consumed at the very end, which would make every cut invalid. The batch size is the
+    same everywhere in the network, so the read is moved next to the consumer and made from the
+    consumer's own activation input; other dimensions (height, width) are left alone. Returns
+    the number of reads moved; the node list is re-sorted topologically.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant" and n.attribute:
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t) if n.attribute[0].t.dims or n.attribute[0].t.raw_data else None
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for t in n.input:
+            users.setdefault(t, []).append(n)
+    shape_derived_ops = {"Gather", "Unsqueeze", "Concat", "Cast", "Squeeze"}
+    moved = 0
+    for shape in [n for n in graph.node if n.op_type == "Shape"]:
+        gathers = users.get(shape.output[0], [])
+        if len(gathers) != 1 or gathers[0].op_type != "Gather":
+            continue
+        idx = consts.get(gathers[0].input[1])
+        if idx is None or idx.size != 1 or int(idx.reshape(-1)[0]) != 0:
+            continue
+        # follow the shape arithmetic to the single op that consumes it with real data
+        frontier, sink = [gathers[0].output[0]], None
+        while frontier:
+            t = frontier.pop()
+            for u in users.get(t, []):
+                if u.op_type in shape_derived_ops and all(
+                        i in consts or _is_shape_derived(i, graph, consts) for i in u.input):
+                    frontier.extend(u.output)
+                elif sink is None or sink is u:
+                    sink = u
+                else:
+                    sink = False  # type: ignore[assignment]
+        if not sink:
+            continue
+        data = next((i for i in sink.input if i not in consts and not _is_shape_derived(i, graph, consts)), None)
+        if data is None or data == shape.input[0]:
+            continue
+        shape.input[0] = data
+        moved += 1
+    if moved:
+        _toposort(graph)
+    return moved
+
+
+def _is_shape_derived(t: str, graph: "onnx.GraphProto", consts: dict) -> bool:  # type: ignore[name-defined]  # noqa: F821
+    producer = {o: n for n in graph.node for o in n.output}
+    seen: set[str] = set()
+    stack = [t]
+    while stack:
+        cur = stack.pop()
+        if cur in consts or cur in seen:
+            continue
+        seen.add(cur)
+        node = producer.get(cur)
+        if node is None:
+            return False  # a graph input
+        if node.op_type == "Shape":
+            continue
+        stack.extend(i for i in node.input if i)
+    return True
+
+
+def _toposort(graph: "onnx.GraphProto") -> None:  # type: ignore[name-defined]  # noqa: F821
+    """Stable topological sort of the node list (original order wins among ready nodes)."""
+    import heapq
+
+    nodes = list(graph.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+    deps = {i: {producer[t] for t in n.input if t in producer} for i, n in enumerate(nodes)}
+    dependants: dict[int, list[int]] = {}
+    for i, ds in deps.items():
+        for d in ds:
+            dependants.setdefault(d, []).append(i)
+    ready = [i for i, ds in deps.items() if not ds]
+    heapq.heapify(ready)
+    order: list[int] = []
+    remaining = {i: len(ds) for i, ds in deps.items()}
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for j in dependants.get(i, []):
+            remaining[j] -= 1
+            if remaining[j] == 0:
+                heapq.heappush(ready, j)
+    if len(order) != len(nodes):
+        raise GraphError("the ONNX graph has a cycle")
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in order)

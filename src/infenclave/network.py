@@ -16,7 +16,7 @@ import onnx
 from onnx import numpy_helper, shape_inference
 
 from infenclave.errors import GraphError, ModelError
-from infenclave.graph import RawCut, find_cuts, onnx_ops
+from infenclave.graph import RawCut, find_cuts, localise_batch_reads, onnx_ops
 from infenclave.models.spec import LoadedModel
 
 
@@ -126,6 +126,8 @@ def _analyse_onnx(model: LoadedModel) -> Network:
         onnx.checker.check_model(proto)
     except Exception as exc:
         raise ModelError(f"{model.onnx_path}: not a valid ONNX model ({exc.__class__.__name__})") from exc
+    ops, graph_input, graph_output = onnx_ops(proto.graph)  # checks one input, one output
+    localise_batch_reads(proto.graph)
     ops, graph_input, graph_output = onnx_ops(proto.graph)
     raw = find_cuts(ops, graph_input, graph_output)
     if not raw:

@@ -1,0 +1,399 @@
+"""The enclave program: key handling, FrontNet and Tail, one request at a time per stage.
+
+This is the trusted computing base. It imports only the standard library, numpy, Pillow,
+onnxruntime, cryptography and ``infenclave.{errors, crypto, attest.sim_format, enclave.*}``;
+never the host, the model zoo or torch. It runs fixed code on data: FrontNet and Tail are
+ONNX graphs (no Python from a bundle, no unpickling).
+
+What it does, per message from the host (`infenclave.enclave.wire`):
+
+1. At start: a fresh X25519 key pair, generated inside and never written anywhere. The
+   public key goes to the host in HELLO.
+2. EVIDENCE(nonce): evidence whose report data is SHA-256(public key || nonce) padded.
+3. LOAD(bundle): read the bundle's manifest and encrypted parts from ``--bundles`` (untrusted
+   storage: nothing is used before it is authenticated).
+4. PROVISION(sealed key): open the owner's HPKE message (context: model id = manifest
+   hash), decrypt FrontNet and Tail with it and check them against the manifest, then seal
+   the key to this enclave's identity (`sealing`) and hand the blob to the host to store.
+   UNSEAL(blob) does the same from a stored blob, so a restarted worker serves without the
+   owner.
+5. REQUEST(request id, sealed request): open it (context: model id, request id), decode the
+   image with strict limits, preprocess, run the FrontNet, send IR1 out and remember the
+   client's one-time key under the frame tag.
+6. IR2(tag): check dtype, shape and finiteness, run the Tail, take top-k with labels, seal
+   the answer to the client's one-time key (context: model id, request id, "response").
+
+Fail closed: every error ends the request. The host gets one opaque code; the log (stderr,
+which the host can read) names the failing step and the exception type, never a message
+that could carry data derived from a secret (an image's size, say). A refusal the client
+should understand (an image limit) is sealed to the client instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from infenclave.attest.sim_format import expected_report_data
+from infenclave.crypto import AEAD_KEY_SIZE, generate_keypair, open_sealed, seal
+from infenclave.enclave.bundle_format import (
+    MANIFEST_FILE,
+    MAX_MANIFEST_BYTES,
+    MAX_PART_BYTES,
+    PART_FILES,
+    BundleManifest,
+    decode_tail,
+    decrypt_part,
+    parse_manifest,
+)
+from infenclave.enclave.imaging import Preprocess, prepare
+from infenclave.enclave.messages import (
+    REQUEST_ID_RE,
+    decode_request,
+    provision_context,
+    request_context,
+    response_context,
+)
+from infenclave.enclave.onnx_runner import OnnxPart
+from infenclave.enclave.topk import top_k
+from infenclave.enclave.wire import (
+    Frame,
+    FrameReader,
+    MsgType,
+    encode_frame,
+    tensor_from_frame,
+    tensor_meta,
+    write_frame,
+)
+from infenclave.errors import BundleError, CryptoError, EnclaveError, ImageError
+
+__all__ = ["EnclaveProgram", "MAX_IN_FLIGHT", "MAX_NONCE_BYTES", "MIN_NONCE_BYTES"]
+
+MIN_NONCE_BYTES = 16
+MAX_NONCE_BYTES = 64
+#: Requests between FrontNet and Tail at once; more is a misbehaving host.
+MAX_IN_FLIGHT = 1024
+#: Request ids remembered to refuse a replayed request (the host could replay ciphertext).
+REPLAY_WINDOW = 100_000
+_BUNDLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class Sealer(Protocol):
+    """`infenclave.enclave.sealing.SimSealer` / `GramineSealer`."""
+
+    tee: str
+
+    def seal(self, data: bytes, label: bytes | str) -> bytes: ...
+
+    def unseal(self, blob: bytes, label: bytes | str) -> bytes: ...
+
+
+class EvidenceProducer(Protocol):
+    """`infenclave.enclave.evidence.SimEvidenceProducer` / `GramineEvidenceProducer`."""
+
+    tee: str
+
+    def evidence(self, report_data: bytes) -> bytes: ...
+
+
+class _Refused(Exception):
+    """End this frame with an opaque error code for the host; `step` goes to the log."""
+
+    def __init__(self, code: str, step: str, cause: BaseException | None = None) -> None:
+        super().__init__(code)
+        self.code = code
+        self.step = step
+        self.cause = cause
+
+
+@dataclass
+class _Pending:
+    """A request between FrontNet and Tail: what is needed to answer its client."""
+
+    request_id: str
+    client_public: bytes
+    k: int
+    started: float
+    stages: dict[str, float]
+
+
+@dataclass
+class _Model:
+    """The decrypted, checked trusted parts of one bundle."""
+
+    front: OnnxPart
+    tail: OnnxPart
+    labels: list[str]
+    preprocess: Preprocess
+    ir2_shape: tuple[int, ...]
+
+
+def log(message: str) -> None:
+    """One line on stderr, which the host collects. Never pass data derived from secrets."""
+    sys.stderr.write(f"enclave[{os.getpid()}]: {message}\n")
+    sys.stderr.flush()
+
+
+class EnclaveProgram:
+    """The message loop of one enclave worker (see module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        in_fd: int,
+        out_fd: int,
+        bundles_dir: Path,
+        producer: EvidenceProducer,
+        sealer: Sealer,
+        measurement: bytes | None,
+        sandbox: dict[str, Any] | None,
+        threads: int = 1,
+    ) -> None:
+        self._reader = FrameReader(in_fd)
+        self._out = out_fd
+        self._bundles_dir = Path(bundles_dir)
+        self._producer = producer
+        self._sealer = sealer
+        self._threads = threads
+        self._private_key, self.public_key = generate_keypair()
+        self._measurement = measurement
+        self._sandbox = sandbox
+        self._manifest: BundleManifest | None = None
+        self._blobs: dict[str, bytes] = {}
+        self._model: _Model | None = None
+        self._pending: dict[int, _Pending] = {}
+        self._seen: OrderedDict[str, None] = OrderedDict()
+
+    # --- loop -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve frames until the host closes the channel; return the exit code."""
+        self._send(MsgType.HELLO, 0, {
+            "public_key": self.public_key.hex(),
+            "tee": self._producer.tee,
+            "measurement": None if self._measurement is None else self._measurement.hex(),
+            "sandbox": self._sandbox,
+            "pid": os.getpid(),
+        })
+        handlers = {
+            MsgType.EVIDENCE: self._on_evidence,
+            MsgType.LOAD: self._on_load,
+            MsgType.PROVISION: self._on_provision,
+            MsgType.UNSEAL: self._on_unseal,
+            MsgType.REQUEST: self._on_request,
+            MsgType.IR2: self._on_ir2,
+        }
+        while True:
+            try:
+                frame = self._reader.read()
+            except EnclaveError as exc:
+                log(f"channel broken ({exc}); stopping")
+                return 1
+            if frame is None:
+                log("host closed the channel; stopping")
+                return 0
+            handler = handlers.get(frame.type)
+            try:
+                if handler is None:
+                    raise _Refused("bad_frame", f"unexpected frame type {frame.type.name}")
+                handler(frame)
+            except _Refused as exc:
+                self._refuse(frame, exc)
+            except Exception as exc:  # noqa: BLE001 - fail closed, keep serving other requests
+                self._refuse(frame, _Refused("internal", f"{frame.type.name}: unexpected error", exc))
+
+    def _send(self, msg: MsgType, tag: int, meta: dict[str, Any] | None = None,
+              body: bytes | memoryview = b"") -> None:
+        write_frame(self._out, encode_frame(msg, tag, meta, body))
+
+    def _refuse(self, frame: Frame, exc: _Refused) -> None:
+        if frame.type == MsgType.IR2:
+            self._pending.pop(frame.tag, None)
+        cause = f" ({type(exc.cause).__name__})" if exc.cause is not None else ""
+        log(f"refused {frame.type.name} tag {frame.tag}: {exc.step}{cause}")
+        self._send(MsgType.ERROR, frame.tag, {"error": exc.code})
+
+    # --- attestation and keys -----------------------------------------------------------
+
+    def _on_evidence(self, frame: Frame) -> None:
+        try:
+            nonce = bytes.fromhex(str(frame.meta.get("nonce", "")))
+        except ValueError as exc:
+            raise _Refused("bad_nonce", "evidence: the nonce is not hex", exc) from exc
+        if not MIN_NONCE_BYTES <= len(nonce) <= MAX_NONCE_BYTES:
+            raise _Refused("bad_nonce", "evidence: nonce length out of range")
+        report_data = expected_report_data(self.public_key, nonce)
+        evidence = self._producer.evidence(report_data)
+        self._send(MsgType.EVIDENCE_OK, frame.tag, {"tee": self._producer.tee}, evidence)
+
+    def _on_load(self, frame: Frame) -> None:
+        if self._manifest is not None:
+            raise _Refused("already_loaded", "load: a bundle is already loaded")
+        name = frame.meta.get("bundle")
+        if not isinstance(name, str) or _BUNDLE_NAME.fullmatch(name) is None or ".." in name:
+            raise _Refused("bad_bundle", "load: bundle name is not a plain directory name")
+        directory = self._bundles_dir / name
+        try:
+            manifest = parse_manifest(_read(directory / MANIFEST_FILE, MAX_MANIFEST_BYTES))
+            blobs = {part: _read(directory / PART_FILES[part], MAX_PART_BYTES) for part in ("frontnet", "tail")}
+        except (OSError, BundleError) as exc:
+            raise _Refused("bad_bundle", "load: manifest or parts unreadable or malformed", exc) from exc
+        self._manifest, self._blobs = manifest, blobs
+        log(f"loaded manifest of model {manifest.model_id[:16]}...")
+        self._send(MsgType.LOADED, frame.tag, {"model_id": manifest.model_id, "provisioned": False})
+
+    def _on_provision(self, frame: Frame) -> None:
+        manifest = self._need_manifest()
+        if self._model is not None:
+            raise _Refused("already_provisioned", "provision: a model key is already installed")
+        try:
+            key = open_sealed(self._private_key, frame.body, context=provision_context(manifest.model_id))
+        except CryptoError as exc:
+            raise _Refused("refused", "provision: the sealed model key does not open", exc) from exc
+        self._install_key(key, "provision")
+        blob = self._sealer.seal(key, _seal_label(manifest.model_id))
+        del key
+        log("model key provisioned, checked against the bundle and sealed for restarts")
+        self._send(MsgType.PROVISIONED, frame.tag, {"model_id": manifest.model_id}, blob)
+
+    def _on_unseal(self, frame: Frame) -> None:
+        manifest = self._need_manifest()
+        if self._model is not None:
+            self._send(MsgType.UNSEALED, frame.tag, {"model_id": manifest.model_id})
+            return
+        try:
+            key = self._sealer.unseal(bytes(frame.body), _seal_label(manifest.model_id))
+        except CryptoError as exc:
+            raise _Refused("refused", "unseal: the sealed blob does not open for this enclave", exc) from exc
+        self._install_key(key, "unseal")
+        del key
+        log("model key unsealed from stored state")
+        self._send(MsgType.UNSEALED, frame.tag, {"model_id": manifest.model_id})
+
+    def _install_key(self, key: bytes, step: str) -> None:
+        manifest = self._need_manifest()
+        if len(key) != AEAD_KEY_SIZE:
+            raise _Refused("refused", f"{step}: the model key has the wrong size")
+        try:
+            front_bytes = decrypt_part(manifest, "frontnet", self._blobs["frontnet"], key)
+            tail_bytes, labels = decode_tail(
+                decrypt_part(manifest, "tail", self._blobs["tail"], key), manifest.num_classes
+            )
+        except BundleError as exc:
+            raise _Refused("refused", f"{step}: FrontNet/Tail do not decrypt and match the manifest", exc) from exc
+        try:
+            front = OnnxPart(front_bytes, threads=self._threads)
+            tail = OnnxPart(tail_bytes, threads=self._threads)
+            preprocess = Preprocess.from_dict(manifest.preprocess)
+        except Exception as exc:  # noqa: BLE001 - ORT raises several types for a bad graph
+            raise _Refused("refused", f"{step}: FrontNet/Tail graphs do not load", exc) from exc
+        self._model = _Model(front, tail, labels, preprocess,
+                             ir2_shape=(1, *manifest.tail_start.shape))
+        self._blobs = {}  # the ciphertext is not needed any more
+
+    def _need_manifest(self) -> BundleManifest:
+        if self._manifest is None:
+            raise _Refused("not_loaded", "no bundle loaded")
+        return self._manifest
+
+    # --- inference ------------------------------------------------------------------------
+
+    def _on_request(self, frame: Frame) -> None:
+        manifest = self._need_manifest()
+        model = self._model
+        if model is None:
+            raise _Refused("not_provisioned", "request: no model key yet")
+        if len(self._pending) >= MAX_IN_FLIGHT or frame.tag in self._pending:
+            raise _Refused("busy", "request: too many requests in flight, or a reused tag")
+        request_id = frame.meta.get("request_id")
+        if not isinstance(request_id, str) or REQUEST_ID_RE.fullmatch(request_id) is None:
+            raise _Refused("refused", "request: malformed request id")
+        if request_id in self._seen:
+            raise _Refused("refused", "request: request id already seen (replay)")
+        t0 = time.perf_counter()
+        try:
+            plaintext = open_sealed(
+                self._private_key, frame.body, context=request_context(manifest.model_id, request_id)
+            )
+            image, client_public, k = decode_request(plaintext)
+        except CryptoError as exc:
+            raise _Refused("refused", "request: the sealed request does not open", exc) from exc
+        self._remember(request_id)
+        t1 = time.perf_counter()
+        try:
+            x = prepare(image, model.preprocess)  # (1, 3, H, W) float32
+        except ImageError as exc:
+            # Only the client learns why (sealed); the host sees an ordinary RESULT.
+            log("request: image refused by the decoder limits (reason sealed to the client)")
+            self._answer(frame.tag, request_id, client_public, {"error": f"image refused: {exc}"}, {})
+            return
+        t2 = time.perf_counter()
+        ir1 = np.ascontiguousarray(model.front(x), dtype=np.float32)  # (1, C, H', W')
+        t3 = time.perf_counter()
+        stages = {"open_ms": (t1 - t0) * 1e3, "decode_ms": (t2 - t1) * 1e3, "frontnet_ms": (t3 - t2) * 1e3}
+        self._pending[frame.tag] = _Pending(request_id, client_public, k, t0, stages)
+        self._send(MsgType.IR1, frame.tag, tensor_meta(ir1, t=stages), memoryview(ir1).cast("B"))
+
+    def _on_ir2(self, frame: Frame) -> None:
+        pending = self._pending.pop(frame.tag, None)
+        model = self._model
+        if pending is None or model is None:
+            raise _Refused("refused", "ir2: no request waits for this tag")
+        t0 = time.perf_counter()
+        try:
+            ir2 = tensor_from_frame(frame, model.ir2_shape)  # (1, C, H, W) as the Tail expects
+        except EnclaveError as exc:
+            raise _Refused("refused", "ir2: dtype, shape or size is wrong", exc) from exc
+        if not np.isfinite(ir2).all():
+            raise _Refused("refused", "ir2: contains NaN or infinity")
+        scores = model.tail(ir2)[0]  # (num_classes,)
+        if not np.isfinite(scores).all():
+            raise _Refused("refused", "tail: produced non-finite scores")
+        predictions = top_k(scores, model.labels, pending.k,
+                            already_probabilities=self._manifest_output() == "probabilities")
+        t1 = time.perf_counter()
+        stages = {"tail_ms": (t1 - t0) * 1e3}
+        self._answer(frame.tag, pending.request_id, pending.client_public,
+                     {"predictions": [p.to_dict() for p in predictions]}, stages)
+
+    def _answer(self, tag: int, request_id: str, client_public: bytes, document: dict[str, Any],
+                stages: dict[str, float]) -> None:
+        manifest = self._need_manifest()
+        t0 = time.perf_counter()
+        plaintext = json.dumps(document, separators=(",", ":")).encode("utf-8")
+        try:
+            sealed = seal(client_public, plaintext, context=response_context(manifest.model_id, request_id))
+        except CryptoError as exc:
+            raise _Refused("refused", "answer: the client's one-time key is unusable", exc) from exc
+        stages = {**stages, "seal_ms": (time.perf_counter() - t0) * 1e3}
+        self._send(MsgType.RESULT, tag, {"t": stages}, sealed)
+
+    def _manifest_output(self) -> str:
+        return self._need_manifest().output
+
+    def _remember(self, request_id: str) -> None:
+        self._seen[request_id] = None
+        if len(self._seen) > REPLAY_WINDOW:
+            self._seen.popitem(last=False)
+
+
+def _seal_label(model_id: str) -> str:
+    return f"infenclave/model-key/v1/{model_id}"
+
+
+def _read(path: Path, limit: int) -> bytes:
+    with open(path, "rb") as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise BundleError(f"{path.name} is over the size limit")
+    return data
+
