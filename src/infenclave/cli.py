@@ -135,28 +135,240 @@ def predict(
             print(f"  {p.prob:7.2%}  {p.label}  [{p.index}]")
 
 
+@app.command(context_settings={"allow_extra_args": True})
+def assess(
+    ctx: typer.Context,
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    images: list[Path] = typer.Option(
+        [], "--images", "-i", show_default=False, metavar="DIR|FILE...",
+        help="Sample photos: a folder (its image files) or files, e.g. `--images photos/*.jpg`. "
+        "Default: the 8 built-in photos."),
+    out: Path = typer.Option(Path("assessment"), "--out", "-o", help="Output folder: plan.json, "
+                             "exposure.csv, report.html. Must not exist unless --force."),
+    oracle: str | None = typer.Option(None, "--oracle", help="Model that judges the projected "
+                                      "feature maps (same input size and labels). Default: MODEL itself."),
+    full: bool = typer.Option(False, "--full", help="Compute every channel of every cut point "
+                              "(default: stop a cut point at its first revealing channel and the "
+                              "scan two cut points after the recommended one)."),
+    tail_start: str | None = typer.Option(None, "--tail-start", help="Cut point where the Tail "
+                                          "starts. Default: the last feature map before the "
+                                          "classifier head."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the channel order in early-stop mode."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out folder (only "
+                               "an empty one or an earlier assessment)."),
+) -> None:
+    """Assess how much each cut point's intermediate representation reveals about the input
+    (KL-oracle method) and recommend where the FrontNet ends.
+
+    Every feature map of a cut point is projected to an image and classified by the oracle; the
+    cut point is safe for a photo when no map's prediction comes closer to the model's own
+    (in KL) than a uniform guess does. The recommended FrontNet end is the first cut point safe
+    for every photo. Ctrl-C stops cleanly and writes what is done, marked partial.
+
+    Exit code 0: plan written; 2: bad input, or no usable partition (the plan and report are
+    still written in that case); 130: interrupted (a partial plan is written).
+    """
+    from infenclave.assess.command import AssessOptions, outcome_error, rich_progress, run_assess
+    from infenclave.errors import UsageError
+
+    extra = [Path(a) for a in ctx.args]
+    if extra and not images:
+        raise UsageError(f"unexpected argument(s): {' '.join(ctx.args)} (images go after --images)")
+    opts = AssessOptions(model=model, images=[*images, *extra] or None, out=out, oracle=oracle,
+                         full=full, tail_start=tail_start, seed=seed, force=force)
+    with rich_progress() as progress:
+        outcome = run_assess(opts, progress=progress,
+                             log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    plan = outcome.plan
+    rec = plan["recommendation"]
+    print(f"FrontNet end  {rec['front_end'] or '(none)'}")
+    print(f"Tail start    {rec['tail_start']}")
+    print(f"written       {outcome.out}/plan.json, exposure.csv, report.html "
+          f"({outcome.seconds:.0f} s)")
+    if outcome.partial:
+        print("interrupted: the plan and report are PARTIAL", file=sys.stderr)
+        sys.exit(130)
+    error = outcome_error(outcome)
+    if error is not None:
+        raise error
+
+
+# --- serving: partition, serve, classify, demo (see docs/serving.md) -----------------------
+
+
+@app.command()
+def partition(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    out: Path = typer.Option(..., "--out", help="Bundle directory to write (BUNDLE). The owner's "
+                             "BUNDLE.key (mode 0600) and BUNDLE.policy.json go beside it."),
+    plan: Path | None = typer.Option(None, "--plan", help="plan.json from `infenclave assess`: "
+                                     "its chosen FrontNet end and Tail start."),
+    front_end: str | None = typer.Option(None, "--front-end", help="Cut point where the FrontNet "
+                                         "ends (overrides the plan)."),
+    tail_start: str | None = typer.Option(None, "--tail-start", help="Cut point where the Tail "
+                                          "starts (overrides the plan)."),
+    mrenclave: list[str] = typer.Option([], "--mrenclave", help="SGX MRENCLAVE (hex) of the "
+                                        "Gramine build to accept in the starter policy; repeatable."),
+    mrsigner: list[str] = typer.Option([], "--mrsigner", help="SGX MRSIGNER (hex) to accept in "
+                                       "the starter policy; repeatable."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing bundle, key and policy."),
+) -> None:
+    """Split MODEL into an encrypted bundle: FrontNet and Tail (with labels) encrypted under a
+    fresh 256-bit model key, BackNet in the clear, a manifest with the SHA-256 of every part.
+
+    Writes BUNDLE/, BUNDLE.key (the model key, mode 0600: keep it; provision it with
+    `infenclave classify --provision`) and BUNDLE.policy.json (a starter client policy that
+    accepts this release's enclave measurement and refuses simulation).
+    """
+    from infenclave.bundle import partition as do_partition
+    from infenclave.bundle import read_plan
+    from infenclave.errors import UsageError
+    from infenclave.models import load_model
+
+    if plan is not None:
+        plan_front, plan_tail = read_plan(plan)
+        front_end = front_end or plan_front
+        tail_start = tail_start or plan_tail
+    if front_end is None or tail_start is None:
+        raise UsageError("give --plan, or both --front-end and --tail-start")
+    result = do_partition(load_model(model), front_end, tail_start, out,
+                          mrenclave=tuple(mrenclave), mrsigner=tuple(mrsigner), force=force)
+    print(f"bundle      {result.bundle_dir}  (model id {result.model_id})")
+    print(f"parts       FrontNet ..{result.front_end} {result.part_sizes['frontnet']:,} B (encrypted), "
+          f"BackNet {result.part_sizes['backnet']:,} B (clear), "
+          f"Tail {result.tail_start}.. {result.part_sizes['tail']:,} B (encrypted, with labels)")
+    print(f"model key   {result.key_file}  (mode 0600; never upload it)")
+    print(f"policy      {result.policy_file}  (sim measurement {result.sim_measurement})")
+
+
+@app.command()
+def serve(
+    bundle: Path = typer.Argument(..., help="Bundle directory written by `infenclave partition`."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8443, "--port", help="TCP port."),
+    tee: str = typer.Option("sim", "--tee", help="Enclave backend: sim (a sandboxed local "
+                            "process, simulated evidence) or gramine-sgx."),
+    workers: int = typer.Option(2, "--workers", min=1, max=64, help="Enclave worker processes."),
+    device: str = typer.Option("cpu", "--device", help="Where the BackNet runs: cpu or cuda."),
+    state: Path | None = typer.Option(None, "--state", help="State directory (sealed model key, "
+                                      "sim backend secrets). Default: BUNDLE.state beside the bundle."),
+    tls_cert: Path | None = typer.Option(None, "--tls-cert", help="TLS certificate (PEM). "
+                                         "Optional: requests are end-to-end encrypted anyway."),
+    tls_key: Path | None = typer.Option(None, "--tls-key", help="TLS private key (PEM)."),
+    max_batch: int = typer.Option(32, "--max-batch", min=1, help="Largest BackNet batch."),
+    enclave_threads: int = typer.Option(1, "--enclave-threads", min=0,
+                                        help="ONNX Runtime threads per enclave worker (0: all cores)."),
+    backnet_threads: int = typer.Option(0, "--backnet-threads", min=0,
+                                        help="ONNX Runtime threads of the BackNet (0: all cores)."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Per-request deadline, seconds."),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+) -> None:
+    """Serve BUNDLE: start N attested enclave workers and an HTTP API (evidence, provisioning,
+    classification, /healthz, /metrics, OpenAPI at /docs). The host runs the BackNet and only
+    ever relays ciphertext, IR1 and IR2."""
+    from infenclave.errors import UsageError
+    from infenclave.host.server import ServerConfig, run_server
+
+    if tee not in ("sim", "gramine-sgx"):
+        raise UsageError(f"--tee must be sim or gramine-sgx, not {tee!r}")
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu or cuda, not {device!r}")
+    if not (bundle / "manifest.json").is_file():
+        raise UsageError(f"{bundle} is not a bundle directory (no manifest.json)")
+    state_dir = state or bundle.with_name(bundle.name + ".state")
+    config = ServerConfig(bundle_dir=bundle, state_dir=state_dir, tee=tee, workers=workers,
+                          device=device, enclave_threads=enclave_threads,
+                          backnet_threads=backnet_threads, max_batch=max_batch,
+                          request_timeout=timeout)
+    run_server(config, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, log_level=log_level)
+
+
+@app.command()
+def classify(
+    images: list[Path] = typer.Argument(..., help="Image files (JPEG, PNG, ...).", show_default=False),
+    url: str = typer.Option(..., "--url", help="Server URL, e.g. http://127.0.0.1:8443"),
+    policy: Path = typer.Option(..., "--policy", help="Client policy (JSON or YAML), e.g. "
+                                "BUNDLE.policy.json from `infenclave partition`."),
+    provision: Path | None = typer.Option(None, "--provision", help="Model owner: provision this "
+                                          "model key file (BUNDLE.key) to the attested enclave first."),
+    allow_simulation: bool = typer.Option(False, "--allow-simulation", help="Accept the sim "
+                                          "backend (NO hardware protection; development only)."),
+    top: int = typer.Option(5, "--top", "-k", min=1, max=100, help="How many classes to show."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list per image of "
+                                 "{index, label, prob} (the shape of `predict --json`)."),
+    cacert: Path | None = typer.Option(None, "--cacert", help="CA bundle to check the server's "
+                                       "TLS certificate (https URLs)."),
+) -> None:
+    """Classify images confidentially: verify the enclaves' evidence against POLICY (refuse,
+    with the reason, before sending anything), optionally provision the model key, then send
+    each image sealed to an attested enclave and print its top-k."""
+    import json
+    import warnings
+
+    from infenclave.client import Client, SimulationWarning
+    from infenclave.predict import read_image_file
+
+    data = [read_image_file(p) for p in images]
+    if allow_simulation:
+        print("warning: --allow-simulation: accepting a SIMULATED enclave, which has no hardware "
+              "protection; for development only", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SimulationWarning)  # printed above, once per run
+        client = Client(url, policy, allow_simulation=allow_simulation,
+                        verify_tls=str(cacert) if cacert else True)
+    with client:
+        enclaves = client.attest()
+        print(f"attested {len(enclaves)} enclave(s): tee {enclaves[0].claims.tee}, "
+              f"measurement ok, model {client.model_id}", file=sys.stderr)
+        if provision is not None:
+            ready = client.provision(provision)
+            print(f"model key provisioned; {ready} worker(s) hold it", file=sys.stderr)
+        results = [client.classify(d, k=top) for d in data]
+    if as_json:
+        print(json.dumps([[p.to_dict() for p in r] for r in results], indent=2))
+        return
+    for path, preds in zip(images, results):
+        print(f"{path}")
+        for p in preds:
+            print(f"  {p.prob:7.2%}  {p.label}  [{p.index}]")
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("infenclave-demo"), "--workdir", help="Where the plan, "
+                                 "bundle, key, policy and server state are written (replaced)."),
+    model: str = typer.Option("efficientnet-lite0", "--model", help=MODEL_HELP),
+    workers: int = typer.Option(2, "--workers", min=1, help="Enclave workers."),
+    front_end: str | None = typer.Option(None, "--front-end", help="Skip the assessment: FrontNet end."),
+    tail_start: str | None = typer.Option(None, "--tail-start", help="Skip the assessment: Tail start."),
+) -> None:
+    """The whole story on this machine: assess the model on the built-in photos, partition,
+    start the server (sim backend) on 127.0.0.1, attest, provision, classify every photo, and
+    compare each confidential top-5 with `infenclave predict`'s; then stop the server."""
+    from infenclave.demo import run_demo
+
+    sys.exit(run_demo(workdir=workdir, model_ref=model, workers=workers,
+                      front_end=front_end, tail_start=tail_start))
+
+
 def main() -> None:
     """Console-script entry point: one clear line and exit 2 for every deliberate error."""
+    from typer._click.exceptions import ClickException  # typer vendors its own click
+
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except InfenclaveError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except typer.Abort:
-        print("aborted", file=sys.stderr)
-        sys.exit(130)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(2)
-        raise
+    except ClickException as exc:  # usage errors: unknown option, missing argument, bad value
+        exc.show()
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ class DcapVerdict:
 def verify_with_collateral(
     quote: UnverifiedQuote, raw: bytes, collateral: bytes, now: datetime
 ) -> DcapVerdict:
-    """Verify fully with dcap-qvl against the pinned Intel root; return TCB status and advisories."""
+    """Verify fully with dcap-qvl against the pinned Intel root; return TCB status, advisories."""
     try:
         parsed_collateral = dcap_qvl.QuoteCollateralV3.from_json(collateral.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -127,7 +127,9 @@ def verify_without_collateral(quote: UnverifiedQuote, now: datetime) -> DcapVerd
         try:
             certificate.verify_directly_issued_by(issuer)
         except (ValueError, TypeError, InvalidSignature) as exc:
-            raise VerificationError(f"{step}: {name} certificate is not signed by its issuer") from exc
+            raise VerificationError(
+                f"{step}: {name} certificate is not signed by its issuer"
+            ) from exc
     _require_ca(intermediate, f"{step}: PCK CA")
     for certificate, name in ((leaf, "PCK"), (intermediate, "PCK CA"), (pinned_root, "Intel root")):
         try:
@@ -139,7 +141,9 @@ def verify_without_collateral(quote: UnverifiedQuote, now: datetime) -> DcapVerd
     pck_key = leaf.public_key()
     if not isinstance(pck_key, ec.EllipticCurvePublicKey) or pck_key.curve.name != "secp256r1":
         raise VerificationError(f"{step}: the PCK key is not ECDSA P-256")
-    _verify_p256(pck_key, quote.qe_report_signature, quote.qe_report, f"{step}: QE report signature")
+    _verify_p256(
+        pck_key, quote.qe_report_signature, quote.qe_report, f"{step}: QE report signature"
+    )
 
     # O4. The QE is Intel's quoting enclave for this TEE type, and not a debug enclave.
     mrsigner, prod_id = _INTEL_QES[quote.tee]
@@ -154,7 +158,9 @@ def verify_without_collateral(quote: UnverifiedQuote, now: datetime) -> DcapVerd
     attributes = qe[_R_ATTRIBUTES : _R_ATTRIBUTES + 16]
     masked = bytes(a & m for a, m in zip(attributes, _QE_ATTRIBUTES_MASK, strict=True))
     if masked != _QE_ATTRIBUTES:
-        raise VerificationError(f"{step}: QE attributes {attributes.hex()} are not the expected ones")
+        raise VerificationError(
+            f"{step}: QE attributes {attributes.hex()} are not the expected ones"
+        )
 
     # O5. The QE report binds the attestation key.
     expected = hashlib.sha256(quote.attestation_key + quote.qe_auth_data).digest() + bytes(32)

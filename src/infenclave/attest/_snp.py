@@ -88,6 +88,7 @@ _TCB_COMPONENTS = (
 )
 _PSS_SHA384 = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
 _MAX_CERTIFICATES_BYTES = 64 * 1024
+_STEP = "step 2 (SEV-SNP chain)"
 
 
 @dataclass(frozen=True)
@@ -113,8 +114,9 @@ class UnverifiedSnpReport:
     @property
     def signature(self) -> tuple[int, int]:
         """(r, s) of the ECDSA signature, decoded from their little-endian fields."""
-        r = self.raw[_OFF_SIGNATURE : _OFF_SIGNATURE + _SIG_COMPONENT_BYTES]
-        s = self.raw[_OFF_SIGNATURE + _SIG_COMPONENT_BYTES : _OFF_SIGNATURE + 2 * _SIG_COMPONENT_BYTES]
+        r_start, s_start = _OFF_SIGNATURE, _OFF_SIGNATURE + _SIG_COMPONENT_BYTES
+        r = self.raw[r_start : r_start + _SIG_COMPONENT_BYTES]
+        s = self.raw[s_start : s_start + _SIG_COMPONENT_BYTES]
         return int.from_bytes(r, "little"), int.from_bytes(s, "little")
 
 
@@ -131,9 +133,8 @@ def looks_like_snp_report(raw: bytes) -> bool:
     """True when `raw` has the size, version and signature algorithm of an SNP report."""
     if len(raw) != SNP_REPORT_BYTES:
         return False
-    version, sig_algo = struct.unpack_from("<I", raw, _OFF_VERSION)[0], struct.unpack_from(
-        "<I", raw, _OFF_SIG_ALGO
-    )[0]
+    version = struct.unpack_from("<I", raw, _OFF_VERSION)[0]
+    sig_algo = struct.unpack_from("<I", raw, _OFF_SIG_ALGO)[0]
     return version in SUPPORTED_VERSIONS and sig_algo == SIG_ALGO_ECDSA_P384_SHA384
 
 
@@ -174,7 +175,8 @@ def parse_snp_certificates(data: bytes) -> SnpCertificates:
     certificates = load_pem_certificates(data, "SEV-SNP certificates")
     if len(certificates) != 3:
         raise VerificationError(
-            f"SEV-SNP certificates: expected VCEK, ASK and ARK, got {len(certificates)} certificates"
+            "SEV-SNP certificates: expected VCEK, ASK and ARK, got "
+            f"{len(certificates)} certificates"
         )
     vcek, ask, ark = certificates
     return SnpCertificates(vcek=vcek, ask=ask, ark=ark)
@@ -182,7 +184,7 @@ def parse_snp_certificates(data: bytes) -> SnpCertificates:
 
 def verify_snp(report: UnverifiedSnpReport, certificates: SnpCertificates, now: datetime) -> None:
     """Run steps S1-S6 above; raise `VerificationError` naming the first that fails."""
-    step = "step 2 (SEV-SNP chain)"
+    step = _STEP
     # S1. The ARK is the pinned AMD root, and signs itself.
     pinned = amd_ark_milan()
     if certificates.ark.public_bytes(Encoding.DER) != pinned.public_bytes(Encoding.DER):
@@ -195,7 +197,8 @@ def verify_snp(report: UnverifiedSnpReport, certificates: SnpCertificates, now: 
     if not isinstance(vcek_key, ec.EllipticCurvePublicKey) or vcek_key.curve.name != "secp384r1":
         raise VerificationError(f"{step}: the VCEK key is not ECDSA P-384")
     # S4. Validity at `now`.
-    for certificate, name in ((pinned, "ARK"), (certificates.ask, "ASK"), (certificates.vcek, "VCEK")):
+    chain = ((pinned, "ARK"), (certificates.ask, "ASK"), (certificates.vcek, "VCEK"))
+    for certificate, name in chain:
         try:
             check_validity(certificate, now, name)
         except VerificationError as exc:
@@ -253,9 +256,8 @@ def _verify_pss(certificate: x509.Certificate, issuer: x509.Certificate, what: s
     """Check issuer name and the RSASSA-PSS SHA-384 signature AMD uses on every chain link."""
     if certificate.issuer != issuer.subject:
         raise VerificationError(f"{what}: issuer name does not match")
-    if certificate.signature_algorithm_oid != x509.SignatureAlgorithmOID.RSASSA_PSS or not isinstance(
-        certificate.signature_hash_algorithm, hashes.SHA384
-    ):
+    is_pss = certificate.signature_algorithm_oid == x509.SignatureAlgorithmOID.RSASSA_PSS
+    if not is_pss or not isinstance(certificate.signature_hash_algorithm, hashes.SHA384):
         raise VerificationError(f"{what}: not an RSASSA-PSS SHA-384 signature")
     issuer_key = issuer.public_key()
     if not isinstance(issuer_key, rsa.RSAPublicKey):
@@ -272,18 +274,20 @@ def _extension_bytes(certificate: x509.Certificate, oid: x509.ObjectIdentifier) 
     try:
         extension = certificate.extensions.get_extension_for_oid(oid)
     except x509.ExtensionNotFound as exc:
-        raise VerificationError(f"step 2 (SEV-SNP chain): the VCEK lacks extension {oid.dotted_string}") from exc
+        raise VerificationError(
+            f"{_STEP}: the VCEK lacks extension {oid.dotted_string}"
+        ) from exc
     value = extension.value
     if not isinstance(value, x509.UnrecognizedExtension):
-        raise VerificationError(f"step 2 (SEV-SNP chain): unexpected VCEK extension {oid.dotted_string}")
+        raise VerificationError(f"{_STEP}: unexpected VCEK extension {oid.dotted_string}")
     return value.value
 
 
 def _der_small_int(encoded: bytes, name: str) -> int:
     """Decode a DER INTEGER holding a security patch level (0..255)."""
     if len(encoded) < 3 or encoded[0] != 0x02 or encoded[1] != len(encoded) - 2 or encoded[1] > 2:
-        raise VerificationError(f"step 2 (SEV-SNP chain): the VCEK's {name} SPL is not a small DER integer")
+        raise VerificationError(f"{_STEP}: the VCEK's {name} SPL is not a small DER integer")
     value = int.from_bytes(encoded[2:], "big", signed=True)
     if not 0 <= value <= 255:
-        raise VerificationError(f"step 2 (SEV-SNP chain): the VCEK's {name} SPL {value} is out of range")
+        raise VerificationError(f"{_STEP}: the VCEK's {name} SPL {value} is out of range")
     return value

@@ -15,7 +15,7 @@ REPORT_DATA_BYTES = 64
 
 @dataclass(frozen=True)
 class Claims:
-    """Claims of evidence whose cryptographic checks passed (and, if a policy was given, the policy).
+    """Claims of evidence that passed the cryptographic checks (and the policy, if one was given).
 
     - `measurements`: name -> value, lower-case hex for digests (`mrenclave`, `mrsigner`;
       `mrtd`, `rtmr0`..`rtmr3`; `measurement` for SEV-SNP and simulated evidence) and

@@ -35,7 +35,9 @@ def parse_at(at: str | None) -> datetime:
     try:
         moment = datetime.fromisoformat(at.strip().replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError as exc:
-        raise UsageError(f"--at {at!r} is not an ISO-8601 time (e.g. 2025-06-19T11:56:11Z)") from exc
+        raise UsageError(
+            f"--at {at!r} is not an ISO-8601 time (e.g. 2025-06-19T11:56:11Z)"
+        ) from exc
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
     return moment.astimezone(timezone.utc)

@@ -86,10 +86,12 @@ class Evidence:
     def __post_init__(self) -> None:
         if self.tee not in TEE_TYPES:
             raise VerificationError(f"evidence: unknown TEE type {self.tee!r}")
-        for name in ("raw", "collateral", "certificates"):
+        if not isinstance(self.raw, bytes):
+            raise VerificationError("evidence: raw must be bytes")
+        for name in ("collateral", "certificates"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bytes):
-                raise VerificationError(f"evidence: {name} must be bytes")
+                raise VerificationError(f"evidence: {name} must be bytes or None")
         _check_limit("collateral", self.collateral, MAX_COLLATERAL_BYTES)
         _check_limit("certificates", self.certificates, MAX_CERTIFICATES_BYTES)
         if self.tee in ("sgx", "tdx"):
@@ -248,9 +250,12 @@ def _discover_snp_certificates(directory: Path) -> bytes | None:
         vcek_pem = load_der_certificate(vcek_bytes, f"VCEK {vcek_path}").public_bytes(Encoding.PEM)
     else:
         vcek_pem = vcek_bytes
-    chain = load_pem_certificates(_read(chain_path, MAX_CERTIFICATES_BYTES, "ASK/ARK"), str(chain_path))
+    chain_pem = _read(chain_path, MAX_CERTIFICATES_BYTES, "ASK/ARK")
+    chain = load_pem_certificates(chain_pem, str(chain_path))
     if len(chain) != 2:
-        raise VerificationError(f"{chain_path}: expected the ASK and the ARK, found {len(chain)} certificates")
+        raise VerificationError(
+            f"{chain_path}: expected the ASK and the ARK, found {len(chain)} certificates"
+        )
     return vcek_pem + b"".join(cert.public_bytes(Encoding.PEM) for cert in chain)
 
 

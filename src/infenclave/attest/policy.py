@@ -157,7 +157,9 @@ class Policy:
             raise PolicyError("tee_types: the policy accepts no TEE type (empty policy)")
         for tee in self.tee_types:
             if tee not in TEE_TYPES:
-                raise PolicyError(f"tee_types: unknown TEE type {tee!r} (known: {_list(TEE_TYPES)})")
+                raise PolicyError(
+                    f"tee_types: unknown TEE type {tee!r} (known: {_list(TEE_TYPES)})"
+                )
         _no_duplicates("tee_types", self.tee_types)
         if self.measurements.is_empty():
             raise PolicyError("measurements: the policy lists no measurement (empty policy)")
@@ -209,7 +211,8 @@ class Policy:
         unknown = sorted(str(key) for key in document if key not in _TOP_LEVEL_KEYS)
         if unknown:
             raise PolicyError(
-                f"policy: unknown key(s) {', '.join(unknown)} (known: {_list(sorted(_TOP_LEVEL_KEYS))})"
+                f"policy: unknown key(s) {', '.join(unknown)} "
+                f"(known: {_list(sorted(_TOP_LEVEL_KEYS))})"
             )
         for required in ("tee_types", "measurements"):
             if required not in document:
