@@ -90,7 +90,7 @@ tcb_statuses: [UpToDate, SWHardeningNeeded]
         (minimal(tcb_statuses=[]), "tcb_statuses: at least one"),
         (minimal(tcb_statuses=["Revoked"]), "tcb_statuses: 'Revoked' is not an acceptable"),
         (minimal(tcb_statuses=["uptodate"]), "tcb_statuses: 'uptodate'"),
-        (minimal(allow_simulation=True), "allow_simulation: must be true exactly when"),
+        (minimal(allow_simulation=True), "allow_simulation: true, but tee_types does not list"),
         (minimal(max_evidence_age_s=0), "max_evidence_age_s: must be a positive"),
         (minimal(max_evidence_age_s=1.5), "max_evidence_age_s: expected an integer"),
         (minimal(sim_signers=["ab" * 32]), "sim_signers: listed, but tee_types"),

@@ -92,9 +92,15 @@ def test_sim_refused_by_a_policy_without_simulation(key: Ed25519PrivateKey) -> N
         verify(Evidence("simulated", make_sim(key)), policy, expected_report_data=REPORT_DATA, now=NOW)
 
 
-def test_simulated_tee_needs_the_unsafe_switch() -> None:
+def test_simulated_tee_needs_the_unsafe_switch(key: Ed25519PrivateKey) -> None:
+    # A release policy may pin the sim measurement and still refuse simulated evidence...
+    policy = Policy(tee_types=("simulated",), measurements=Measurements(sim=(MEASUREMENT,)))
+    with pytest.raises(PolicyRefusal, match="simulation"):
+        verify(Evidence("simulated", make_sim(key)), policy, expected_report_data=REPORT_DATA, now=NOW)
+    # ...and allowing simulation without accepting the tee type is a contradiction.
     with pytest.raises(PolicyError, match="allow_simulation"):
-        Policy(tee_types=("simulated",), measurements=Measurements(sim=(MEASUREMENT,)))
+        Policy(tee_types=("sgx",), measurements=Measurements(mrenclave=("00" * 32,)),
+               unsafe_allow_simulation=True)
 
 
 @pytest.mark.parametrize(("age", "reason"), [(301, "issued 301 s ago"), (-120, "in the future")])

@@ -1,5 +1,28 @@
-"""infenclave: confidential image classification by ternary model partitioning."""
+"""infenclave: confidential image classification by ternary model partitioning.
+
+The public names are imported lazily: the enclave program imports this package too, and it
+is part of the measured trusted computing base, so importing it must not pull in torch, the
+host or the client.
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "Client": "infenclave.client",
+    "load_model": "infenclave.models",
+    "analyse": "infenclave.network",
+    "ternary_split": "infenclave.split",
+    "InfenclaveError": "infenclave.errors",
+}
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'infenclave' has no attribute {name!r}")

@@ -48,6 +48,7 @@ __all__ = [
     "read_backnet",
     "read_key_file",
     "read_manifest",
+    "read_plan",
     "starter_policy",
     "write_key_file",
 ]
@@ -252,6 +253,50 @@ def read_key_file(path: Path) -> ModelKey:
     if len(key) != AEAD_KEY_SIZE or not isinstance(model_id, str) or len(model_id) != 64:
         raise UsageError(f"{path} is not an infenclave model key file")
     return ModelKey(model_id, key)
+
+
+def read_plan(path: Path, weights_sha256: str | None = None) -> tuple[str, str]:
+    """The (FrontNet end, Tail start) cut names chosen in an assessment ``plan.json``.
+
+    The assessment's plan (``infenclave-plan``) holds them in ``partition.frontnet.end`` and
+    ``partition.tail.start``; ``partition`` is null when the assessment found no safe cut,
+    and that is refused with the plan's own reason. Simpler documents with ``front_end`` and
+    ``tail_start`` at the top level (or one level down) are accepted too. When
+    *weights_sha256* is given, a plan made for other weights is refused.
+    """
+    raw = _read(Path(path), 64 * 1024 * 1024, "plan")
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise UsageError(f"{path} is not a JSON plan") from exc
+    if not isinstance(doc, dict):
+        raise UsageError(f"{path} is not a JSON plan")
+    planned = (doc.get("model") or {}).get("weights_sha256") if isinstance(doc.get("model"), dict) else None
+    if weights_sha256 is not None and planned is not None and planned != weights_sha256:
+        raise UsageError(f"{path} was made for other weights ({planned[:12]}...) than this model's "
+                         f"({weights_sha256[:12]}...)")
+    if "partition" in doc and "recommendation" in doc:
+        partition = doc["partition"]
+        if partition is None:
+            reason = (doc.get("recommendation") or {}).get("reason", "")
+            raise UsageError(f"{path} recommends no partition: {reason} "
+                             "(give --front-end and --tail-start to choose one anyway)")
+        try:
+            front, tail = partition["frontnet"]["end"], partition["tail"]["start"]
+        except (KeyError, TypeError) as exc:
+            raise UsageError(f"{path}: malformed partition section") from exc
+        if isinstance(front, str) and isinstance(tail, str):
+            return front, tail
+        raise UsageError(f"{path}: malformed partition section")
+    candidates = [doc, *[v for v in doc.values() if isinstance(v, dict)]]
+    for candidate in candidates:
+        front, tail = candidate.get("front_end"), candidate.get("tail_start")
+        front = front.get("name") if isinstance(front, dict) else front
+        tail = tail.get("name") if isinstance(tail, dict) else tail
+        if isinstance(front, str) and isinstance(tail, str):
+            return front, tail
+    raise UsageError(f"{path}: no chosen front_end/tail_start found in the plan "
+                     "(give --front-end and --tail-start)")
 
 
 def manifest_model_id(bundle_dir: Path) -> str:

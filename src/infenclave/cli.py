@@ -213,10 +213,11 @@ def partition(
                                        "the starter policy; repeatable."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle, key and policy."),
 ) -> None:
-    """Split MODEL into an encrypted bundle: FrontNet and Tail (with labels) encrypted under a
-    fresh 256-bit model key, BackNet in the clear, a manifest with the SHA-256 of every part.
+    """Split MODEL into a bundle: encrypted FrontNet and Tail, clear BackNet, a manifest.
 
-    Writes BUNDLE/, BUNDLE.key (the model key, mode 0600: keep it; provision it with
+    FrontNet and Tail (with the label list) are encrypted under a fresh 256-bit model key
+    (AES-256-GCM, the manifest hash as associated data); the manifest holds the SHA-256 of
+    every part and no label names. Writes BUNDLE/, BUNDLE.key (the model key, mode 0600: keep it; provision it with
     `infenclave classify --provision`) and BUNDLE.policy.json (a starter client policy that
     accepts this release's enclave measurement and refuses simulation).
     """
@@ -225,13 +226,14 @@ def partition(
     from infenclave.errors import UsageError
     from infenclave.models import load_model
 
-    if plan is not None:
-        plan_front, plan_tail = read_plan(plan)
+    loaded = load_model(model)
+    if plan is not None and (front_end is None or tail_start is None):
+        plan_front, plan_tail = read_plan(plan, loaded.weights_sha256)
         front_end = front_end or plan_front
         tail_start = tail_start or plan_tail
     if front_end is None or tail_start is None:
         raise UsageError("give --plan, or both --front-end and --tail-start")
-    result = do_partition(load_model(model), front_end, tail_start, out,
+    result = do_partition(loaded, front_end, tail_start, out,
                           mrenclave=tuple(mrenclave), mrsigner=tuple(mrsigner), force=force)
     print(f"bundle      {result.bundle_dir}  (model id {result.model_id})")
     print(f"parts       FrontNet ..{result.front_end} {result.part_sizes['frontnet']:,} B (encrypted), "
@@ -262,10 +264,15 @@ def serve(
                                         help="ONNX Runtime threads of the BackNet (0: all cores)."),
     timeout: float = typer.Option(60.0, "--timeout", help="Per-request deadline, seconds."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+    gramine_dir: Path | None = typer.Option(None, "--gramine-dir", help="--tee gramine-sgx: the "
+                                            "folder with the signed manifest (deploy/gramine); "
+                                            "the bundle must be visible there as bundles/NAME."),
 ) -> None:
-    """Serve BUNDLE: start N attested enclave workers and an HTTP API (evidence, provisioning,
-    classification, /healthz, /metrics, OpenAPI at /docs). The host runs the BackNet and only
-    ever relays ciphertext, IR1 and IR2."""
+    """Serve BUNDLE: N enclave workers behind an HTTP API; the host runs the BackNet.
+
+    Endpoints: evidence, provisioning, classification, /healthz, /metrics, OpenAPI at /docs.
+    The host only ever relays ciphertext, IR1 and IR2; enclave workers that die are restarted
+    and unseal the model key themselves."""
     from infenclave.errors import UsageError
     from infenclave.host.server import ServerConfig, run_server
 
@@ -273,13 +280,16 @@ def serve(
         raise UsageError(f"--tee must be sim or gramine-sgx, not {tee!r}")
     if device not in ("cpu", "cuda"):
         raise UsageError(f"--device must be cpu or cuda, not {device!r}")
+    if tee == "gramine-sgx" and gramine_dir is None:
+        raise UsageError("--tee gramine-sgx needs --gramine-dir (the folder with the signed "
+                         "infenclave-enclave manifest; see deploy/gramine)")
     if not (bundle / "manifest.json").is_file():
         raise UsageError(f"{bundle} is not a bundle directory (no manifest.json)")
     state_dir = state or bundle.with_name(bundle.name + ".state")
     config = ServerConfig(bundle_dir=bundle, state_dir=state_dir, tee=tee, workers=workers,
                           device=device, enclave_threads=enclave_threads,
                           backnet_threads=backnet_threads, max_batch=max_batch,
-                          request_timeout=timeout)
+                          request_timeout=timeout, gramine_dir=gramine_dir)
     run_server(config, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, log_level=log_level)
 
 
@@ -299,9 +309,11 @@ def classify(
     cacert: Path | None = typer.Option(None, "--cacert", help="CA bundle to check the server's "
                                        "TLS certificate (https URLs)."),
 ) -> None:
-    """Classify images confidentially: verify the enclaves' evidence against POLICY (refuse,
-    with the reason, before sending anything), optionally provision the model key, then send
-    each image sealed to an attested enclave and print its top-k."""
+    """Classify images confidentially, end to end encrypted to an attested enclave.
+
+    Verifies every enclave's evidence against POLICY first and refuses, with the reason,
+    before sending anything; optionally provisions the model key (--provision); then sends
+    each image sealed to an attested enclave and prints its top-k."""
     import json
     import warnings
 
@@ -335,16 +347,17 @@ def classify(
 
 @app.command()
 def demo(
-    workdir: Path = typer.Option(Path("infenclave-demo"), "--workdir", help="Where the plan, "
+    workdir: Path = typer.Option(Path("demo-out"), "--workdir", help="Where the plan, "
                                  "bundle, key, policy and server state are written (replaced)."),
     model: str = typer.Option("efficientnet-lite0", "--model", help=MODEL_HELP),
     workers: int = typer.Option(2, "--workers", min=1, help="Enclave workers."),
     front_end: str | None = typer.Option(None, "--front-end", help="Skip the assessment: FrontNet end."),
     tail_start: str | None = typer.Option(None, "--tail-start", help="Skip the assessment: Tail start."),
 ) -> None:
-    """The whole story on this machine: assess the model on the built-in photos, partition,
-    start the server (sim backend) on 127.0.0.1, attest, provision, classify every photo, and
-    compare each confidential top-5 with `infenclave predict`'s; then stop the server."""
+    """Assess, partition, serve (sim), attest, provision and classify the built-in photos.
+
+    Prints each confidential top-5 beside `infenclave predict`'s (they must agree), the
+    latency and where each part ran; then stops the server. Exit 0 only if all agree."""
     from infenclave.demo import run_demo
 
     sys.exit(run_demo(workdir=workdir, model_ref=model, workers=workers,

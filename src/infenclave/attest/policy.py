@@ -185,10 +185,12 @@ class Policy:
                     f"(known: {_list(KNOWN_TCB_STATUSES)}; Revoked can never be accepted)"
                 )
         _no_duplicates("tcb_statuses", self.tcb_statuses)
-        if ("simulated" in self.tee_types) != self.unsafe_allow_simulation:
+        # Listing 'simulated' without allow_simulation is a valid release policy: it pins the
+        # sim measurement, and the verifier still refuses simulated evidence unless the client
+        # explicitly allows simulation (`--allow-simulation`, with a warning on every run).
+        if self.unsafe_allow_simulation and "simulated" not in self.tee_types:
             raise PolicyError(
-                "allow_simulation: must be true exactly when tee_types lists 'simulated' "
-                f"(allow_simulation is {str(self.unsafe_allow_simulation).lower()})"
+                "allow_simulation: true, but tee_types does not list 'simulated'"
             )
         if self.max_evidence_age_s <= 0:
             raise PolicyError("max_evidence_age_s: must be a positive number of seconds")

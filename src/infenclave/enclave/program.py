@@ -82,6 +82,10 @@ MIN_NONCE_BYTES = 16
 MAX_NONCE_BYTES = 64
 #: Requests between FrontNet and Tail at once; more is a misbehaving host.
 MAX_IN_FLIGHT = 1024
+#: Seconds after which a request still waiting for its IR2 may be forgotten.
+PENDING_TTL_S = 300.0
+#: Frames taken from the channel at once (bounds the FrontNet batch).
+MAX_DRAIN = 32
 #: Request ids remembered to refuse a replayed request (the host could replay ciphertext).
 REPLAY_WINDOW = 100_000
 _BUNDLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -172,6 +176,7 @@ class EnclaveProgram:
         self._model: _Model | None = None
         self._pending: dict[int, _Pending] = {}
         self._seen: OrderedDict[str, None] = OrderedDict()
+        self._handlers: dict[MsgType, Any] = {}
 
     # --- loop -------------------------------------------------------------------------
 
@@ -189,27 +194,40 @@ class EnclaveProgram:
             MsgType.LOAD: self._on_load,
             MsgType.PROVISION: self._on_provision,
             MsgType.UNSEAL: self._on_unseal,
-            MsgType.REQUEST: self._on_request,
             MsgType.IR2: self._on_ir2,
         }
+        self._handlers = handlers
         while True:
             try:
-                frame = self._reader.read()
+                frames = self._reader.read_available(MAX_DRAIN)
             except EnclaveError as exc:
                 log(f"channel broken ({exc}); stopping")
                 return 1
-            if frame is None:
+            if frames is None:
                 log("host closed the channel; stopping")
                 return 0
-            handler = handlers.get(frame.type)
-            try:
-                if handler is None:
-                    raise _Refused("bad_frame", f"unexpected frame type {frame.type.name}")
-                handler(frame)
-            except _Refused as exc:
-                self._refuse(frame, exc)
-            except Exception as exc:  # noqa: BLE001 - fail closed, keep serving other requests
-                self._refuse(frame, _Refused("internal", f"{frame.type.name}: unexpected error", exc))
+            # Control frames in order; then IR2 frames (each finishes a request: lower latency,
+            # fewer in flight); then every queued REQUEST with one batched FrontNet run.
+            requests = [f for f in frames if f.type == MsgType.REQUEST]
+            for frame in frames:
+                if frame.type not in (MsgType.REQUEST, MsgType.IR2):
+                    self._dispatch(frame)
+            for frame in frames:
+                if frame.type == MsgType.IR2:
+                    self._dispatch(frame)
+            if requests:
+                self._on_requests(requests)
+
+    def _dispatch(self, frame: Frame) -> None:
+        handler = self._handlers.get(frame.type)
+        try:
+            if handler is None:
+                raise _Refused("bad_frame", f"unexpected frame type {frame.type.name}")
+            handler(frame)
+        except _Refused as exc:
+            self._refuse(frame, exc)
+        except Exception as exc:  # noqa: BLE001 - fail closed, keep serving other requests
+            self._refuse(frame, _Refused("internal", f"{frame.type.name}: unexpected error", exc))
 
     def _send(self, msg: MsgType, tag: int, meta: dict[str, Any] | None = None,
               body: bytes | memoryview = b"") -> None:
@@ -307,11 +325,48 @@ class EnclaveProgram:
 
     # --- inference ------------------------------------------------------------------------
 
-    def _on_request(self, frame: Frame) -> None:
+    def _on_requests(self, frames: list[Frame]) -> None:
+        """Open and decode each request, run the FrontNet once on all of them, send IR1s."""
+        opened: list[tuple[Frame, _Pending, np.ndarray]] = []
+        for frame in frames:
+            try:
+                item = self._open_request(frame)
+            except _Refused as exc:
+                self._refuse(frame, exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 - fail closed, keep serving other requests
+                self._refuse(frame, _Refused("internal", "request: unexpected error", exc))
+                continue
+            if item is not None:
+                opened.append((frame, *item))
+        if not opened:
+            return
+        model = self._model
+        if model is None:  # unreachable: _open_request checked it
+            return
+        t0 = time.perf_counter()
+        try:
+            batch = opened[0][2] if len(opened) == 1 else np.concatenate([x for _, _, x in opened])
+            ir1 = np.ascontiguousarray(model.front(batch), dtype=np.float32)  # (B, C, H', W')
+        except Exception as exc:  # noqa: BLE001 - every request of the batch fails closed
+            for frame, _, _ in opened:
+                self._refuse(frame, _Refused("internal", "frontnet: failed", exc))
+            return
+        front_ms = (time.perf_counter() - t0) * 1e3
+        for row, (frame, pending, _) in enumerate(opened):
+            pending.stages["frontnet_ms"] = front_ms
+            self._pending[frame.tag] = pending
+            one = ir1[row : row + 1]  # (1, C, H', W'), contiguous: a row of a C-order array
+            self._send(MsgType.IR1, frame.tag, tensor_meta(one, t=pending.stages), memoryview(one).cast("B"))
+
+    def _open_request(self, frame: Frame) -> tuple[_Pending, np.ndarray] | None:
+        """Open one sealed request and preprocess its image; None if it was answered already."""
         manifest = self._need_manifest()
         model = self._model
         if model is None:
             raise _Refused("not_provisioned", "request: no model key yet")
+        if len(self._pending) >= MAX_IN_FLIGHT:
+            self._evict_stale()
         if len(self._pending) >= MAX_IN_FLIGHT or frame.tag in self._pending:
             raise _Refused("busy", "request: too many requests in flight, or a reused tag")
         request_id = frame.meta.get("request_id")
@@ -333,15 +388,12 @@ class EnclaveProgram:
             x = prepare(image, model.preprocess)  # (1, 3, H, W) float32
         except ImageError as exc:
             # Only the client learns why (sealed); the host sees an ordinary RESULT.
-            log("request: image refused by the decoder limits (reason sealed to the client)")
+            log("request: image refused by the decoder (reason sealed to the client)")
             self._answer(frame.tag, request_id, client_public, {"error": f"image refused: {exc}"}, {})
-            return
+            return None
         t2 = time.perf_counter()
-        ir1 = np.ascontiguousarray(model.front(x), dtype=np.float32)  # (1, C, H', W')
-        t3 = time.perf_counter()
-        stages = {"open_ms": (t1 - t0) * 1e3, "decode_ms": (t2 - t1) * 1e3, "frontnet_ms": (t3 - t2) * 1e3}
-        self._pending[frame.tag] = _Pending(request_id, client_public, k, t0, stages)
-        self._send(MsgType.IR1, frame.tag, tensor_meta(ir1, t=stages), memoryview(ir1).cast("B"))
+        stages = {"open_ms": (t1 - t0) * 1e3, "decode_ms": (t2 - t1) * 1e3}
+        return _Pending(request_id, client_public, k, t0, stages), x
 
     def _on_ir2(self, frame: Frame) -> None:
         pending = self._pending.pop(frame.tag, None)
@@ -379,6 +431,13 @@ class EnclaveProgram:
 
     def _manifest_output(self) -> str:
         return self._need_manifest().output
+
+    def _evict_stale(self) -> None:
+        """Forget requests whose IR2 never came (the host gave up on them), so that an
+        abandoned request cannot hold a slot for ever."""
+        limit = time.perf_counter() - PENDING_TTL_S
+        for tag in [t for t, p in self._pending.items() if p.started < limit]:
+            del self._pending[tag]
 
     def _remember(self, request_id: str) -> None:
         self._seen[request_id] = None

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -219,3 +220,21 @@ class FrameReader:
         if meta_raw is None or body is None:
             raise EnclaveError("channel: closed in the middle of a frame")
         return Frame(msg, tag, decode_meta(meta_raw), body)
+
+    def read_available(self, limit: int) -> list[Frame] | None:
+        """Block for one frame, then take up to *limit* - 1 more that are already waiting.
+
+        Returns None when the host closed the channel before a first frame. Lets the enclave
+        batch the FrontNet over requests that queued while it was busy.
+        """
+        first = self.read()
+        if first is None:
+            return None
+        frames = [first]
+        while len(frames) < limit and select.select([self._fd], [], [], 0)[0]:
+            frame = self.read()
+            if frame is None:
+                break
+            frames.append(frame)
+        return frames
+

@@ -1,0 +1,1 @@
+"""The untrusted host: HTTP server, enclave worker pool, BackNet executor. Never trusted."""

@@ -1,0 +1,389 @@
+"""Start, feed and supervise N enclave worker processes (the host side; untrusted).
+
+Identity design: **every worker has its own X25519 key pair**, generated inside it at start
+and never stored. The evidence endpoint returns one piece of evidence per worker, each
+binding that worker's public key to the client's nonce; a client verifies them all and
+seals each request to one of those keys, naming it in a header; the host routes the request
+to the worker holding that key (sealing it to one key and sending it to another only makes
+the enclave refuse it). Why not one identity key shared through sealed state: the key that
+opens users' images would then be long-lived and stored (sealed) on the host's disk, so a
+later compromise of the sealing key (trivial under ``sim``) would open recorded traffic;
+per-worker in-memory keys die with the worker. The price: a client re-attests after a
+worker restart (the SDK does it on the next call), and attests N workers at once.
+
+The **model key**, in contrast, is shared: the owner provisions it once, to one attested
+worker; that worker seals it to the enclave identity (measurement-bound) and hands the
+sealed blob back; the host stores the blob (``STATE/model-key-<model id>.sealed``) and gives
+it to every other worker and to every restarted one, which unseal it themselves. The host
+only ever holds the sealed blob.
+
+Supervision: a task per worker slot starts the process, waits for it to end, fails its
+in-flight requests with `WorkerLost` (a clear error, never a hang), and starts a new worker
+(with back-off if it keeps dying), which unseals the stored model key and serves again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from infenclave.enclave.bundle_format import BundleManifest
+from infenclave.enclave.wire import Frame, MsgType, tensor_from_frame, tensor_meta
+from infenclave.errors import EnclaveError, ServerError
+from infenclave.host.channel import ChannelClosed, ChannelTap, EnclaveChannel
+from infenclave.host.metrics import Metrics
+
+__all__ = [
+    "EnclavePool",
+    "NotProvisioned",
+    "UnknownEnclaveKey",
+    "Worker",
+    "WorkerLost",
+]
+
+logger = logging.getLogger("infenclave.host.pool")
+
+#: Seconds a worker may take from spawn to HELLO (imports onnxruntime, numpy, ...).
+START_TIMEOUT_S = 60.0
+#: Socket buffers large enough that one IR tensor (~100-300 KiB) moves in one go.
+_SOCKET_BUFFER = 4 * 1024 * 1024
+_TEE_FLAG = {"sim": "sim", "gramine-sgx": "gramine-sgx"}
+#: The Gramine manifest's name (deploy/gramine/Makefile) and its fixed mount points.
+GRAMINE_MANIFEST = "infenclave-enclave"
+
+
+class WorkerLost(ServerError):
+    """The enclave worker serving a request stopped before answering."""
+
+
+class UnknownEnclaveKey(ServerError):
+    """No live worker holds the named enclave key (it restarted, or never existed)."""
+
+
+class NotProvisioned(ServerError):
+    """The model key has not been provisioned yet (or the worker has not unsealed it)."""
+
+
+@dataclass
+class Worker:
+    """One running enclave worker, as the host sees it."""
+
+    slot: int
+    process: asyncio.subprocess.Process
+    channel: EnclaveChannel
+    public_key: bytes
+    tee: str
+    measurement: str | None
+    sandbox: dict[str, Any] | None
+    provisioned: bool = False
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def key_id(self) -> str:
+        """How clients name this worker: its raw public key in hex."""
+        return self.public_key.hex()
+
+
+class EnclavePool:
+    """N supervised enclave workers serving one bundle."""
+
+    def __init__(
+        self,
+        *,
+        bundle_dir: Path,
+        manifest: BundleManifest,
+        state_dir: Path,
+        tee: str,
+        workers: int,
+        metrics: Metrics,
+        enclave_threads: int = 1,
+        request_timeout: float = 30.0,
+        gramine_dir: Path | None = None,
+    ) -> None:
+        if tee not in _TEE_FLAG:
+            raise ServerError(f"unknown TEE backend {tee!r}")
+        if workers < 1:
+            raise ServerError("at least one enclave worker is needed")
+        self.manifest = manifest
+        self.tee = tee
+        self._bundle_dir = Path(bundle_dir).resolve()
+        self._state_dir = Path(state_dir).resolve()
+        self._n = workers
+        self._metrics = metrics
+        self._threads = enclave_threads
+        self._timeout = request_timeout
+        self._workers: dict[int, Worker] = {}
+        self._gramine_dir = Path(gramine_dir).resolve() if gramine_dir else None
+        if tee == "gramine-sgx":
+            self._check_gramine_layout()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._provision_lock = asyncio.Lock()
+        self._ir1_shape = (1, *manifest.front_end.shape)
+        self.sealed_key_path = self._state_dir / f"model-key-{manifest.model_id}.sealed"
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def start(self, *, wait: bool = True) -> None:
+        """Start the supervisors; with *wait*, return once every worker has loaded the bundle."""
+        self._state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        started = [asyncio.get_running_loop().create_future() for _ in range(self._n)]
+        for slot in range(self._n):
+            self._tasks.append(asyncio.create_task(self._supervise(slot, started[slot])))
+        if wait:
+            await asyncio.gather(*started)
+
+    async def stop(self) -> None:
+        """Close every channel (workers exit on EOF) and stop supervising."""
+        self._stopping = True
+        for worker in list(self._workers.values()):
+            worker.channel.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for worker in list(self._workers.values()):
+            await _reap(worker.process)
+        self._workers.clear()
+
+    @property
+    def workers(self) -> list[Worker]:
+        """Live workers, by slot."""
+        return [self._workers[s] for s in sorted(self._workers)]
+
+    @property
+    def provisioned(self) -> bool:
+        """True once the sealed model key exists (the owner has provisioned)."""
+        return self.sealed_key_path.exists()
+
+    async def _supervise(self, slot: int, started: asyncio.Future[None]) -> None:
+        failures = 0
+        while not self._stopping:
+            began = time.monotonic()
+            try:
+                worker = await self._spawn(slot)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a failed start is retried, never fatal
+                logger.error("worker %d: start failed (%s: %s)", slot, type(exc).__name__, exc)
+                worker = None
+            if worker is not None:
+                self._workers[slot] = worker
+                self._update_ready()
+                if not started.done():
+                    started.set_result(None)
+                try:
+                    await worker.process.wait()
+                except asyncio.CancelledError:
+                    raise
+                finally:
+                    self._workers.pop(slot, None)
+                    self._update_ready()
+                    worker.channel.close()
+                if self._stopping:
+                    return
+                logger.warning("worker %d (pid %d) exited with %s; its in-flight requests failed; restarting",
+                               slot, worker.process.pid, worker.process.returncode)
+                self._metrics.worker_restarted()
+            # Back off when a worker keeps dying young, so a crash loop does not spin.
+            failures = failures + 1 if time.monotonic() - began < 10 else 0
+            await asyncio.sleep(min(0.2 * (2 ** min(failures, 6)), 10.0) if failures else 0.05)
+
+    async def _spawn(self, slot: int) -> Worker:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for sock in (parent, child):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *self._enclave_command(),
+                stdin=child, stdout=child, stderr=None,
+                env=_enclave_env(), close_fds=True, cwd=self._gramine_dir,
+            )
+        finally:
+            child.close()
+        reader, writer = await asyncio.open_unix_connection(sock=parent, limit=2**20)
+        channel = EnclaveChannel(reader, writer, ChannelTap.from_env(f"worker{slot}"))
+        try:
+            hello = await channel.hello(START_TIMEOUT_S)
+            worker = Worker(
+                slot=slot,
+                process=process,
+                channel=channel,
+                public_key=bytes.fromhex(hello.meta["public_key"]),
+                tee=str(hello.meta["tee"]),
+                measurement=hello.meta.get("measurement"),
+                sandbox=hello.meta.get("sandbox"),
+            )
+            loaded = await channel.call(MsgType.LOAD, {"bundle": self._bundle_dir.name}, timeout=START_TIMEOUT_S)
+            if loaded.meta.get("model_id") != self.manifest.model_id:
+                raise ServerError("the enclave loaded a different manifest than the host")
+            if self.sealed_key_path.exists():
+                await channel.call(MsgType.UNSEAL, body=self.sealed_key_path.read_bytes(),
+                                   timeout=START_TIMEOUT_S)
+                worker.provisioned = True
+        except BaseException:
+            channel.close()
+            if process.returncode is None:
+                process.kill()
+            await _reap(process)
+            raise
+        logger.info("worker %d: pid %d ready (tee %s, %s)", slot, process.pid, worker.tee,
+                    "model key unsealed" if worker.provisioned else "waiting for provisioning")
+        return worker
+
+    def _enclave_command(self) -> list[str]:
+        """``sim``: the enclave program as a sandboxed child process. ``gramine-sgx``: the same
+        program inside an SGX enclave, whose arguments are fixed (measured) by the manifest."""
+        if self.tee == "gramine-sgx":
+            return ["gramine-sgx", GRAMINE_MANIFEST]
+        return [sys.executable, "-m", "infenclave.enclave", "--tee", "sim", "--channel", "stdio",
+                "--bundles", str(self._bundle_dir.parent), "--state", str(self._state_dir),
+                "--threads", str(self._threads)]
+
+    def _check_gramine_layout(self) -> None:
+        """Under Gramine the enclave reads ``bundles/<name>`` relative to the manifest's folder.
+
+        NOT EXERCISED here (no SGX, no Gramine): the layout follows deploy/gramine's manifest.
+        """
+        if self._gramine_dir is None:
+            raise ServerError("--tee gramine-sgx needs --gramine-dir (the folder holding the "
+                              "signed infenclave-enclave manifest, see deploy/gramine)")
+        expected = self._gramine_dir / "bundles" / self._bundle_dir.name
+        if not expected.exists() or expected.resolve() != self._bundle_dir:
+            raise ServerError(f"--tee gramine-sgx: the bundle must be visible to the enclave as "
+                              f"{expected} (link or copy it there)")
+
+    def _update_ready(self) -> None:
+        self._metrics.set_workers_ready(sum(1 for w in self._workers.values() if w.provisioned))
+
+    # --- operations ------------------------------------------------------------------------
+
+    def _worker_for(self, key_id: str) -> Worker:
+        for worker in self._workers.values():
+            if worker.key_id == key_id and not worker.channel.closed:
+                return worker
+        raise UnknownEnclaveKey(
+            "no running enclave holds this key (the worker restarted?): attest again"
+        )
+
+    async def evidence(self, nonce: bytes) -> list[tuple[Worker, str, bytes]]:
+        """Evidence from every live worker for *nonce*: (worker, tee, raw evidence)."""
+        workers = [w for w in self.workers if not w.channel.closed]
+
+        async def one(worker: Worker) -> tuple[Worker, str, bytes] | None:
+            try:
+                frame = await worker.channel.call(MsgType.EVIDENCE, {"nonce": nonce.hex()},
+                                                  timeout=self._timeout)
+            except (EnclaveError, asyncio.TimeoutError) as exc:
+                logger.warning("worker %d: evidence failed (%s)", worker.slot, type(exc).__name__)
+                return None
+            return worker, str(frame.meta.get("tee")), bytes(frame.body)
+
+        results = await asyncio.gather(*(one(w) for w in workers))
+        return [r for r in results if r is not None]
+
+    async def provision(self, key_id: str, sealed_key: bytes) -> int:
+        """Hand the owner's sealed model key to one worker; share the sealed blob with all.
+
+        Returns the number of workers that hold the model key afterwards.
+        """
+        async with self._provision_lock:
+            worker = self._worker_for(key_id)
+            frame = await worker.channel.call(MsgType.PROVISION, body=sealed_key, timeout=self._timeout)
+            _write_atomic(self.sealed_key_path, bytes(frame.body))
+            worker.provisioned = True
+            blob = bytes(frame.body)
+            for other in self.workers:
+                if other is not worker and not other.provisioned:
+                    try:
+                        await other.channel.call(MsgType.UNSEAL, body=blob, timeout=self._timeout)
+                        other.provisioned = True
+                    except (EnclaveError, asyncio.TimeoutError) as exc:
+                        logger.error("worker %d: unseal failed (%s)", other.slot, type(exc).__name__)
+            self._update_ready()
+            return sum(1 for w in self.workers if w.provisioned)
+
+    async def classify(self, key_id: str, request_id: str, sealed: bytes, batcher: Any) -> bytes:
+        """Relay one sealed request through FrontNet (enclave), BackNet (here), Tail (enclave).
+
+        Returns the sealed answer for the client. Raises `UnknownEnclaveKey`,
+        `NotProvisioned`, `WorkerLost`, `EnclaveRefused` or `ServerError`.
+        """
+        worker = self._worker_for(key_id)
+        if not worker.provisioned:
+            raise NotProvisioned("the model key has not been provisioned to this enclave yet")
+        channel = worker.channel
+        tag = channel.new_tag()
+        t0 = time.perf_counter()
+        try:
+            first = await channel.call(MsgType.REQUEST, {"request_id": request_id}, sealed,
+                                       tag=tag, timeout=self._timeout)
+            t1 = time.perf_counter()
+            self._metrics.observe_stage("enclave_in", t1 - t0)
+            self._record_enclave_stages(first)
+            if first.type == MsgType.RESULT:  # refused image: the reason is sealed to the client
+                return bytes(first.body)
+            if first.type != MsgType.IR1:
+                raise ServerError("the enclave answered a request with an unexpected frame")
+            ir1 = tensor_from_frame(first, self._ir1_shape)  # (1, C, H, W), read-only view
+            ir2 = await batcher.run(ir1)  # (1, C', H', W')
+            t2 = time.perf_counter()
+            self._metrics.observe_stage("backnet", t2 - t1)
+            result = await channel.call(MsgType.IR2, tensor_meta(ir2), memoryview(ir2).cast("B"),
+                                        tag=tag, timeout=self._timeout)
+            self._metrics.observe_stage("enclave_out", time.perf_counter() - t2)
+            self._record_enclave_stages(result)
+            if result.type != MsgType.RESULT:
+                raise ServerError("the enclave answered IR2 with an unexpected frame")
+            return bytes(result.body)
+        except ChannelClosed as exc:
+            raise WorkerLost(
+                f"enclave worker {worker.slot} stopped while handling this request; "
+                "attest again and retry"
+            ) from exc
+        except asyncio.TimeoutError as exc:
+            raise ServerError("the enclave did not answer in time") from exc
+
+    def _record_enclave_stages(self, frame: Frame) -> None:
+        stages = frame.meta.get("t")
+        if isinstance(stages, dict):
+            for name, ms in stages.items():
+                if isinstance(ms, (int, float)) and name.endswith("_ms"):
+                    self._metrics.observe_stage(name[:-3], float(ms) / 1e3)
+
+
+def _enclave_env() -> dict[str, str]:
+    """A minimal environment: nothing of the host's (LD_PRELOAD, PYTHON*) reaches the enclave."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8",
+           "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": "1"}
+    # Let an editable/dev install be found exactly as the host finds it.
+    if "PYTHONPATH" in os.environ:
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return env
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+async def _reap(process: asyncio.subprocess.Process) -> None:
+    try:
+        await asyncio.wait_for(process.wait(), 5.0)
+    except asyncio.TimeoutError:
+        process.kill()
+        await process.wait()
+

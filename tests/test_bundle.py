@@ -1,0 +1,203 @@
+"""`infenclave partition`: the bundle, the owner's key file (0600), the starter policy, and
+tamper detection; the `sim` measurement that the policy pins."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from infenclave.bundle import (
+    key_path_for,
+    policy_path_for,
+    read_backnet,
+    read_key_file,
+    read_manifest,
+    read_plan,
+)
+from infenclave.enclave.bundle_format import (
+    MANIFEST_FILE,
+    PART_FILES,
+    decode_tail,
+    decrypt_part,
+    parse_manifest,
+)
+from infenclave.errors import BundleError, UsageError
+from infenclave.measurement import check_loaded_modules, measured_files, package_dir, sim_measurement
+from test_serving_support import make_bundle
+
+MODEL = "efficientnet-lite0"
+
+
+@pytest.fixture(scope="module")
+def cli_bundle(tmp_path_factory) -> Path:
+    """A bundle written by the real command line, as a user runs it."""
+    out = tmp_path_factory.mktemp("cli") / "lite0"
+    plan = out.parent / "plan.json"
+    # The shape of the assessment's plan.json (only the fields partition reads).
+    plan.write_text(json.dumps({
+        "model": {"name": MODEL},
+        "recommendation": {"front_end": "_blocks.3", "tail_start": "_conv_head", "reason": "..."},
+        "partition": {"frontnet": {"start": None, "end": "_blocks.3"},
+                      "tail": {"start": "_conv_head", "end": None}},
+    }))
+    result = subprocess.run(
+        [sys.executable, "-m", "infenclave.cli", "partition", MODEL, "--plan", str(plan), "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "model id" in result.stdout
+    return out
+
+
+def test_partition_writes_bundle_key_0600_and_starter_policy(cli_bundle: Path) -> None:
+    assert sorted(p.name for p in cli_bundle.iterdir()) == sorted([MANIFEST_FILE, *PART_FILES.values()])
+    key_file = key_path_for(cli_bundle)
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert not any(p.name.endswith(".key") for p in cli_bundle.iterdir())  # never inside the bundle
+    manifest = read_manifest(cli_bundle)
+    key = read_key_file(key_file)
+    assert key.model_id == manifest.model_id and len(key.key) == 32
+    assert "key=<redacted>" in repr(key)
+    policy = json.loads(policy_path_for(cli_bundle).read_text())
+    assert policy["allow_simulation"] is False
+    assert policy["measurements"]["sim"] == [sim_measurement().hex()]
+    assert (manifest.front_end.name, manifest.tail_start.name) == ("_blocks.3", "_conv_head")
+
+
+def test_manifest_has_hashes_but_no_label_names(cli_bundle: Path) -> None:
+    from infenclave.models.zoo import imagenet_labels
+
+    raw = (cli_bundle / MANIFEST_FILE).read_bytes()
+    manifest = parse_manifest(raw)
+    assert manifest.num_classes == 1000
+    assert set(manifest.parts) == {"frontnet", "backnet", "tail"}
+    for label in imagenet_labels():
+        if len(label) >= 6:
+            assert label.encode() not in raw
+    # The labels travel in the encrypted Tail, in order.
+    key = read_key_file(key_path_for(cli_bundle)).key
+    tail = decrypt_part(manifest, "tail", (cli_bundle / PART_FILES["tail"]).read_bytes(), key)
+    assert decode_tail(tail, 1000)[1] == imagenet_labels()
+    assert read_backnet(cli_bundle, manifest)  # the clear part matches its hash
+
+
+def test_partition_refuses_to_overwrite(cli_bundle: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "infenclave.cli", "partition", MODEL, "--front-end", "_blocks.3",
+         "--tail-start", "_conv_head", "--out", str(cli_bundle)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2 and "--force" in result.stderr
+
+
+@pytest.fixture()
+def copy(tmp_path: Path) -> Path:
+    paths = make_bundle(MODEL)
+    out = tmp_path / paths.bundle.name
+    shutil.copytree(paths.bundle, out)
+    shutil.copy2(paths.key, key_path_for(out))
+    return out
+
+
+def _decrypt_all(bundle: Path) -> None:
+    manifest = read_manifest(bundle)
+    key = read_key_file(key_path_for(bundle)).key
+    for part in ("frontnet", "tail"):
+        decrypt_part(manifest, part, (bundle / PART_FILES[part]).read_bytes(), key)
+    read_backnet(bundle, manifest)
+
+
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_untampered_copy_opens(copy: Path) -> None:
+    _decrypt_all(copy)
+
+
+@pytest.mark.parametrize("part", ["frontnet", "tail", "backnet"])
+def test_a_flipped_bit_in_any_part_is_refused(copy: Path, part: str) -> None:
+    _flip(copy / PART_FILES[part], len((copy / PART_FILES[part]).read_bytes()) // 2)
+    with pytest.raises(BundleError):
+        _decrypt_all(copy)
+
+
+def test_an_edited_manifest_is_refused(copy: Path) -> None:
+    path = copy / MANIFEST_FILE
+    # A change that keeps the manifest valid JSON: the model id (its hash) changes, and the
+    # encrypted parts, bound to the old hash, no longer open.
+    path.write_bytes(path.read_bytes().replace(b'"num_classes": 1000', b'"num_classes":  1000'))
+    with pytest.raises(BundleError, match="does not decrypt"):
+        _decrypt_all(copy)
+
+
+def test_swapped_parts_and_wrong_key_are_refused(copy: Path) -> None:
+    manifest = read_manifest(copy)
+    key = read_key_file(key_path_for(copy)).key
+    front = (copy / PART_FILES["frontnet"]).read_bytes()
+    with pytest.raises(BundleError):
+        decrypt_part(manifest, "tail", front, key)  # the FrontNet blob presented as the Tail
+    with pytest.raises(BundleError):
+        decrypt_part(manifest, "frontnet", front, os.urandom(32))
+
+
+def test_key_file_readable_by_others_is_refused(copy: Path) -> None:
+    key_file = key_path_for(copy)
+    key_file.chmod(0o644)
+    with pytest.raises(UsageError, match="chmod 600"):
+        read_key_file(key_file)
+
+
+def test_read_plan(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"front_end": "_blocks.3", "tail_start": "_conv_head"}))
+    assert read_plan(plan) == ("_blocks.3", "_conv_head")
+    plan.write_text(json.dumps({"cut_points": []}))
+    with pytest.raises(UsageError, match="--front-end"):
+        read_plan(plan)
+    plan.write_text(json.dumps({"model": {"weights_sha256": "ab" * 32}, "partition": None,
+                                "recommendation": {"reason": "No cut point was safe."}}))
+    with pytest.raises(UsageError, match="No cut point was safe"):
+        read_plan(plan)
+    with pytest.raises(UsageError, match="other weights"):
+        read_plan(plan, "cd" * 32)
+
+
+# --- the sim measurement ---------------------------------------------------------------------
+
+
+def test_measurement_covers_the_enclave_program_and_its_project_imports() -> None:
+    files = measured_files()
+    assert "enclave/program.py" in files and "enclave/__main__.py" in files
+    assert {"crypto.py", "errors.py", "attest/sim_format.py", "measurement.py"} <= set(files)
+    assert not any(f.startswith(("host/", "models/")) for f in files)
+    assert "attest/verifier.py" not in files and "attest/__init__.py" not in files
+
+
+def test_measurement_changes_with_any_enclave_byte(tmp_path: Path) -> None:
+    root = tmp_path / "infenclave"
+    shutil.copytree(package_dir(), root, ignore=shutil.ignore_patterns("__pycache__"))
+    assert sim_measurement(root) == sim_measurement()
+    program = root / "enclave" / "program.py"
+    program.write_bytes(program.read_bytes() + b"\n")
+    assert sim_measurement(root) != sim_measurement()
+    program.write_bytes(program.read_bytes()[:-1])
+    (root / "enclave" / "extra.py").write_text("x = 1\n")  # a new file is measured too
+    assert sim_measurement(root) != sim_measurement()
+
+
+def test_loaded_module_outside_the_measurement_is_reported() -> None:
+    root = package_dir()
+    modules = [("infenclave.crypto", str(root / "crypto.py")),
+               ("infenclave.host.server", str(root / "host" / "server.py")),
+               ("numpy", "/somewhere/numpy/__init__.py")]
+    assert check_loaded_modules(modules) == ["infenclave.host.server"]
