@@ -155,7 +155,7 @@ def export_onnx(gm: fx.GraphModule, cut_nodes: dict[str, str], example: torch.Te
         else:
             env[node] = graph.node_copy(node, lambda n: env[n])
     wrapper = fx.GraphModule(gm, graph)
-    names = ["input", "logits", *cut_nodes.keys()]
+    names = ["input", "logits", *(f"cut/{n}" for n in cut_nodes)]
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

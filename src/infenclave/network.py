@@ -109,14 +109,19 @@ def _analyse_torch(model: LoadedModel) -> Network:
         raise GraphError(f"{model.name}: no valid cut point found")
     h, w = model.preprocess.input_hw
     example = torch.zeros((1, 3, h, w) if model.preprocess.layout == "NCHW" else (1, h, w, 3))
-    cut_nodes = {c.name: c.tensor for c in raw}
+    cut_nodes = {c.name: c.tensor for c in raw}  # cut name -> fx node name
     proto = onnx.load_from_string(fx_graph.export_onnx(gm, cut_nodes, example))
     del proto.graph.output[1:]  # the cut tensors were outputs only to name them
-    renamed = [RawCut(c.position, c.name, c.name) for c in raw]  # ONNX tensor name = cut name
+    renamed = [RawCut(c.position, _tensor_name(c.name), c.name) for c in raw]
     net = _build(model, proto, renamed)
     net.fx = gm
     net.fx_cut_nodes = cut_nodes
     return net
+
+
+def _tensor_name(cut_name: str) -> str:
+    """ONNX tensor name of a cut point: prefixed, since units of a Sequential are named 0, 1, ..."""
+    return f"cut/{cut_name}"
 
 
 def _analyse_onnx(model: LoadedModel) -> Network:

@@ -23,7 +23,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from infenclave.enclave.imaging import Preprocess, normalise
+from infenclave.enclave.imaging import Preprocess
 from infenclave.errors import AssessmentError
 from infenclave.models.spec import LoadedModel
 
@@ -66,10 +66,49 @@ def bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
 
 
 def resize_bilinear(maps: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    """(N, h, w) float32 -> (N, H, W) float32, bilinear with half-pixel centres."""
-    ry = bilinear_matrix(out_hw[0], maps.shape[1])  # (H, h)
-    rx = bilinear_matrix(out_hw[1], maps.shape[2])  # (W, w)
-    return np.matmul(np.matmul(ry, maps), rx.T)  # (N, H, W)
+    """(N, h, w) float32 -> (N, H, W) float32, bilinear with half-pixel centres.
+
+    The width pass is one GEMM over all maps; the height pass one GEMM per map into a
+    preallocated output. (A broadcast `np.matmul` over the stack was 50x slower here.)
+    """
+    n, h, w = maps.shape
+    ry = bilinear_matrix(out_hw[0], h)  # (H, h)
+    rx_t = bilinear_matrix(out_hw[1], w).T  # (w, W)
+    rows = np.ascontiguousarray(maps, np.float32).reshape(n * h, w) @ rx_t  # (N*h, W)
+    rows = rows.reshape(n, h, out_hw[1])
+    out = np.empty((n, *out_hw), np.float32)
+    for i in range(n):
+        np.matmul(ry, rows[i], out=out[i])  # (H, h) @ (h, W)
+    return out
+
+
+def normalise_grey(pixels: np.ndarray, pre: Preprocess) -> np.ndarray:
+    """(N, H, W) grey pixel values -> the model input of the same image replicated to 3 channels.
+
+    Exactly `imaging.normalise(np.repeat(pixels[..., None], 3, -1), pre)` (same float32
+    operations, so the same bits; a test holds it to that), written straight into the
+    model's layout: 3x less memory traffic, and no transpose, on the scan's hot path.
+    """
+    n, hh, ww = pixels.shape
+    x = pixels.astype(np.float32, copy=False)
+    mean = np.asarray(pre.mean, np.float32)
+    std = np.asarray(pre.std, np.float32)
+    # Every channel of a grey image holds the same value, so channel order only decides
+    # which mean/std goes with which output channel: normalise flips the pixels, then
+    # applies mean[c]/std[c] to channel c, so output channel c is (x - mean[c]) / std[c].
+    if pre.layout == "NCHW":
+        out = np.empty((n, 3, hh, ww), np.float32)
+        planes = [out[:, c] for c in range(3)]
+    else:
+        out = np.empty((n, hh, ww, 3), np.float32)
+        planes = [out[..., c] for c in range(3)]
+    for c, plane in enumerate(planes):
+        if c and mean[c] == mean[c - 1] and std[c] == std[c - 1]:
+            plane[...] = planes[c - 1]
+            continue
+        np.subtract(x, mean[c], out=plane)
+        np.divide(plane, std[c], out=plane)
+    return out
 
 
 def project(unit_maps: np.ndarray, pre: Preprocess) -> np.ndarray:
@@ -78,9 +117,8 @@ def project(unit_maps: np.ndarray, pre: Preprocess) -> np.ndarray:
     The caller normalises first (`minmax_normalise`) because the normalised map is also the
     deduplication key: two maps equal after normalisation give the same oracle input.
     """
-    pixels = resize_bilinear(unit_maps, pre.input_hw) * PIXEL_MAX  # (N, H, W) in 0-255
-    rgb = np.repeat(pixels[..., None], 3, axis=-1)  # (N, H, W, 3): a grey image
-    return normalise(rgb, pre)
+    pixels = resize_bilinear(unit_maps, pre.input_hw) * np.float32(PIXEL_MAX)  # (N, H, W) 0-255
+    return normalise_grey(pixels, pre)  # = normalise() of the 3-channel grey image
 
 
 def map_key(unit_map: np.ndarray) -> bytes:
@@ -98,15 +136,15 @@ def log_probs(scores: np.ndarray, output: str) -> np.ndarray:
     s = scores.astype(np.float64)
     if output == "probabilities":
         s = np.maximum(s, PROB_FLOOR)
-        return np.log(s / s.sum(axis=-1, keepdims=True))
+        return np.asarray(np.log(s / s.sum(axis=-1, keepdims=True)))
     z = s - s.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return np.asarray(z - np.log(np.exp(z).sum(axis=-1, keepdims=True)))
 
 
 def kl_divergence(log_p: np.ndarray, log_q: np.ndarray) -> np.ndarray:
     """KL(p || q) in nats along the last axis; broadcasts (K,) against (B, K)."""
     p = np.exp(log_p)
-    return np.sum(p * (log_p - log_q), axis=-1)
+    return np.asarray(np.sum(p * (log_p - log_q), axis=-1))
 
 
 def kl_to_uniform(log_p: np.ndarray) -> np.ndarray:

@@ -1,0 +1,194 @@
+"""`infenclave assess` as a library call: check inputs, scan, write plan, CSV and report.
+
+Order matters for the user: everything that can be refused cheaply (output folder, images,
+oracle, --tail-start) is checked before the minutes of oracle work. Outputs are written into a
+hidden temporary folder next to `--out` and renamed into place at the end, so a folder named
+`--out` is always a finished assessment (possibly a *partial* one after Ctrl-C, which says so
+in the plan and the report) and never a half-written one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from infenclave.assess.images import load_images
+from infenclave.assess.kl import make_oracle
+from infenclave.assess.plan import build_plan, default_tail_start, exposure_csv
+from infenclave.assess.report import ReportInputs, render_report
+from infenclave.assess.runtime import RuntimeConfig
+from infenclave.assess.scan import Mode, ProgressFn, ScanResult, scan
+from infenclave.errors import AssessmentError, UsageError
+
+DEFAULT_OUT = Path("assessment")
+OUTPUT_FILES = ("plan.json", "exposure.csv", "report.html")
+
+
+@dataclass
+class AssessOptions:
+    """The `assess` command's options (see `infenclave assess --help`)."""
+
+    model: str
+    images: list[Path] | None = None  # None: the built-in photos
+    out: Path = DEFAULT_OUT
+    oracle: str | None = None  # None: the model itself
+    full: bool = False
+    tail_start: str | None = None  # None: the last feature-map cut point
+    seed: int = 0
+    force: bool = False
+    runtime: RuntimeConfig | None = None  # None: choose by measurement (tests and bench pin it)
+
+
+@dataclass
+class AssessOutcome:
+    out: Path
+    plan: dict[str, Any]
+    result: ScanResult
+    seconds: float
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.plan["scan"]["partial"])
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    """Refuse an existing `--out` unless --force, and even then only a previous assessment.
+
+    `--force` deletes the old folder; a typo such as `--out ~` must not delete a home folder,
+    so only an empty folder or one holding a plan.json is replaced.
+    """
+    if not out.exists() and not out.is_symlink():
+        return
+    if not force:
+        raise UsageError(f"{out} already exists; choose another --out or add --force to replace it")
+    if out.is_symlink() or not out.is_dir():
+        raise UsageError(f"{out} exists and is not a folder; refusing to replace it")
+    if any(out.iterdir()) and not (out / "plan.json").is_file():
+        raise UsageError(f"refusing to replace {out}: it is not empty and holds no plan.json, "
+                         "so it does not look like an earlier assessment")
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """A temporary folder next to `out`, removed on any failure (and on Ctrl-C)."""
+    parent = out.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = parent / f".{out.name}.{secrets.token_hex(6)}.incomplete"
+        tmp.mkdir()  # not mkdtemp: the result should get the user's usual permissions
+    except OSError as exc:
+        raise UsageError(f"cannot create the output folder next to {out}: {exc.strerror}") from exc
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after a successful publish
+
+
+def publish(tmp: Path, out: Path, force: bool) -> None:
+    """Move the finished folder into place; with --force the old one goes only after."""
+    old: Path | None = None
+    if out.exists():
+        check_out_dir(out, force)  # it may have appeared during the scan
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.absolute().parent))
+        old.rmdir()
+        out.rename(old)
+    try:
+        tmp.rename(out)
+    except OSError as exc:
+        if old is not None:
+            old.rename(out)
+        raise UsageError(f"cannot write {out}: {exc.strerror}") from exc
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run_assess(opts: AssessOptions, *, progress: ProgressFn | None = None,
+               log: Callable[[str], None] | None = None) -> AssessOutcome:
+    """Run an assessment and write plan.json, exposure.csv and report.html to `opts.out`."""
+    from infenclave.models import load_model
+    from infenclave.network import analyse
+
+    say = log or (lambda _msg: None)
+    t0 = time.perf_counter()
+    check_out_dir(opts.out, opts.force)
+    decoded = load_images(opts.images)  # every image decoded before any model work
+    say(f"loading {opts.model}")
+    model = load_model(opts.model)
+    oracle_model = load_model(opts.oracle) if opts.oracle else None
+    oracle = make_oracle(model, oracle_model)
+    net = analyse(model)
+    if not any(c.is_feature_map for c in net.cuts):
+        raise AssessmentError(f"{model.name}: no cut point has a (C, H, W) feature map; the "
+                              "KL-oracle method cannot assess this model")
+    if opts.tail_start is not None:
+        tail, tail_source = net.cut(opts.tail_start), "option"
+    else:
+        tail, tail_source = default_tail_start(net), "default"
+    images = [d.fitted(model.preprocess) for d in decoded]
+    with staged_dir(opts.out) as tmp:
+        mode: Mode = "full" if opts.full else "early-stop"
+        n_maps = sum(1 for c in net.cuts if c.is_feature_map)
+        say(f"scanning {n_maps} feature-map cut points of {model.name} with {len(images)} image(s), "
+            f"{mode} mode")
+        result = scan(net, oracle, images, mode=mode, seed=opts.seed, runtime=opts.runtime,
+                      progress=progress)
+        plan = build_plan(result, net, oracle, tail_start=tail, tail_start_source=tail_source)
+        say("writing plan, CSV and report")
+        _write(tmp, plan, result)
+        publish(tmp, opts.out, opts.force)
+    return AssessOutcome(out=opts.out, plan=plan, result=result, seconds=time.perf_counter() - t0)
+
+
+def _write(folder: Path, plan: dict[str, Any], result: ScanResult) -> None:
+    import json
+
+    (folder / "plan.json").write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
+    (folder / "exposure.csv").write_text(exposure_csv(plan), encoding="utf-8")
+    html = render_report(ReportInputs(plan=plan, result=result))
+    (folder / "report.html").write_text(html, encoding="utf-8")
+
+
+def outcome_error(outcome: AssessOutcome) -> AssessmentError | None:
+    """The error to report after writing, when the assessment reached no usable partition."""
+    plan = outcome.plan
+    if plan["partition"] is not None or plan["scan"]["partial"]:
+        return None
+    return AssessmentError(f"{plan['recommendation']['reason']} The plan and report are in {outcome.out}.")
+
+
+@contextlib.contextmanager
+def rich_progress() -> Iterator[ProgressFn]:
+    """A progress bar with ETA on stderr over the oracle work (channel images decided).
+
+    It appears at the first update, so that a refusal before the scan prints one line only.
+    """
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    console = Console(stderr=True)
+    bar = Progress(TextColumn("[bold]{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("channel images"), TimeElapsedColumn(), TextColumn("ETA"),
+                   TimeRemainingColumn(), console=console, transient=False)
+    task = bar.add_task("oracle", total=None)
+    started = False
+
+    def update(done: int, total: int, current: str) -> None:
+        nonlocal started
+        if not started:
+            bar.start()
+            started = True
+        bar.update(task, completed=done, total=total, description=current or "oracle")
+
+    try:
+        yield update
+    finally:
+        if started:
+            bar.stop()

@@ -1,0 +1,264 @@
+"""The partition plan (`plan.json`): a versioned, schema-validated record of an assessment.
+
+`build_plan` turns a scan into the document; `validate_plan` checks a document against the
+JSON schema shipped next to this module (`plan.schema.json`, every field described there);
+`Plan.parse` is what a consumer (`infenclave partition`) uses: it validates, checks the
+version, and returns the few typed facts a partition needs. A plan we write is validated
+before it is written: a plan that does not match its own schema is a bug, never an output.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+import numpy as np
+
+from infenclave.assess.kl import Oracle
+from infenclave.assess.scan import CutResult, ScanResult
+from infenclave.errors import AssessmentError
+from infenclave.network import CutPoint, Network
+
+PLAN_FORMAT = "infenclave-assessment-plan"
+PLAN_VERSION = 1
+METHOD = "kl_oracle"  # key of this method in every `verdicts` mapping
+
+PROJECTION_TEXT = (
+    "Each feature map of the IR is min-max normalised to [0, 1] (a constant map becomes all "
+    "zeros), resized bilinearly (half-pixel centres, no antialiasing) to the model's input "
+    "size, replicated to 3 channels, scaled to pixel units 0-255, then normalised exactly as "
+    "the oracle normalises a photo (mean/std, channel order, layout).")
+SAFE_TEXT = (
+    "p = softmax(model(x)); q_c = softmax(oracle(projection of feature map c)); "
+    "delta(x) = KL(p || uniform). The cut point is safe for x when min over c of KL(p || q_c) "
+    "> delta(x): no single feature map lets the oracle recover more of the prediction than "
+    "a uniform guess would.")
+RECOMMEND_TEXT = (
+    "The FrontNet ends at the first cut point that is safe for every sample image; "
+    "IRs that are not (C, H, W) feature maps cannot be assessed by this method.")
+
+
+def schema() -> dict[str, Any]:
+    """The plan's JSON schema (a fresh copy)."""
+    doc: dict[str, Any] = json.loads(_schema_text())
+    return doc
+
+
+@lru_cache(maxsize=1)
+def _schema_text() -> str:
+    return resources.files("infenclave.assess").joinpath("plan.schema.json").read_text("utf-8")
+
+
+def validate_plan(doc: Any) -> None:
+    """Raise AssessmentError naming the first field that does not match the schema."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema(), format_checker=jsonschema.FormatChecker())
+    errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
+    if errors:
+        e = errors[0]
+        where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
+        raise AssessmentError(f"plan does not match its schema at {where}: {e.message}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a partition needs from a validated plan."""
+
+    model_name: str
+    weights_sha256: str
+    front_end: str | None
+    tail_start: str
+    partial: bool
+    doc: dict[str, Any]
+
+    @classmethod
+    def parse(cls, text: str | bytes) -> Plan:
+        """Parse and validate a plan document (refuses other formats and versions)."""
+        try:
+            doc = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise AssessmentError(f"plan is not valid JSON ({exc.__class__.__name__})") from exc
+        if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT:
+            raise AssessmentError("not an infenclave assessment plan")
+        if doc.get("version") != PLAN_VERSION:
+            raise AssessmentError(f"plan version {doc.get('version')!r} is not supported "
+                                  f"(this infenclave reads version {PLAN_VERSION})")
+        validate_plan(doc)
+        rec = doc["recommendation"]
+        return cls(model_name=doc["model"]["name"], weights_sha256=doc["model"]["weights_sha256"],
+                   front_end=rec["front_end"], tail_start=rec["tail_start"],
+                   partial=doc["scan"]["partial"], doc=doc)
+
+
+# --- building a plan from a scan ---------------------------------------------------------------
+
+def _f(v: float | None) -> float | None:
+    return None if v is None else float(round(v, 6))
+
+
+def _cost(net: Network, start: CutPoint | None, end: CutPoint | None) -> dict[str, int]:
+    params, flops, peak = net.part_cost(start, end)
+    return {"param_bytes": params, "flops": flops, "peak_activation_bytes": peak,
+            "memory_bytes": params + peak}
+
+
+def _ir_bytes(c: CutPoint) -> int:
+    return int(np.prod(c.shape)) * 4
+
+
+def _cut_record(cr: CutResult, result: ScanResult, net: Network) -> dict[str, Any]:
+    c = cr.cut
+    images: list[dict[str, Any]] = []
+    safe_for_all = {"safe": True, "unsafe": False}.get(cr.status)
+    if cr.images is not None:
+        for im, res in zip(result.images, cr.images):
+            images.append({
+                "image": im.name, "delta": _f(res.delta), "min_kl": _f(res.min_kl),
+                "median_kl": _f(res.median_kl), "min_channel": res.min_channel,
+                "channels_evaluated": res.evaluated, "channels_deduplicated": res.deduplicated,
+                "complete": res.complete, "safe": res.safe, "metrics": {},
+            })
+    mins = [r["min_kl"] for r in images if r["min_kl"] is not None]
+    medians = [r["median_kl"] for r in images if r["median_kl"] is not None]
+    return {
+        "index": c.index, "name": c.name, "shape": list(c.shape), "ir_bytes": _ir_bytes(c),
+        "assessable": cr.images is not None, "status": cr.status, "stopped_early": cr.stopped_early,
+        "channels": c.shape[0] if cr.images is not None else 0, "safe_for_all": safe_for_all,
+        "min_kl": _f(min(mins)) if mins else None,
+        "median_kl": _f(float(np.median(medians))) if medians else None,
+        "frontnet_cost": _cost(net, None, c), "images": images, "metrics": {},
+        "verdicts": {METHOD: {"safe": safe_for_all}},
+    }
+
+
+def default_tail_start(net: Network) -> CutPoint:
+    """The last feature-map cut point: global pool, classifier, softmax and labels follow it."""
+    maps = [c for c in net.cuts if c.is_feature_map]
+    if not maps:
+        raise AssessmentError(f"{net.model.name}: no feature-map cut point to start the Tail at")
+    return maps[-1]
+
+
+def build_plan(result: ScanResult, net: Network, oracle: Oracle, *, tail_start: CutPoint,
+               tail_start_source: str, created: dt.datetime | None = None) -> dict[str, Any]:
+    """The plan document of a finished (or interrupted) scan, validated against the schema."""
+    from infenclave import __version__
+    from infenclave.enclave.topk import top_k
+
+    model = net.model
+    created = created or dt.datetime.now(dt.timezone.utc)
+    rec = result.recommended
+    warnings: list[str] = []
+    images = []
+    for i, im in enumerate(result.images):
+        top = top_k(result.log_p[i], model.labels, 1, already_probabilities=False)[0]
+        images.append({"name": im.name, "source": im.source, "sha256": im.sha256,
+                       "top1": {"index": top.index, "label": top.label, "prob": _f(top.prob)},
+                       "delta": _f(float(result.delta[i]))})
+    cuts = [_cut_record(cr, result, net) for cr in result.cuts]
+
+    if result.partial:
+        warnings.append("The scan was interrupted: cut points marked 'incomplete' or "
+                        "'not-scanned' were not decided; run again for a complete plan.")
+    if result.mode == "early-stop" and any(cr.stopped_early for cr in result.cuts):
+        warnings.append("Early-stop mode: unsafe cut points stopped at their first revealing "
+                        "channel, so their min/median KL cover only the channels computed "
+                        "(use --full for every channel).")
+    if rec is not None:
+        later_unsafe = [cr.cut.name for cr in result.cuts
+                        if cr.cut.index > rec.cut.index and cr.status == "unsafe"]
+        if later_unsafe:
+            warnings.append(
+                f"Cut point(s) after the recommended one are unsafe by this method: "
+                f"{', '.join(later_unsafe)}. The host computes every IR between the FrontNet "
+                "end and the Tail start from IR1, so consider ending the FrontNet later.")
+
+    partition: dict[str, Any] | None = None
+    if rec is None:
+        reason = "No cut point was safe for every image in this scan"
+        if result.partial:
+            reason += " (the scan was interrupted)."
+        else:
+            last = [cr for cr in result.cuts if cr.status in ("safe", "unsafe")][-1:]
+            blocking = [im.name for cr in last for im, r in zip(result.images, cr.images or [])
+                        if r.safe is False]
+            reason += (f"; still unsafe at the last cut point scanned, {last[0].cut.name}: "
+                       f"{', '.join(blocking)}." if last and blocking else ".")
+    elif rec.cut.index >= tail_start.index:
+        reason = (f"The first cut point safe for every image, {rec.cut.name}, is not before the "
+                  f"Tail start {tail_start.name}: no BackNet would remain.")
+        warnings.append(reason + " Choose a later --tail-start.")
+    else:
+        f = rec.cut
+        reason = (f"{f.name} is the first cut point where every sample image's minimum "
+                  f"KL(p || q_c) exceeds its delta; the Tail starts at {tail_start.name} "
+                  f"({'the last feature map before the classifier head' if tail_start_source == 'default' else 'as given with --tail-start'}).")
+        partition = {
+            "frontnet": {"start": None, "end": f.name, "runs_in": "enclave", "cost": _cost(net, None, f)},
+            "backnet": {"start": f.name, "end": tail_start.name, "runs_in": "host",
+                        "cost": _cost(net, f, tail_start)},
+            "tail": {"start": tail_start.name, "end": None, "runs_in": "enclave",
+                     "cost": _cost(net, tail_start, None)},
+            "ir1": {"cut": f.name, "shape": list(f.shape), "bytes": _ir_bytes(f)},
+            "ir2": {"cut": tail_start.name, "shape": list(tail_start.shape), "bytes": _ir_bytes(tail_start)},
+        }
+    first_safe = rec.cut.name if rec else None
+    doc: dict[str, Any] = {
+        "format": PLAN_FORMAT,
+        "version": PLAN_VERSION,
+        "created_utc": created.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "tool": {"name": "infenclave", "version": __version__},
+        "model": {"name": model.name, "source": model.source or model.name,
+                  "weights_sha256": model.weights_sha256, "output": model.output,
+                  "num_classes": model.num_classes, "input_shape": list(net.input_shape[1:])},
+        "preprocess": model.preprocess.to_dict(),
+        "oracle": {"name": oracle.model.name, "source": oracle.model.source or oracle.model.name,
+                   "weights_sha256": oracle.model.weights_sha256, "same_as_model": oracle.same_as_model},
+        "method": {"name": "kl-oracle", "projection": PROJECTION_TEXT, "safe_rule": SAFE_TEXT,
+                   "recommendation_rule": RECOMMEND_TEXT},
+        "images": images,
+        "scan": {"mode": result.mode, "seed": result.seed, "partial": result.partial,
+                 "stats": result.stats.to_dict()},
+        "cuts": cuts,
+        "verdicts": {METHOD: {
+            "first_safe_cut": first_safe,
+            "summary": (f"First cut point safe for all {len(images)} image(s): {first_safe}."
+                        if first_safe else "No cut point safe for every image in this scan."),
+        }},
+        "recommendation": {"front_end": first_safe, "tail_start": tail_start.name,
+                           "tail_start_source": tail_start_source, "reason": reason},
+        "partition": partition,
+        "warnings": warnings,
+    }
+    validate_plan(doc)
+    return doc
+
+
+CSV_COLUMNS = ["cut_index", "cut", "shape", "status", "image", "delta", "min_kl", "median_kl",
+               "min_channel", "channels", "channels_evaluated", "channels_deduplicated",
+               "complete", "safe"]
+
+
+def exposure_csv(doc: dict[str, Any]) -> str:
+    """One row per (cut point, image); empty cells where a value does not exist."""
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    names = [im["name"] for im in doc["images"]]
+    for cut in doc["cuts"]:
+        by_image = {r["image"]: r for r in cut["images"]}
+        for name in names:
+            r = by_image.get(name, {})
+            row = [cut["index"], cut["name"], "x".join(map(str, cut["shape"])), cut["status"], name,
+                   r.get("delta"), r.get("min_kl"), r.get("median_kl"), r.get("min_channel"),
+                   cut["channels"], r.get("channels_evaluated"), r.get("channels_deduplicated"),
+                   r.get("complete"), r.get("safe")]
+            w.writerow(["" if v is None else str(v).lower() if isinstance(v, bool) else v for v in row])
+    return out.getvalue()
