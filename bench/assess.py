@@ -117,7 +117,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "assessment"
         t0 = time.perf_counter()
-        run = subprocess.run([sys.executable, "-m", "infenclave.cli", "assess", "efficientnet-lite0",
+        run = subprocess.run([sys.executable, "-m", "infenclave.cli", "assess", "efficientnet-lite0", "--adversary", "passive",
                               "--out", str(out)], capture_output=True, text=True)
         default_wall = time.perf_counter() - t0
         plan = json.loads((out / "plan.json").read_text()) if (out / "plan.json").is_file() else None

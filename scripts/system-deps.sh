@@ -1,7 +1,23 @@
 #!/usr/bin/env bash
 # System packages the tests need: a headless Chromium to render the assessment report as a
-# person's browser would. Installed only when missing, and only where we may (root).
+# person's browser would, and opencv-doc's example photos (training photos for the
+# chosen-inputs attack). Installed only when missing, and only where we may (root).
 set -euo pipefail
+
+# --- opencv-doc: ~40 real photos under /usr/share/doc/opencv-doc/examples that the
+# chosen-inputs attack (src/infenclave/assess/attacks/training_data.py) trains its inverse
+# network on; without it only ~12 skimage/matplotlib photos remain. Runs before the Chromium
+# block because that block exits early once Chromium is present.
+if [ ! -d /usr/share/doc/opencv-doc/examples/data ]; then
+  if [ "$(id -u)" -eq 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends opencv-doc >/dev/null
+  else
+    echo "note: opencv-doc is missing and we are not root; the decoder attack trains on fewer photos" >&2
+  fi
+fi
+
+# --- Chromium
 if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
   exit 0
 fi

@@ -155,7 +155,7 @@ def test_an_image_that_no_cut_protects_gives_no_recommendation(lite0, lite0_net,
     import skimage
 
     camera = Path(skimage.__file__).parent / "data" / "camera.png"
-    outcome = run_assess(AssessOptions(model="efficientnet-lite0", images=[camera],
+    outcome = run_assess(AssessOptions(model="efficientnet-lite0", images=[camera], adversary="passive",
                                        out=out, runtime=RUNTIME))
     doc = json.loads((out / "plan.json").read_text())
     assert doc["recommendation"]["front_end"] is None and doc["partition"] is None
@@ -288,7 +288,8 @@ def test_a_model_without_feature_maps_is_not_assessable(tmp_path, photos) -> Non
         "preprocess: {resize: [16, 16], mean: [0, 0, 0], std: [255, 255, 255]}\n")
     out = tmp_path / "out"
     with pytest.raises(AssessmentError, match="no cut point has a \\(C, H, W\\) feature map"):
-        run_assess(AssessOptions(model=str(tmp_path / "mlp.yaml"), images=[photos["flower"]], out=out))
+        run_assess(AssessOptions(model=str(tmp_path / "mlp.yaml"), images=[photos["flower"]], out=out,
+                                 adversary="passive"))
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 

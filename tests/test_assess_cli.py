@@ -29,7 +29,7 @@ def chromium() -> str | None:
 @pytest.fixture(scope="module")
 def assessed(tmp_path_factory, photos) -> tuple[Path, subprocess.CompletedProcess[str]]:
     out = tmp_path_factory.mktemp("assess") / "out"
-    res = run_cli("assess", "efficientnet-lite0", "--images", str(photos["coffee"]),
+    res = run_cli("assess", "efficientnet-lite0", "--adversary", "passive", "--images", str(photos["coffee"]),
                   str(photos["flower"]), "--out", str(out))
     return out, res
 
@@ -56,13 +56,13 @@ def test_existing_out_is_refused_then_replaced_with_force(assessed, photos, tmp_
     shutil.copytree(first_out, out)  # the module's assessment stays for the browser test
     before = (out / "plan.json").read_text()
     t0 = time.monotonic()
-    res = run_cli("assess", "efficientnet-lite0", "--images", str(photos["flower"]), "--out", str(out))
+    res = run_cli("assess", "efficientnet-lite0", "--adversary", "passive", "--images", str(photos["flower"]), "--out", str(out))
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [f"error: {out} already exists; choose another "
                                                "--out or add --force to replace it"]
     assert time.monotonic() - t0 < 30  # refused before any model work
     assert (out / "plan.json").read_text() == before
-    res = run_cli("assess", "efficientnet-lite0", "--images", str(photos["flower"]), "--out",
+    res = run_cli("assess", "efficientnet-lite0", "--adversary", "passive", "--images", str(photos["flower"]), "--out",
                   str(out), "--force")
     assert res.returncode == 0, res.stderr
     plan = json.loads((out / "plan.json").read_text())
@@ -74,7 +74,7 @@ def test_force_never_deletes_a_folder_that_is_not_an_assessment(tmp_path, photos
     precious = tmp_path / "home"
     precious.mkdir()
     (precious / "thesis.tex").write_text("years of work")
-    res = run_cli("assess", "efficientnet-lite0", "--images", str(photos["flower"]), "--out",
+    res = run_cli("assess", "efficientnet-lite0", "--adversary", "passive", "--images", str(photos["flower"]), "--out",
                   str(precious), "--force")
     assert res.returncode == 2 and "does not look like an earlier assessment" in res.stderr
     assert (precious / "thesis.tex").read_text() == "years of work"
@@ -101,7 +101,7 @@ def _missing(d: Path) -> list[str]:
 ])
 def test_bad_images_exit_2_with_one_line(tmp_path, make, message) -> None:
     args = make(tmp_path)
-    res = run_cli("assess", "efficientnet-lite0", "--images", *args, "--out", str(tmp_path / "o"))
+    res = run_cli("assess", "efficientnet-lite0", "--adversary", "passive", "--images", *args, "--out", str(tmp_path / "o"))
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
@@ -109,12 +109,12 @@ def test_bad_images_exit_2_with_one_line(tmp_path, make, message) -> None:
 
 
 def test_other_bad_options_exit_2(tmp_path, photos) -> None:
-    res = run_cli("assess", "efficientnet-lite0", str(photos["flower"]), "--out", str(tmp_path / "o"))
+    res = run_cli("assess", "efficientnet-lite0", "--adversary", "passive", str(photos["flower"]), "--out", str(tmp_path / "o"))
     assert res.returncode == 2 and "images go after --images" in res.stderr
-    res = run_cli("assess", "efficientnet-lite0", "--images", str(photos["flower"]),
+    res = run_cli("assess", "efficientnet-lite0", "--adversary", "passive", "--images", str(photos["flower"]),
                   "--tail-start", "_blocks.99", "--out", str(tmp_path / "o"))
     assert res.returncode == 2 and "unknown cut point '_blocks.99'" in res.stderr
-    res = run_cli("assess", "efficientnet-lite0", "--images", str(photos["flower"]),
+    res = run_cli("assess", "efficientnet-lite0", "--adversary", "passive", "--images", str(photos["flower"]),
                   "--oracle", "efficientnet-lite2", "--out", str(tmp_path / "o"))
     assert res.returncode == 2 and "same input size" in res.stderr
     assert not (tmp_path / "o").exists()
@@ -123,7 +123,7 @@ def test_other_bad_options_exit_2(tmp_path, photos) -> None:
 def test_ctrl_c_writes_a_partial_plan(tmp_path, photos) -> None:
     out = tmp_path / "partial"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([*CLI, "assess", "efficientnet-lite0", "--images", str(photos["rocket"]),
+    proc = subprocess.Popen([*CLI, "assess", "efficientnet-lite0", "--adversary", "passive", "--images", str(photos["rocket"]),
                              "--full", "--out", str(out)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     assert proc.stderr is not None

@@ -156,14 +156,30 @@ def assess(
     seed: int = typer.Option(0, "--seed", help="Seed of the channel order in early-stop mode."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out folder (only "
                                "an empty one or an earlier assessment)."),
+    adversary: str = typer.Option(
+        "knows-weights", "--adversary",
+        help="Who you defend against. knows-weights: the FrontNet weights are known (public or "
+        "fine-tuned from public weights): white-box inversion. chosen-inputs: weights secret, "
+        "but the attacker can submit its own images and see the IRs: a trained inverse network. "
+        "passive: weights secret, no queries: the KL method alone."),
+    judge: str | None = typer.Option(None, "--judge", help="Independent network that judges "
+                                     "whether a reconstruction is recognisable. Default: another "
+                                     "zoo model than MODEL."),
+    whitebox_steps: int | None = typer.Option(None, "--whitebox-steps", min=1,
+                                              help="Adam steps of the white-box inversion per cut."),
+    decoder_epochs: int | None = typer.Option(None, "--decoder-epochs", min=1,
+                                              help="Training epochs of the inverse network per cut."),
 ) -> None:
     """Assess how much each cut point's intermediate representation reveals about the input
-    (KL-oracle method) and recommend where the FrontNet ends.
+    (KL-oracle method, then real inversion attacks under --adversary) and recommend where the
+    FrontNet ends.
 
     Every feature map of a cut point is projected to an image and classified by the oracle; the
     cut point is safe for a photo when no map's prediction comes closer to the model's own
     (in KL) than a uniform guess does. The recommended FrontNet end is the first cut point safe
-    for every photo. Ctrl-C stops cleanly and writes what is done, marked partial.
+    for every photo. Under an adversary that can attack (the default, knows-weights), a cut is
+    safe only when, in addition, no inversion attack recovers a photo that an independent judge
+    network recognises. Ctrl-C stops cleanly and writes what is done, marked partial.
 
     Exit code 0: plan written; 2: bad input, or no usable partition (the plan and report are
     still written in that case); 130: interrupted (a partial plan is written).
@@ -175,12 +191,15 @@ def assess(
     if extra and not images:
         raise UsageError(f"unexpected argument(s): {' '.join(ctx.args)} (images go after --images)")
     opts = AssessOptions(model=model, images=[*images, *extra] or None, out=out, oracle=oracle,
-                         full=full, tail_start=tail_start, seed=seed, force=force)
+                         full=full, tail_start=tail_start, seed=seed, force=force,
+                         adversary=adversary, judge=judge, whitebox_steps=whitebox_steps,
+                         decoder_epochs=decoder_epochs)
     with rich_progress() as progress:
         outcome = run_assess(opts, progress=progress,
                              log=lambda msg: print(msg, file=sys.stderr, flush=True))
     plan = outcome.plan
     rec = plan["recommendation"]
+    print(f"adversary     {plan['adversary']['name']}")
     print(f"FrontNet end  {rec['front_end'] or '(none)'}")
     print(f"Tail start    {rec['tail_start']}")
     print(f"written       {outcome.out}/plan.json, exposure.csv, report.html "

@@ -94,8 +94,10 @@ def _assess(model_ref: str, model, workdir: Path, front_end: str | None,  # noqa
         return front_end or _FALLBACK_CUTS[0], tail_start or _FALLBACK_CUTS[1]
     t0 = time.perf_counter()
     out = workdir / "assessment"
-    _say(f"[1/5] assessing {model.name} on the built-in photos (early stop)...")
-    run_assess(AssessOptions(model=model_ref, out=out, tail_start=tail_start, force=True),
+    _say(f"[1/5] assessing {model.name} on the built-in photos (KL method, early stop; "
+         "`infenclave assess` adds the default knows-weights inversion attacks)...")
+    run_assess(AssessOptions(model=model_ref, out=out, tail_start=tail_start, force=True,
+                             adversary="passive"),
                log=lambda m: _say(f"      {m}"))
     try:
         plan_front, plan_tail = read_plan(out / "plan.json", model.weights_sha256)

@@ -44,6 +44,10 @@ class AssessOptions:
     seed: int = 0
     force: bool = False
     runtime: RuntimeConfig | None = None  # None: choose by measurement (tests and bench pin it)
+    adversary: str = "knows-weights"  # the strongest that applies; see assess/adversary.py
+    judge: str | None = None  # None: a different zoo model than the one assessed
+    whitebox_steps: int | None = None  # None: the attack's default budget
+    decoder_epochs: int | None = None
 
 
 @dataclass
@@ -115,9 +119,15 @@ def run_assess(opts: AssessOptions, *, progress: ProgressFn | None = None,
     from infenclave.models import load_model
     from infenclave.network import analyse
 
+    from infenclave.assess.attacks import Budgets, attacks_for
+
     say = log or (lambda _msg: None)
     t0 = time.perf_counter()
     check_out_dir(opts.out, opts.force)
+    attacks_for(opts.adversary)  # refuse an unknown adversary before any work
+    defaults = Budgets()
+    budgets = Budgets(whitebox_steps=opts.whitebox_steps or defaults.whitebox_steps,
+                      decoder_epochs=opts.decoder_epochs or defaults.decoder_epochs)
     decoded = load_images(opts.images)  # every image decoded before any model work
     say(f"loading {opts.model}")
     model = load_model(opts.model)
@@ -139,19 +149,34 @@ def run_assess(opts: AssessOptions, *, progress: ProgressFn | None = None,
             f"{mode} mode")
         result = scan(net, oracle, images, mode=mode, seed=opts.seed, runtime=opts.runtime,
                       progress=progress)
-        plan = build_plan(result, net, oracle, tail_start=tail, tail_start_source=tail_source)
+        verdict = None
+        if not result.partial:
+            from infenclave.assess.adversary import assess_adversary
+
+            verdict = assess_adversary(
+                model, net, result, oracle, {d.name: d.rgb for d in decoded},
+                adversary=opts.adversary, tail=tail, full=opts.full, budgets=budgets,
+                judge=opts.judge, seed=opts.seed, say=say,
+                progress=(lambda ev: progress(ev.done, ev.total,
+                                              f"{ev.attack} @ {ev.cut} ({ev.cut_number}/{ev.cuts_total})"))
+                if progress else None)
+        plan = build_plan(result, net, oracle, tail_start=tail, tail_start_source=tail_source,
+                          adversary=verdict)
         say("writing plan, CSV and report")
-        _write(tmp, plan, result)
+        _write(tmp, plan, result, verdict)
         publish(tmp, opts.out, opts.force)
     return AssessOutcome(out=opts.out, plan=plan, result=result, seconds=time.perf_counter() - t0)
 
 
-def _write(folder: Path, plan: dict[str, Any], result: ScanResult) -> None:
+def _write(folder: Path, plan: dict[str, Any], result: ScanResult, verdict: Any = None) -> None:
     import json
+
+    from infenclave.assess.adversary import attack_figures
 
     (folder / "plan.json").write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
     (folder / "exposure.csv").write_text(exposure_csv(plan), encoding="utf-8")
-    html = render_report(ReportInputs(plan=plan, result=result))
+    figures = attack_figures(verdict) if verdict is not None else []
+    html = render_report(ReportInputs(plan=plan, result=result, extra_figures=figures))
     (folder / "report.html").write_text(html, encoding="utf-8")
 
 
@@ -175,9 +200,9 @@ def rich_progress() -> Iterator[ProgressFn]:
 
     console = Console(stderr=True)
     bar = Progress(TextColumn("[bold]{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("channel images"), TimeElapsedColumn(), TextColumn("ETA"),
+                   TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), TextColumn("ETA"),
                    TimeRemainingColumn(), console=console, transient=False)
-    task = bar.add_task("oracle", total=None)
+    task = bar.add_task("oracle", total=None, unit="channel images")
     started = False
 
     def update(done: int, total: int, current: str) -> None:
@@ -185,7 +210,9 @@ def rich_progress() -> Iterator[ProgressFn]:
         if not started:
             bar.start()
             started = True
-        bar.update(task, completed=done, total=total, description=current or "oracle")
+        attacking = current.startswith(("whitebox", "decoder"))
+        bar.update(task, completed=done, total=total, description=current or "oracle",
+                   unit="steps" if attacking else "channel images")
 
     try:
         yield update

@@ -147,7 +147,8 @@ def default_tail_start(net: Network) -> CutPoint:
 
 
 def build_plan(result: ScanResult, net: Network, oracle: Oracle, *, tail_start: CutPoint,
-               tail_start_source: str, created: dt.datetime | None = None) -> dict[str, Any]:
+               tail_start_source: str, created: dt.datetime | None = None,
+               adversary: Any = None) -> dict[str, Any]:
     """The plan document of a finished (or interrupted) scan, validated against the schema."""
     from infenclave import __version__
     from infenclave.enclave.topk import top_k
@@ -163,6 +164,15 @@ def build_plan(result: ScanResult, net: Network, oracle: Oracle, *, tail_start: 
                        "top1": {"index": top.index, "label": top.label, "prob": _f(top.prob)},
                        "delta": _f(float(result.delta[i]))})
     cuts = [_cut_record(cr, result, net) for cr in result.cuts]
+    attacked = adversary is not None and bool(adversary.attacks)
+    if attacked:
+        from infenclave.assess.adversary import cut_records
+
+        per_cut = cut_records(adversary)
+        for rec_doc in cuts:
+            for attack, figures in per_cut.get(rec_doc["name"], {}).items():
+                rec_doc["metrics"][attack] = figures
+                rec_doc["verdicts"][attack] = {"safe": not figures["unsafe"]}
 
     if result.partial:
         warnings.append("The scan was interrupted: cut points marked 'incomplete' or "
@@ -180,8 +190,15 @@ def build_plan(result: ScanResult, net: Network, oracle: Oracle, *, tail_start: 
                 f"{', '.join(later_unsafe)}. The host computes every IR between the FrontNet "
                 "end and the Tail start from IR1, so consider ending the FrontNet later.")
 
+    chosen = (adversary.front_end if attacked else (rec.cut if rec is not None else None))
     partition: dict[str, Any] | None = None
-    if rec is None:
+    if attacked and chosen is None:
+        reason = (f"No cut point was safe under the {adversary.name} adversary: "
+                  + ("the KL method found none." if rec is None else
+                     f"the KL method's first safe cut {rec.cut.name} and every later one "
+                     f"attacked ({', '.join(adversary.attacked)}) were broken by "
+                     f"{', '.join(adversary.attacks)} inversion or are unsafe by the KL method."))
+    elif chosen is None:
         reason = "No cut point was safe for every image in this scan"
         if result.partial:
             reason += " (the scan was interrupted)."
@@ -191,14 +208,17 @@ def build_plan(result: ScanResult, net: Network, oracle: Oracle, *, tail_start: 
                         if r.safe is False]
             reason += (f"; still unsafe at the last cut point scanned, {last[0].cut.name}: "
                        f"{', '.join(blocking)}." if last and blocking else ".")
-    elif rec.cut.index >= tail_start.index:
-        reason = (f"The first cut point safe for every image, {rec.cut.name}, is not before the "
+    elif chosen.index >= tail_start.index:
+        reason = (f"The first cut point safe for every image, {chosen.name}, is not before the "
                   f"Tail start {tail_start.name}: no BackNet would remain.")
         warnings.append(reason + " Choose a later --tail-start.")
     else:
-        f = rec.cut
+        f = chosen
         reason = (f"{f.name} is the first cut point where every sample image's minimum "
-                  f"KL(p || q_c) exceeds its delta; the Tail starts at {tail_start.name} "
+                  f"KL(p || q_c) exceeds its delta"
+                  + (f" and no {'/'.join(adversary.attacks)} inversion by a {adversary.name} "
+                     f"adversary recovered a photo" if attacked else "")
+                  + f"; the Tail starts at {tail_start.name} "
                   f"({'the last feature map before the classifier head' if tail_start_source == 'default' else 'as given with --tail-start'}).")
         partition = {
             "frontnet": {"start": None, "end": f.name, "runs_in": "enclave", "cost": _cost(net, None, f)},
@@ -232,11 +252,21 @@ def build_plan(result: ScanResult, net: Network, oracle: Oracle, *, tail_start: 
             "summary": (f"First cut point safe for all {len(images)} image(s): {first_safe}."
                         if first_safe else "No cut point safe for every image in this scan."),
         }},
-        "recommendation": {"front_end": first_safe, "tail_start": tail_start.name,
+        "recommendation": {"front_end": chosen.name if chosen is not None else None,
+                           "tail_start": tail_start.name,
                            "tail_start_source": tail_start_source, "reason": reason},
         "partition": partition,
         "warnings": warnings,
+        "adversary": (adversary.to_plan() if adversary is not None
+                      else {"name": "passive", "attacks": [], "front_end": first_safe,
+                            "attacked_cuts": []}),
     }
+    if attacked:
+        doc["verdicts"]["attacks"] = {
+            "first_safe_cut": adversary.front_end.name if adversary.front_end else None,
+            "summary": (f"Under the {adversary.name} adversary the first cut point safe by both the "
+                        f"KL method and {'/'.join(adversary.attacks)} inversion is "
+                        f"{adversary.front_end.name if adversary.front_end else 'none'}.")}
     validate_plan(doc)
     return doc
 

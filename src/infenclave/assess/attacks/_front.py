@@ -73,4 +73,4 @@ def to_uint8(x01: Any) -> np.ndarray:
     import torch
 
     arr = x01.detach().clamp(0, 1).mul(255).round().to(dtype=torch.uint8)
-    return arr.permute(0, 2, 3, 1).contiguous().numpy()
+    return np.asarray(arr.permute(0, 2, 3, 1).contiguous().numpy())

@@ -41,7 +41,9 @@ def ssim(original: np.ndarray, reconstruction: np.ndarray) -> float:
     from skimage.metrics import structural_similarity
 
     _check_pair(original, reconstruction)
-    return float(structural_similarity(original, reconstruction, channel_axis=-1, data_range=255))
+    value = structural_similarity(  # type: ignore[no-untyped-call]
+        original, reconstruction, channel_axis=-1, data_range=255)
+    return float(value)
 
 
 def psnr(original: np.ndarray, reconstruction: np.ndarray) -> float:
@@ -49,6 +51,15 @@ def psnr(original: np.ndarray, reconstruction: np.ndarray) -> float:
     _check_pair(original, reconstruction)
     mse = float(np.mean((original.astype(np.float64) - reconstruction.astype(np.float64)) ** 2))
     return float("inf") if mse == 0.0 else float(10.0 * np.log10(255.0**2 / mse))
+
+
+def tiny_image(original: np.ndarray, side: int) -> np.ndarray:
+    """The photo reduced to side x side pixels (box filter) and enlarged back (bicubic)."""
+    from PIL import Image
+
+    h, w = original.shape[:2]
+    small = Image.fromarray(original).resize((side, side), Image.Resampling.BOX)
+    return np.asarray(small.resize((w, h), Image.Resampling.BICUBIC), dtype=np.uint8)
 
 
 def kl_divergence(p: np.ndarray, q: np.ndarray) -> float:

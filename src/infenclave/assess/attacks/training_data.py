@@ -23,7 +23,7 @@ collection achieves.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,13 +126,20 @@ def pixel_sha256(rgb: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def builtin_photo_hashes() -> set[str]:
+    """Pixel hashes of the built-in evaluation photos: never training data."""
+    from infenclave.sample_images import builtin_images
+
+    return {pixel_sha256(decode_image(p.read_bytes())) for p in builtin_images().values()}
+
+
 def _thumb(rgb: np.ndarray) -> np.ndarray:
     """Zero-mean, unit-norm grey THUMB_SIDE^2 vector: equal for rescaled or re-encoded copies."""
     grey = Image.fromarray(rgb).convert("L").resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX)
     v = np.asarray(grey, dtype=np.float64).ravel()
     v = v - v.mean()
-    n = np.linalg.norm(v)
-    return v / n if n > 0 else v
+    n = float(np.linalg.norm(v))
+    return np.asarray(v / n if n > 0 else v)
 
 
 def _candidates() -> tuple[list[tuple[str, Path]], list[str]]:
@@ -206,7 +213,7 @@ def training_photos(exclude: Mapping[str, np.ndarray] | Iterable[np.ndarray] = (
     return TrainingSet(photos=tuple(photos), excluded=tuple(excluded), missing_sources=tuple(missing))
 
 
-def augment(photos: tuple[TrainingPhoto, ...] | list[TrainingPhoto], n: int, hw: tuple[int, int],
+def augment(photos: Sequence[TrainingPhoto], n: int, hw: tuple[int, int],
             rng: np.random.Generator) -> np.ndarray:
     """n random training views at (H, W): resized crop, flip, colour jitter -> (n, H, W, 3) uint8."""
     out = np.empty((n, hw[0], hw[1], 3), dtype=np.uint8)
@@ -242,4 +249,4 @@ def _jitter(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     x = (x - x.mean()) * c + x.mean()  # contrast about the mean grey level
     grey = x @ np.asarray([0.299, 0.587, 0.114], np.float32)  # (H, W)
     x = (x - grey[..., None]) * s + grey[..., None]  # saturation
-    return np.clip(x + 0.5, 0, 255).astype(np.uint8)
+    return np.asarray(np.clip(x + 0.5, 0, 255), dtype=np.uint8)

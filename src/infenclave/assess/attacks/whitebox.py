@@ -10,10 +10,19 @@ The IR term is relative, so one step size and one prior weight serve every cut p
 total-variation prior stands in for "natural images are piecewise smooth" and is what makes
 deep, many-to-one FrontNets invertible to something a person recognises.
 
-x = sigmoid(z) keeps pixels in range without clipping gradients; Adam on z at a constant step
-size. All evaluation photos of one cut are optimised as one batch: the loss is a sum of
+How x is parametrised matters more than anything else for a fixed budget (measured on
+Lite0, 3 photos, 100 Adam steps, `_blocks.3` / `_blocks.8`): x = sigmoid(C @ sum_k up(z_k)),
+where z_k is a Laplacian-style pyramid of logits at 1/1 .. 1/32 of the input size, upsampled
+bilinearly and summed, and C maps decorrelated colour to RGB (the ImageNet colour-correlation
+square root used by Lucid's feature visualisation). The pyramid lets Adam move low
+frequencies as fast as high ones (relative IR error 0.073 vs 0.148 for per-pixel logits at
+`_blocks.3`: the per-pixel version needs more than twice the steps), and the colour
+decorrelation removes most of the rainbow noise deep cuts otherwise produce (SSIM 0.14-0.16
+vs 0.08-0.09 at `_blocks.8`). The sigmoid keeps pixels in range without clipping gradients.
+
+All evaluation photos of one cut are optimised as one batch: the loss is a sum of
 per-image terms and Adam is element-wise, so this is exactly the same as one run per photo,
-at a fraction of the per-call overhead. A constant step size also means the iterate after k
+at a fraction of the per-call overhead. The step size is constant, so the iterate after k
 steps is exactly what a k-step budget returns: `snapshots` gives the benchmark every budget
 from one run.
 """
@@ -31,11 +40,15 @@ from infenclave.assess.attacks._front import to_uint8, torch_normalise
 from infenclave.enclave.imaging import Preprocess
 from infenclave.errors import AssessmentError
 
-DEFAULT_STEPS = 200  # see bench/results/attacks.json: past this, recognition no longer moves
-LEARNING_RATE = 0.1  # Adam on the sigmoid logits; 0.05 converges visibly slower, 0.2 oscillates
-TV_WEIGHT = 0.02  # larger blurs the early cuts, smaller leaves deep cuts as high-frequency noise
+DEFAULT_STEPS = 100  # see bench/results/attacks.json for how the metrics move past it
+LEARNING_RATE = 0.05  # Adam on the pyramid logits; 0.1 ends with a higher IR error at 100 steps
+TV_WEIGHT = 0.02  # 0.005 and 0.05 measured no better; larger blurs the early cuts
+PYRAMID_SCALES = (1, 2, 4, 8, 16, 32)  # pyramid levels, as input-size divisors
 INIT_NOISE = 0.1  # std of the random logits around mid-grey the search starts from
 TV_EPS = 1e-6  # keeps the square root's gradient finite on flat regions
+# Square root of the ImageNet RGB colour correlation (Olah et al., Lucid), columns = the
+# decorrelated channels; scaled below so that the largest column has unit norm.
+_COLOUR_SQRT = ((0.26, 0.09, 0.02), (0.27, 0.00, -0.05), (0.27, -0.09, 0.03))
 
 
 @dataclass
@@ -48,6 +61,33 @@ class WhiteboxRun:
     steps: int
     loss_curve: list[float] = field(default_factory=list)  # mean loss per step
     snapshots: dict[int, np.ndarray] = field(default_factory=dict)  # step -> (B, H, W, 3) uint8
+
+
+class PyramidImage:
+    """A batch of images x = sigmoid(C @ sum_k upsample(z_k)): the variables Adam moves."""
+
+    def __init__(self, batch: int, hw: tuple[int, int], seed: int) -> None:
+        import torch
+
+        gen = torch.Generator().manual_seed(seed)
+        h, w = hw
+        self.hw = hw
+        self.parameters = [
+            (torch.randn((batch, 3, -(-h // s), -(-w // s)), generator=gen) * INIT_NOISE
+             ).requires_grad_(True)
+            for s in PYRAMID_SCALES]  # (B, 3, ceil(H/s), ceil(W/s)) each
+        c = torch.tensor(_COLOUR_SQRT)
+        self.colour = c / c.norm(dim=0).max()  # (3 RGB, 3 decorrelated)
+
+    def __call__(self) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        z = self.parameters[0]
+        for level in self.parameters[1:]:
+            z = z + F.interpolate(level, size=self.hw, mode="bilinear", align_corners=False)
+        rgb = torch.einsum("ij,bjhw->bihw", self.colour, z)  # (B, 3, H, W)
+        return torch.sigmoid(rgb)
 
 
 def total_variation(x: Any) -> Any:
@@ -78,27 +118,25 @@ def invert(front: Any, target: np.ndarray, pre: Preprocess, *, steps: int = DEFA
 
     if steps < 1:
         raise AssessmentError("the white-box attack needs at least one step")
-    h, w = pre.input_hw
     y = torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32))
-    gen = torch.Generator().manual_seed(seed)
-    z = (torch.randn((len(y), 3, h, w), generator=gen) * INIT_NOISE).requires_grad_(True)
-    opt = torch.optim.Adam([z], lr=lr)
+    image = PyramidImage(len(y), pre.input_hw, seed)
+    opt = torch.optim.Adam(image.parameters, lr=lr)
     want = set(snapshots)
     run = WhiteboxRun(reconstructions=np.empty(0), ir_error=np.empty(0), seconds=0.0, steps=steps)
     start = time.perf_counter()
     for step in range(1, steps + 1):
         opt.zero_grad(set_to_none=True)
-        x = torch.sigmoid(z)  # (B, 3, H, W) in (0, 1)
+        x = image()  # (B, 3, H, W) in (0, 1)
         loss = relative_ir_error(front, x, y, pre) + tv_weight * total_variation(x)  # (B,)
         loss.sum().backward()  # images are independent: the sum separates
         opt.step()
         run.loss_curve.append(float(loss.detach().mean()))
         if step in want:
-            run.snapshots[step] = to_uint8(torch.sigmoid(z))
+            run.snapshots[step] = to_uint8(image())
         if on_step is not None:
             on_step(step, steps)
     run.seconds = time.perf_counter() - start
-    run.reconstructions = to_uint8(torch.sigmoid(z))
+    run.reconstructions = to_uint8(image())
     with torch.no_grad():  # judge the images the attacker would actually look at (uint8)
         x8 = torch.from_numpy(run.reconstructions).permute(0, 3, 1, 2).float() / 255.0
         run.ir_error = relative_ir_error(front, x8, y, pre).numpy().astype(np.float64)

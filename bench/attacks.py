@@ -1,0 +1,222 @@
+"""Benchmark of the inversion attacks (issue 5): cost per cut point, strength against budget.
+
+Reports, on this machine (2 shared cores here: the load average is recorded, and timings
+taken while other work runs are upper bounds):
+
+1. `per_cut_cost`: for every feature-map cut point of Lite0, the white-box attack's seconds per
+   Adam step for the batch of 8 built-in photos (median of PROBE_STEPS steps after a warm-up),
+   the implied seconds per reconstruction at the default budget, and the decoder's seconds per
+   training epoch (one augmented view of each training photo, FrontNet queries included).
+   The white-box figure is the fastest of the probe steps (the least disturbed by other work
+   on the shared machine); the median is recorded beside it.
+2. `default_run`: `run_attacks` as the default assessment runs it (knows-weights, default
+   budget, 8 built-in photos) over a representative candidate range (the end of each Lite0
+   stage): wall time and, per cut, how many photos the judge recognised, mean SSIM, verdict.
+   Its reconstructions are drawn to docs/img/inversion-example.png.
+3. `budget_curves`: how the metrics move with the budget, on 4 photos at an early, a middle
+   and a deep cut: white-box at 25..800 steps and the decoder at 5..40 epochs (one run each,
+   snapshots along the way: both use a constant step size, so a snapshot after k steps is
+   exactly the k-step budget).
+
+Usage:  .venv/bin/python bench/attacks.py [--out bench/results/attacks.json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "efficientnet-lite0"
+PROBE_STEPS = 5
+# The last cut point of each Lite0 stage (where resolution or width changes), plus the stem.
+STAGE_ENDS = ["_conv_stem", "_blocks.0", "_blocks.2", "_blocks.4", "_blocks.7", "_blocks.10",
+              "_blocks.14", "_blocks.15"]
+FIGURE_PHOTOS = ["chelsea", "coffee", "astronaut"]
+FIGURE_CUTS = ["_conv_stem", "_blocks.2", "_blocks.4", "_blocks.7", "_blocks.14"]
+CURVE_PHOTOS = ["chelsea", "coffee", "astronaut", "camera"]
+CURVE_CUTS = ["_blocks.2", "_blocks.7", "_blocks.14"]
+WHITEBOX_BUDGETS = [25, 50, 100, 200, 400, 800]
+DECODER_BUDGETS = [5, 10, 20, 40]
+
+
+def summarise(records: list[Any]) -> dict[str, Any]:
+    """Mean figures over photos for one (attack, cut, budget)."""
+    finite = [r.psnr for r in records if np.isfinite(r.psnr)]
+    out = {
+        "recognised": sum(r.recognised for r in records), "photos": len(records),
+        "unsafe": sum(r.unsafe for r in records),
+        "mean_ssim": round(float(np.mean([r.ssim for r in records])), 4),
+        "mean_psnr": round(float(np.mean(finite)), 2) if finite else None,
+        "mean_judge_kl": round(float(np.mean([r.judge_kl for r in records])), 3),
+        "median_judge_rank": float(np.median([r.judge_rank for r in records])),
+    }
+    errors = [r.ir_error for r in records if r.ir_error is not None]
+    if errors:
+        out["mean_ir_error"] = round(float(np.mean(errors)), 4)
+    return out
+
+
+def per_cut_cost(net: Any, batch: np.ndarray, training: Any, quick: bool) -> list[dict[str, Any]]:
+    import torch
+
+    from infenclave.assess.attacks import decoder, whitebox
+    from infenclave.assess.attacks._front import OnnxFront, torch_front
+
+    pre = net.model.preprocess
+    rows = []
+    cuts = [c for c in net.cuts if c.is_feature_map]
+    for c in cuts[:3] if quick else cuts:
+        front = torch_front(net, c.name)
+        onnx_front = OnnxFront(net, c.name)
+        target = onnx_front(batch)
+        image = whitebox.PyramidImage(len(batch), pre.input_hw, 0)
+        opt = torch.optim.Adam(image.parameters, lr=whitebox.LEARNING_RATE)
+        times = []
+        for step in range(PROBE_STEPS + 1):
+            t = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            x = image()
+            loss = whitebox.relative_ir_error(front, x, torch.from_numpy(target), pre) \
+                + whitebox.TV_WEIGHT * whitebox.total_variation(x)
+            loss.sum().backward()
+            opt.step()
+            if step:  # the first step warms caches and allocators
+                times.append(time.perf_counter() - t)
+        step_s = min(times)  # the least-disturbed step: the machine is shared
+        dec = decoder.train_and_invert(onnx_front, target, training, pre.input_hw, epochs=1)
+        rows.append({
+            "cut": c.name, "shape": list(c.shape),
+            "whitebox_seconds_per_step_batch8": round(step_s, 3),
+            "whitebox_seconds_per_step_batch8_median": round(statistics.median(times), 3),
+            "whitebox_seconds_per_reconstruction_at_default": round(
+                step_s * whitebox.DEFAULT_STEPS / len(batch), 2),
+            "whitebox_seconds_per_cut_at_default": round(step_s * whitebox.DEFAULT_STEPS, 1),
+            "decoder_seconds_per_epoch": round(dec.train_seconds, 2),
+            "decoder_seconds_per_cut_at_default": round(dec.train_seconds * decoder.DEFAULT_EPOCHS, 1),
+        })
+        print(f"  cost {c.name}: {rows[-1]}", flush=True)
+    return rows
+
+
+def default_run(model: Any, net: Any, images: dict[str, np.ndarray], judge: Any, quick: bool,
+                figure: Path) -> dict[str, Any]:
+    from infenclave.assess.attacks import Budgets, run_attacks, save_inversion_grid
+
+    budgets = Budgets(whitebox_steps=5) if quick else Budgets()
+    cuts = STAGE_ENDS[:2] if quick else STAGE_ENDS
+    t = time.perf_counter()
+    res = run_attacks(model, net, cuts, images, "knows-weights", budgets=budgets, judge=judge, seed=0)
+    wall = time.perf_counter() - t
+    if not quick:
+        save_inversion_grid(res, "whitebox", figure, cuts=FIGURE_CUTS, images=FIGURE_PHOTOS)
+    return {
+        "adversary": "knows-weights", "budgets": budgets.to_dict(), "photos": len(images),
+        "cuts": cuts, "wall_seconds": round(wall, 1),
+        "per_cut": [{"cut": c.cut, "shape": list(c.shape), "attack_seconds": round(c.attack_seconds, 1),
+                     "seconds_per_reconstruction": round(c.seconds_per_reconstruction, 2),
+                     "unsafe": c.unsafe, **summarise(c.images)} for c in res.cuts],
+        "figure": str(figure.relative_to(ROOT)) if not quick else None,
+    }
+
+
+def budget_curves(net: Any, images: dict[str, np.ndarray], judge: Any, training: Any,
+                  quick: bool) -> dict[str, Any]:
+    import torch
+
+    from infenclave.assess.attacks import decoder, whitebox
+    from infenclave.assess.attacks._front import OnnxFront, torch_front
+    from infenclave.assess.attacks.runner import judge_reconstructions
+    from infenclave.enclave.imaging import resize_and_crop
+
+    pre = net.model.preprocess
+    names = [n for n in CURVE_PHOTOS if n in images]
+    batch = np.stack([resize_and_crop(images[n], pre) for n in names])
+    p_original = judge.probabilities(batch)
+    wb_budgets = [2, 4] if quick else WHITEBOX_BUDGETS
+    dec_budgets = [1, 2] if quick else DECODER_BUDGETS
+    out: dict[str, Any] = {"photos": names, "whitebox": [], "decoder": []}
+    for cut in CURVE_CUTS[:1] if quick else CURVE_CUTS:
+        onnx_front = OnnxFront(net, cut)
+        target = onnx_front(batch)
+        front = torch_front(net, cut)
+        wb = whitebox.invert(front, target, pre, steps=max(wb_budgets), seed=0, snapshots=wb_budgets)
+        per_step = wb.seconds / wb.steps
+        for k in wb_budgets:
+            with torch.no_grad():
+                x = torch.from_numpy(wb.snapshots[k]).permute(0, 3, 1, 2).float() / 255.0
+                errors = whitebox.relative_ir_error(front, x, torch.from_numpy(target), pre).tolist()
+            recs = judge_reconstructions(judge, names, batch, wb.snapshots[k], p_original=p_original,
+                                         ir_errors=errors)
+            out["whitebox"].append({"cut": cut, "steps": k, "seconds": round(per_step * k, 1),
+                                    "loss": round(wb.loss_curve[k - 1], 4), **summarise(recs)})
+            print(f"  whitebox {cut} {out['whitebox'][-1]}", flush=True)
+        dec = decoder.train_and_invert(onnx_front, target, training, pre.input_hw,
+                                       epochs=max(dec_budgets), seed=0, snapshots=dec_budgets)
+        per_epoch = dec.train_seconds / dec.epochs
+        for k in dec_budgets:
+            recs = judge_reconstructions(judge, names, batch, dec.snapshots[k], p_original=p_original)
+            out["decoder"].append({"cut": cut, "epochs": k, "seconds": round(per_epoch * k, 1),
+                                   "train_loss": round(dec.loss_curve[k - 1], 4), **summarise(recs)})
+            print(f"  decoder {cut} {out['decoder'][-1]}", flush=True)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "attacks.json")
+    ap.add_argument("--figure", type=Path, default=ROOT / "docs" / "img" / "inversion-example.png")
+    ap.add_argument("--quick", action="store_true", help="tiny budgets and few cuts (a smoke run)")
+    args = ap.parse_args()
+
+    from infenclave.assess.attacks import Judge, load_eval_images, training_photos
+    from infenclave.assess.attacks.runner import torch_threads
+    from infenclave.enclave.imaging import resize_and_crop
+    from infenclave.models import load_model
+    from infenclave.network import analyse
+
+    started = time.perf_counter()
+    model = load_model(MODEL)
+    net = analyse(model)
+    images = load_eval_images()
+    judge = Judge.for_model(model)
+    training = training_photos(exclude=images)
+    batch = np.stack([resize_and_crop(v, model.preprocess) for v in images.values()])
+    report: dict[str, Any] = {
+        "machine": {"cores": len(os.sched_getaffinity(0)), "platform": platform.platform(),
+                    "python": sys.version.split()[0]},
+        "model": MODEL, "judge": judge.name,
+        "training_photos": training.summary()["distinct_photos"],
+    }
+    with torch_threads(None) as threads:
+        report["machine"]["torch_threads"] = threads
+        print("1/3 per-cut cost", flush=True)
+        report["per_cut_cost"] = per_cut_cost(net, batch, training, args.quick)
+        report["load_average_after_cost"] = [round(v, 2) for v in os.getloadavg()]
+        print("2/3 default run", flush=True)
+        report["default_run"] = default_run(model, net, images, judge, args.quick, args.figure)
+        report["load_average_after_default"] = [round(v, 2) for v in os.getloadavg()]
+        print("3/3 budget curves", flush=True)
+        report["budget_curves"] = budget_curves(net, images, judge, training, args.quick)
+    report["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    report["total_seconds"] = round(time.perf_counter() - started, 1)
+    if not args.quick:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out.relative_to(ROOT)}")
+    else:
+        print(json.dumps(report, indent=2)[:3000])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,386 @@
+"""Run the attacks an adversary can mount at each cut point, and judge every reconstruction.
+
+Adversaries (the owner chooses; `knows-weights` is the strongest and the default):
+
+- `knows-weights`: holds the FrontNet weights -> white-box inversion (`whitebox`).
+- `chosen-inputs`: weights secret, can submit its own photos and observe IRs -> inverse
+  network (`decoder`) trained on the offline photo set (`training_data`).
+- `passive`: weights secret, no queries -> no attack here; only the KL/oracle method applies.
+
+A knows-weights attacker could also train a decoder (it can compute IRs itself); by default
+only the white-box attack runs for it, because it recovered more than the decoder at every
+cut measured (bench/results/attacks.json) and the default assessment has a time budget. Pass
+`attacks=("whitebox", "decoder")` to run both.
+
+The result keeps every figure and every reconstruction (as uint8 images), per attack, cut and
+photo; `AttackResults.to_dict()` is the JSON-ready part for the plan (no pixels).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from infenclave.assess.attacks import decoder as decoder_attack
+from infenclave.assess.attacks import whitebox as whitebox_attack
+from infenclave.assess.attacks._front import OnnxFront, torch_front
+from infenclave.assess.attacks.metrics import RECOGNITION_TOP_K, Judge, psnr, ssim, tiny_image
+from infenclave.assess.attacks.training_data import (
+    TrainingSet,
+    builtin_photo_hashes,
+    pixel_sha256,
+    training_photos,
+)
+from infenclave.assess.attacks.verdict import TINY_IMAGE_SIDE, attack_verdict
+from infenclave.enclave.imaging import resize_and_crop
+from infenclave.errors import AssessmentError
+from infenclave.models.spec import LoadedModel
+from infenclave.network import Network
+
+ADVERSARIES = ("knows-weights", "chosen-inputs", "passive")
+DEFAULT_ADVERSARY = "knows-weights"
+ATTACKS = ("whitebox", "decoder")
+ATTACKS_FOR: dict[str, tuple[str, ...]] = {
+    "knows-weights": ("whitebox",),
+    "chosen-inputs": ("decoder",),
+    "passive": (),
+}
+# Which attacks each adversary is able to mount at all (a superset of the defaults above).
+ALLOWED_FOR: dict[str, tuple[str, ...]] = {
+    "knows-weights": ("whitebox", "decoder"),
+    "chosen-inputs": ("decoder",),
+    "passive": (),
+}
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """How hard each attack tries: the speed/strength trade-off the owner may change."""
+
+    whitebox_steps: int = whitebox_attack.DEFAULT_STEPS
+    decoder_epochs: int = decoder_attack.DEFAULT_EPOCHS
+
+    def __post_init__(self) -> None:
+        if self.whitebox_steps < 1 or self.decoder_epochs < 1:
+            raise AssessmentError("attack budgets must be at least 1 step / 1 epoch")
+
+    def to_dict(self) -> dict[str, int]:
+        return {"whitebox_steps": self.whitebox_steps, "decoder_epochs": self.decoder_epochs}
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One tick of progress: `done` of `total` steps (white-box) or epochs (decoder)."""
+
+    attack: str
+    cut: str
+    cut_number: int  # 1-based position among the cuts this attack runs on
+    cuts_total: int
+    done: int
+    total: int
+
+
+ProgressFn = Callable[[ProgressEvent], None]
+
+
+@dataclass
+class ImageResult:
+    """One photo's reconstruction at one cut by one attack, and what it reveals."""
+
+    image: str
+    reconstruction: np.ndarray  # (H, W, 3) uint8 at the model's input size
+    ssim: float
+    psnr: float
+    ssim_reference: float  # SSIM of the photo's own TINY_IMAGE_SIDE px version
+    recognised: bool  # judge: the original's top-1 is in the reconstruction's top-5
+    judge_rank: int  # rank of the original's top-1 class for the reconstruction (1 = top)
+    judge_kl: float  # KL(judge(original) || judge(reconstruction)), nats
+    judge_original_label: str
+    judge_original_prob: float
+    judge_reconstruction_top5: tuple[str, ...]
+    ir_error: float | None  # ||F(reconstruction) - IR||^2 / ||IR||^2 on the deployed FrontNet
+    unsafe: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "image": self.image, "ssim": self.ssim, "psnr": _finite(self.psnr),
+            "ssim_reference": self.ssim_reference, "recognised": self.recognised,
+            "judge_rank": self.judge_rank, "judge_kl": self.judge_kl,
+            "judge_original_label": self.judge_original_label,
+            "judge_original_prob": self.judge_original_prob,
+            "judge_reconstruction_top5": list(self.judge_reconstruction_top5),
+            "ir_error": self.ir_error, "unsafe": self.unsafe,
+        }
+
+
+@dataclass
+class CutAttackResult:
+    """One attack at one cut point, over all evaluation photos."""
+
+    attack: str
+    cut: str
+    cut_index: int
+    shape: tuple[int, ...]
+    budget: int  # white-box steps or decoder epochs
+    attack_seconds: float  # optimisation / decoder training + decoding (not judging)
+    seconds_per_reconstruction: float  # attack_seconds / photos
+    images: list[ImageResult]
+    extra: dict[str, Any] = field(default_factory=dict)  # attack-specific figures
+
+    @property
+    def unsafe(self) -> bool:
+        """Fail closed: one leaked photo makes the cut unsafe under this attack."""
+        return any(r.unsafe for r in self.images)
+
+    @property
+    def recognised_count(self) -> int:
+        return sum(r.recognised for r in self.images)
+
+    def to_dict(self) -> dict[str, Any]:
+        n = max(1, len(self.images))
+        finite_psnr = [r.psnr for r in self.images if np.isfinite(r.psnr)]
+        return {
+            "attack": self.attack, "cut": self.cut, "cut_index": self.cut_index,
+            "shape": list(self.shape), "budget": self.budget,
+            "attack_seconds": self.attack_seconds,
+            "seconds_per_reconstruction": self.seconds_per_reconstruction,
+            "unsafe": self.unsafe, "recognised": self.recognised_count, "photos": len(self.images),
+            "mean_ssim": sum(r.ssim for r in self.images) / n,
+            "mean_psnr": float(np.mean(finite_psnr)) if finite_psnr else None,
+            "max_ssim_over_reference": max((r.ssim - r.ssim_reference for r in self.images),
+                                           default=None),
+            "mean_judge_kl": sum(r.judge_kl for r in self.images) / n,
+            "images": [r.to_dict() for r in self.images], **self.extra,
+        }
+
+
+@dataclass
+class AttackResults:
+    """Everything `run_attacks` found: JSON via `to_dict()`, pixels via the records."""
+
+    adversary: str
+    attacks: tuple[str, ...]
+    budgets: Budgets
+    seed: int
+    judge: dict[str, Any]
+    originals: dict[str, np.ndarray]  # name -> (H, W, 3) uint8, the model's input crop
+    original_sha256: dict[str, str]  # name -> pixel hash of the decoded evaluation photo
+    cuts: list[CutAttackResult] = field(default_factory=list)
+    training: dict[str, Any] | None = None  # TrainingSet.summary() when the decoder ran
+    threads: int = 0
+    seconds: float = 0.0
+    stopped_early: dict[str, str] = field(default_factory=dict)  # attack -> last cut run
+
+    def result(self, attack: str, cut: str) -> CutAttackResult | None:
+        return next((c for c in self.cuts if c.attack == attack and c.cut == cut), None)
+
+    def cut_unsafe(self, cut: str) -> bool | None:
+        """Unsafe under any attack run there; None when no attack ran at that cut."""
+        found = [c.unsafe for c in self.cuts if c.cut == cut]
+        return any(found) if found else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "adversary": self.adversary, "attacks": list(self.attacks),
+            "budgets": self.budgets.to_dict(), "seed": self.seed, "judge": self.judge,
+            "verdict_rule": {"recognised_top_k": RECOGNITION_TOP_K, "tiny_image_side": TINY_IMAGE_SIDE,
+                             "rule": "unsafe if recognised by the judge or SSIM >= SSIM of the "
+                                     "photo's own tiny image; a cut is unsafe if any photo is"},
+            "images": [{"name": n, "sha256": h} for n, h in self.original_sha256.items()],
+            "training": self.training, "threads": self.threads, "seconds": self.seconds,
+            "stopped_early": self.stopped_early,
+            "cuts": [c.to_dict() for c in self.cuts],
+        }
+
+
+def _finite(v: float | None) -> float | None:
+    return None if v is None or not np.isfinite(v) else float(v)
+
+
+def load_eval_images(paths: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """Decode evaluation photos (default: the 8 built-in photos) into (H, W, 3) uint8 arrays."""
+    from pathlib import Path
+
+    from infenclave.enclave.imaging import decode_image
+    from infenclave.predict import read_image_file
+    from infenclave.sample_images import builtin_images
+
+    chosen = paths if paths is not None else builtin_images()
+    return {name: decode_image(read_image_file(Path(p))) for name, p in chosen.items()}
+
+
+def attacks_for(adversary: str, attacks: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The attacks to run for `adversary`: its defaults, or `attacks` if it can mount them."""
+    if adversary not in ADVERSARIES:
+        raise AssessmentError(f"unknown adversary {adversary!r}; use one of {', '.join(ADVERSARIES)}")
+    if attacks is None:
+        return ATTACKS_FOR[adversary]
+    unknown = [a for a in attacks if a not in ATTACKS]
+    if unknown:
+        raise AssessmentError(f"unknown attack(s) {', '.join(unknown)}; use {', '.join(ATTACKS)}")
+    refused = [a for a in attacks if a not in ALLOWED_FOR[adversary]]
+    if refused:
+        raise AssessmentError(f"the {adversary} adversary cannot mount: {', '.join(refused)}")
+    return tuple(dict.fromkeys(attacks))
+
+
+def derive_seed(seed: int, attack: str, cut: str) -> int:
+    """A per-(attack, cut) seed, so a cut's result does not depend on which other cuts ran."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(f"{attack}:{cut}".encode())])
+               .generate_state(1)[0])
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[int]:
+    """Set torch's intra-op threads for the attacks (default: the CPUs this process may use)."""
+    import torch
+
+    before = torch.get_num_threads()
+    n = threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_attacks(model: LoadedModel, net: Network, cut_names: Sequence[str],
+                eval_images: Mapping[str, np.ndarray], adversary: str = DEFAULT_ADVERSARY,
+                budgets: Budgets | None = None, judge: Judge | str | None = None, seed: int = 0,
+                *, attacks: Sequence[str] | None = None, progress: ProgressFn | None = None,
+                threads: int | None = None, stop_after_safe: int | None = None,
+                training: TrainingSet | None = None) -> AttackResults:
+    """Attack every cut in `cut_names` with what `adversary` can mount; judge each photo.
+
+    `eval_images` are decoded photos ((H, W, 3) uint8, any size, e.g. `load_eval_images()`):
+    they are resized and cropped as the model does, and always kept out of the decoder's
+    training photos. `judge` is a `Judge`, a model name, or None for the default judge.
+    `stop_after_safe=k` stops an attack after k consecutive safe cuts (cuts are attacked in
+    the order given; deeper cuts rarely leak more), to save time.
+    """
+    start = time.perf_counter()
+    chosen = attacks_for(adversary, attacks)
+    budgets = budgets or Budgets()
+    if not eval_images:
+        raise AssessmentError("the attacks need at least one evaluation photo")
+    points = [net.cut(c) for c in cut_names]
+    pre = model.preprocess
+    names = list(eval_images)
+    originals = {n: resize_and_crop(np.asarray(eval_images[n], dtype=np.uint8), pre) for n in names}
+    batch = np.stack([originals[n] for n in names])  # (B, H, W, 3) uint8
+    results = AttackResults(adversary=adversary, attacks=chosen, budgets=budgets, seed=seed,
+                            judge={}, originals=originals,
+                            original_sha256={n: pixel_sha256(eval_images[n]) for n in names})
+    if not chosen or not points:
+        results.seconds = time.perf_counter() - start
+        return results
+    if "decoder" in chosen:
+        training = training or training_photos(exclude=eval_images)
+        held_out = set(results.original_sha256.values()) | builtin_photo_hashes()
+        kept = {p.sha256 for p in training.photos} | {pixel_sha256(p.pixels) for p in training.photos}
+        if kept & held_out:  # a caller-supplied TrainingSet must obey the rule too
+            raise AssessmentError("the decoder's training photos include an evaluation photo")
+        results.training = training.summary()
+    if not isinstance(judge, Judge):
+        judge = Judge.for_model(model, judge)
+    results.judge = {"name": judge.name, "weights_sha256": judge.model.weights_sha256}
+    p_original = judge.probabilities(batch)  # (B, classes)
+    references = [ssim(o, tiny_image(o, TINY_IMAGE_SIDE)) for o in batch]
+
+    with torch_threads(threads) as n_threads:
+        results.threads = n_threads
+        fronts: dict[str, OnnxFront] = {}
+        for attack in chosen:
+            safe_run = 0
+            for number, point in enumerate(points, 1):
+                def tick(done: int, total: int, _a: str = attack, _c: str = point.name,
+                         _n: int = number) -> None:
+                    if progress is not None:
+                        progress(ProgressEvent(_a, _c, _n, len(points), done, total))
+
+                if point.name not in fronts:  # one ONNX Runtime session per cut, shared by attacks
+                    fronts[point.name] = OnnxFront(net, point.name, threads=n_threads)
+                observed = fronts[point.name](batch)  # (B, *cut shape): what the host sees
+                recon, budget, seconds, extra = _attack_one_cut(
+                    attack, net, point.name, fronts[point.name], observed, budgets, training,
+                    derive_seed(seed, attack, point.name), tick)
+                ir_errors = _relative_ir_errors(fronts[point.name](recon), observed)
+                cut_result = CutAttackResult(
+                    attack=attack, cut=point.name, cut_index=point.index, shape=point.shape,
+                    budget=budget, attack_seconds=seconds,
+                    seconds_per_reconstruction=seconds / len(names),
+                    images=judge_reconstructions(judge, names, batch, recon, p_original=p_original,
+                                                 references=references, ir_errors=ir_errors),
+                    extra=extra)
+                results.cuts.append(cut_result)
+                safe_run = 0 if cut_result.unsafe else safe_run + 1
+                if stop_after_safe is not None and safe_run >= stop_after_safe:
+                    results.stopped_early[attack] = point.name
+                    break
+    results.seconds = time.perf_counter() - start
+    return results
+
+
+def _attack_one_cut(attack: str, net: Network, cut: str, front: OnnxFront, observed: np.ndarray,
+                    budgets: Budgets, training: TrainingSet | None, seed: int,
+                    tick: Callable[[int, int], None]) -> tuple[np.ndarray, int, float, dict[str, Any]]:
+    """(reconstructions (B, H, W, 3) uint8, budget used, attack seconds, attack-specific figures)."""
+    pre = net.model.preprocess
+    if attack == "whitebox":
+        wb = whitebox_attack.invert(torch_front(net, cut), observed, pre,
+                                    steps=budgets.whitebox_steps, seed=seed, on_step=tick)
+        return wb.reconstructions, wb.steps, wb.seconds, {"final_loss": wb.loss_curve[-1]}
+    if training is None:  # run_attacks loads it whenever the decoder runs
+        raise AssessmentError("the decoder attack has no training photos")
+    dec = decoder_attack.train_and_invert(front, observed, training, pre.input_hw,
+                                          epochs=budgets.decoder_epochs, seed=seed, on_epoch=tick)
+    extra = {"train_seconds": dec.train_seconds, "invert_seconds": dec.invert_seconds,
+             "training_photos": dec.training_photos, "training_views": dec.training_views,
+             "final_train_loss": dec.loss_curve[-1]}
+    return dec.reconstructions, dec.epochs, dec.train_seconds + dec.invert_seconds, extra
+
+
+def _relative_ir_errors(ir: np.ndarray, observed: np.ndarray) -> list[float | None]:
+    """||F(reconstruction) - y||^2 / ||y||^2 per photo: how well the attack explains the IR."""
+    axes = tuple(range(1, observed.ndim))
+    num = np.sum((ir.astype(np.float64) - observed) ** 2, axis=axes)
+    den = np.maximum(np.sum(observed.astype(np.float64) ** 2, axis=axes), 1e-12)
+    return [float(v) for v in num / den]
+
+
+def judge_reconstructions(judge: Judge, names: Sequence[str], originals: np.ndarray,
+                          recon: np.ndarray, *, p_original: np.ndarray | None = None,
+                          references: Sequence[float] | None = None,
+                          ir_errors: Sequence[float | None] | None = None) -> list[ImageResult]:
+    """Figures and verdict for each (original, reconstruction) pair ((B, H, W, 3) uint8 each).
+
+    `p_original` (the judge on the originals) and `references` (SSIM of each photo's tiny
+    image) are computed when not given; pass them to avoid recomputing them per cut.
+    """
+    if p_original is None:
+        p_original = judge.probabilities(originals)
+    if references is None:
+        references = [ssim(o, tiny_image(o, TINY_IMAGE_SIDE)) for o in originals]
+    if ir_errors is None:
+        ir_errors = [None] * len(names)
+    p_recon = judge.probabilities(recon)  # (B, classes)
+    out = []
+    for i, name in enumerate(names):
+        verdict = judge.compare(p_original[i], p_recon[i])
+        r = ImageResult(
+            image=name, reconstruction=recon[i], ssim=ssim(originals[i], recon[i]),
+            psnr=psnr(originals[i], recon[i]), ssim_reference=references[i],
+            recognised=verdict.recognised, judge_rank=verdict.rank, judge_kl=verdict.kl,
+            judge_original_label=verdict.original_top1_label,
+            judge_original_prob=verdict.original_top1_prob,
+            judge_reconstruction_top5=verdict.reconstruction_top5_labels, ir_error=ir_errors[i])
+        r.unsafe = attack_verdict(r)
+        out.append(r)
+    return out
