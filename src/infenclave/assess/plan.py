@@ -195,9 +195,9 @@ def build_plan(result: ScanResult, net: Network, oracle: Oracle, *, tail_start: 
     if attacked and chosen is None:
         reason = (f"No cut point was safe under the {adversary.name} adversary: "
                   + ("the KL method found none." if rec is None else
-                     f"the KL method's first safe cut {rec.cut.name} and every later one "
-                     f"attacked ({', '.join(adversary.attacked)}) were broken by "
-                     f"{', '.join(adversary.attacks)} inversion or are unsafe by the KL method."))
+                     f"from the KL method's first safe cut {rec.cut.name} on, every cut point "
+                     f"before the Tail was broken by {'/'.join(adversary.attacks)} inversion or "
+                     f"is unsafe by the KL method (attacked: {', '.join(adversary.attacked)})."))
     elif chosen is None:
         reason = "No cut point was safe for every image in this scan"
         if result.partial:
