@@ -12,13 +12,17 @@ taken while other work runs are upper bounds):
 2. `default_run`: `run_attacks` as the default assessment runs it (knows-weights, default
    budget, 8 built-in photos) over a representative candidate range (the end of each Lite0
    stage): wall time and, per cut, how many photos the judge recognised, mean SSIM, verdict.
-   Its reconstructions are drawn to docs/img/inversion-example.png.
 3. `budget_curves`: how the metrics move with the budget, on 4 photos at an early, a middle
    and a deep cut: white-box at 25..800 steps and the decoder at 5..40 epochs (one run each,
    snapshots along the way: both use a constant step size, so a snapshot after k steps is
    exactly the k-step budget).
 
+4. `figure`: docs/img/inversion-example.png, the same attack at the default budget on 3 photos
+   and 5 of those cuts, each photo beside its reconstructions.
+
 Usage:  .venv/bin/python bench/attacks.py [--out bench/results/attacks.json] [--quick]
+                                         [--parts cost,default,curves,figure]
+(`--parts` re-runs only some sections and updates them in an existing --out file.)
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ STAGE_ENDS = ["_conv_stem", "_blocks.0", "_blocks.2", "_blocks.4", "_blocks.7", 
               "_blocks.14", "_blocks.15"]
 FIGURE_PHOTOS = ["chelsea", "coffee", "astronaut"]
 FIGURE_CUTS = ["_conv_stem", "_blocks.2", "_blocks.4", "_blocks.7", "_blocks.14"]
-CURVE_PHOTOS = ["chelsea", "coffee", "astronaut", "camera"]
+CURVE_PHOTOS = ["chelsea", "coffee", "astronaut", "rocket"]  # built-in names missing are skipped
 CURVE_CUTS = ["_blocks.2", "_blocks.7", "_blocks.14"]
 WHITEBOX_BUDGETS = [25, 50, 100, 200, 400, 800]
 DECODER_BUDGETS = [5, 10, 20, 40]
@@ -54,7 +58,7 @@ def summarise(records: list[Any]) -> dict[str, Any]:
     finite = [r.psnr for r in records if np.isfinite(r.psnr)]
     out = {
         "recognised": sum(r.recognised for r in records), "photos": len(records),
-        "unsafe": sum(r.unsafe for r in records),
+        "unsafe_photos": sum(r.unsafe for r in records),
         "mean_ssim": round(float(np.mean([r.ssim for r in records])), 4),
         "mean_psnr": round(float(np.mean(finite)), 2) if finite else None,
         "mean_judge_kl": round(float(np.mean([r.judge_kl for r in records])), 3),
@@ -108,24 +112,29 @@ def per_cut_cost(net: Any, batch: np.ndarray, training: Any, quick: bool) -> lis
     return rows
 
 
-def default_run(model: Any, net: Any, images: dict[str, np.ndarray], judge: Any, quick: bool,
-                figure: Path) -> dict[str, Any]:
-    from infenclave.assess.attacks import Budgets, run_attacks, save_inversion_grid
+def draw_figure(model: Any, net: Any, images: dict[str, np.ndarray], judge: Any, figure: Path) -> None:
+    from infenclave.assess.attacks import run_attacks, save_inversion_grid
+
+    chosen = {n: images[n] for n in FIGURE_PHOTOS}
+    res = run_attacks(model, net, FIGURE_CUTS, chosen, "knows-weights", judge=judge, seed=0)
+    save_inversion_grid(res, "whitebox", figure, images=FIGURE_PHOTOS)
+
+
+def default_run(model: Any, net: Any, images: dict[str, np.ndarray], judge: Any,
+                quick: bool) -> dict[str, Any]:
+    from infenclave.assess.attacks import Budgets, run_attacks
 
     budgets = Budgets(whitebox_steps=5) if quick else Budgets()
     cuts = STAGE_ENDS[:2] if quick else STAGE_ENDS
     t = time.perf_counter()
     res = run_attacks(model, net, cuts, images, "knows-weights", budgets=budgets, judge=judge, seed=0)
     wall = time.perf_counter() - t
-    if not quick:
-        save_inversion_grid(res, "whitebox", figure, cuts=FIGURE_CUTS, images=FIGURE_PHOTOS)
     return {
         "adversary": "knows-weights", "budgets": budgets.to_dict(), "photos": len(images),
         "cuts": cuts, "wall_seconds": round(wall, 1),
         "per_cut": [{"cut": c.cut, "shape": list(c.shape), "attack_seconds": round(c.attack_seconds, 1),
                      "seconds_per_reconstruction": round(c.seconds_per_reconstruction, 2),
-                     "unsafe": c.unsafe, **summarise(c.images)} for c in res.cuts],
-        "figure": str(figure.relative_to(ROOT)) if not quick else None,
+                     **summarise(c.images), "unsafe": c.unsafe} for c in res.cuts],
     }
 
 
@@ -176,7 +185,12 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "attacks.json")
     ap.add_argument("--figure", type=Path, default=ROOT / "docs" / "img" / "inversion-example.png")
     ap.add_argument("--quick", action="store_true", help="tiny budgets and few cuts (a smoke run)")
+    ap.add_argument("--parts", default="cost,default,curves,figure",
+                    help="comma-separated sections to run: cost, default, curves, figure")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    if not parts or parts - {"cost", "default", "curves", "figure"}:
+        ap.error("--parts takes cost, default, curves and/or figure")
 
     from infenclave.assess.attacks import Judge, load_eval_images, training_photos
     from infenclave.assess.attacks.runner import torch_threads
@@ -191,7 +205,8 @@ def main() -> int:
     judge = Judge.for_model(model)
     training = training_photos(exclude=images)
     batch = np.stack([resize_and_crop(v, model.preprocess) for v in images.values()])
-    report: dict[str, Any] = {
+    previous = json.loads(args.out.read_text()) if args.out.is_file() and not args.quick else {}
+    report: dict[str, Any] = {**previous,
         "machine": {"cores": len(os.sched_getaffinity(0)), "platform": platform.platform(),
                     "python": sys.version.split()[0]},
         "model": MODEL, "judge": judge.name,
@@ -199,16 +214,27 @@ def main() -> int:
     }
     with torch_threads(None) as threads:
         report["machine"]["torch_threads"] = threads
-        print("1/3 per-cut cost", flush=True)
-        report["per_cut_cost"] = per_cut_cost(net, batch, training, args.quick)
-        report["load_average_after_cost"] = [round(v, 2) for v in os.getloadavg()]
-        print("2/3 default run", flush=True)
-        report["default_run"] = default_run(model, net, images, judge, args.quick, args.figure)
-        report["load_average_after_default"] = [round(v, 2) for v in os.getloadavg()]
-        print("3/3 budget curves", flush=True)
-        report["budget_curves"] = budget_curves(net, images, judge, training, args.quick)
-    report["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
-    report["total_seconds"] = round(time.perf_counter() - started, 1)
+        if "cost" in parts:
+            print("per-cut cost", flush=True)
+            report["per_cut_cost"] = per_cut_cost(net, batch, training, args.quick)
+            report["load_average_after_cost"] = [round(v, 2) for v in os.getloadavg()]
+        if "default" in parts:
+            print("default run", flush=True)
+            report["load_average_before_default"] = [round(v, 2) for v in os.getloadavg()]
+            report["default_run"] = default_run(model, net, images, judge, args.quick)
+            report["load_average_after_default"] = [round(v, 2) for v in os.getloadavg()]
+        if "curves" in parts:
+            print("budget curves", flush=True)
+            report["budget_curves"] = budget_curves(net, images, judge, training, args.quick)
+            report["load_average_after_curves"] = [round(v, 2) for v in os.getloadavg()]
+        if "figure" in parts and not args.quick:
+            print("figure", flush=True)
+            draw_figure(model, net, images, judge, args.figure)
+            report["figure"] = str(args.figure.relative_to(ROOT))
+    report.pop("load_average_at_end", None)
+    report.pop("total_seconds", None)
+    report.setdefault("seconds_by_run", []).append(
+        {"parts": sorted(parts), "seconds": round(time.perf_counter() - started, 1)})
     if not args.quick:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -15,7 +15,8 @@ def inversion_grid(results: AttackResults, attack: str, *, cuts: Sequence[str] |
                    images: Sequence[str] | None = None, label: bool = True) -> np.ndarray:
     """(rows x (1 + cuts)) grid as one uint8 RGB array: original, then one column per cut.
 
-    Each reconstruction is captioned with its cut, SSIM and whether the judge recognised it.
+    Each reconstruction is captioned with its cut, SSIM and whether the judge recognised it
+    (red when the verdict calls it a leak).
     """
     from PIL import Image, ImageDraw
 
@@ -38,10 +39,12 @@ def inversion_grid(results: AttackResults, attack: str, *, cuts: Sequence[str] |
             rec = next(r for r in cut.images if r.image == name)
             grid.paste(Image.fromarray(rec.reconstruction), (col * w, y))
             if label:
-                mark = "recognised" if rec.recognised else "not recognised"
+                mark = "judge: recognised" if rec.recognised else "judge: not recognised"
                 draw.text((col * w + 4, y + h + 2), f"{cut.cut} {list(cut.shape)}", fill="black")
+                # red when the verdict says leaked; never green: a reconstruction the judge
+                # misses can still be plain to a person (look at the picture)
                 draw.text((col * w + 4, y + h + 14), f"SSIM {rec.ssim:.2f}, {mark}",
-                          fill="firebrick" if rec.unsafe else "darkgreen")
+                          fill="firebrick" if rec.unsafe else "dimgray")
     return np.asarray(grid)
 
 
