@@ -43,6 +43,7 @@ from infenclave.attest.sim_format import (
     SIM_EVIDENCE_FORMAT,
     parse_sim_evidence,
 )
+from infenclave.attest.sim_format import _strict_json_object
 from infenclave.errors import UsageError, VerificationError
 
 __all__ = [
@@ -277,21 +278,8 @@ def _check_limit(name: str, value: bytes | None, limit: int) -> None:
 
 
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in result:
-                raise VerificationError(f"{what}: duplicate key {key!r}")
-            result[key] = value
-        return result
-
-    try:
-        value = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicates)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise VerificationError(f"{what}: not valid UTF-8 JSON ({exc})") from exc
-    if not isinstance(value, dict):
-        raise VerificationError(f"{what}: expected a JSON object")
-    return value
+    """Strict UTF-8 JSON object: one implementation, shared with the enclave-side parser."""
+    return _strict_json_object(data, what)
 
 
 def _b64(data: bytes) -> str:
