@@ -138,7 +138,8 @@ def test_ctrl_c_writes_a_partial_plan(tmp_path, photos) -> None:
     assert "PARTIAL" in stderr
     plan = json.loads((out / "plan.json").read_text())
     assert plan["scan"]["partial"] is True and plan["scan"]["mode"] == "full"
-    assert "incomplete" in {c["status"] for c in plan["cuts"]}
+    # where the interrupt lands depends on the machine's speed: some cut point is undecided
+    assert {"incomplete", "not-scanned"} & {c["status"] for c in plan["cuts"]}
     assert any("interrupted" in w for w in plan["warnings"])
     assert "Partial assessment" in (out / "report.html").read_text()
 
