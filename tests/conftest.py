@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-EVIDENCE = ROOT.parent / "shared" / "evidence"
+EVIDENCE = ROOT / "tests" / "data" / "evidence"
 CLI = [sys.executable, "-m", "infenclave.cli"]
 
 

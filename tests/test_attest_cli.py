@@ -19,8 +19,8 @@ import infenclave.attest
 from infenclave.attest import sim_body_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
-EVIDENCE = Path(__file__).resolve().parents[2] / "shared" / "evidence"
-REL = Path(os.path.relpath(EVIDENCE, ROOT))  # ../shared/evidence, as a user types it
+EVIDENCE = Path(__file__).resolve().parent / "data" / "evidence"
+REL = Path(os.path.relpath(EVIDENCE, ROOT))  # tests/data/evidence, as a user types it
 SGX_AT = "2025-06-19T11:56:11Z"
 SGX_MRENCLAVE = "33d8736db756ed4997e04ba358d27833188f1932ff7b1d156904d3f560452fbb"
 SNP_MEASUREMENT = (

@@ -1,4 +1,4 @@
-"""SGX and TDX DCAP verification against the real quotes and collateral in ../shared/evidence.
+"""SGX and TDX DCAP verification against the real quotes and collateral in tests/data/evidence.
 
 Times are pinned as the evidence README says: collateral expires, so each quote is verified
 at its documented moment, and again at today's date where it must be refused.
@@ -18,7 +18,7 @@ from infenclave.attest import Evidence, Measurements, Policy, PolicyRefusal, loa
 from infenclave.attest._roots import intel_sgx_root_ca
 from infenclave.errors import VerificationError
 
-EVIDENCE = Path(__file__).resolve().parents[2] / "shared" / "evidence"
+EVIDENCE = Path(__file__).resolve().parent / "data" / "evidence"
 SGX_QUOTE = EVIDENCE / "sgx" / "sgx_quote"
 SGX_COLLATERAL = EVIDENCE / "sgx" / "sgx_quote_collateral.json"
 SGX_DEBUG_QUOTE = EVIDENCE / "sgx" / "sgx_quote_debug_enclave.bin"

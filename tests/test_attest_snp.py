@@ -1,4 +1,4 @@
-"""SEV-SNP verification against the real Milan report, VCEK and ASK/ARK in ../shared/evidence.
+"""SEV-SNP verification against the real Milan report, VCEK and ASK/ARK in tests/data/evidence.
 
 The sample report's guest policy is 0xb0000: bit 19 (DEBUG) is set, so a default policy
 refuses it and acceptance needs `allow_debug`.
@@ -22,7 +22,7 @@ from infenclave.attest import Evidence, Measurements, Policy, PolicyRefusal, loa
 from infenclave.attest._roots import amd_ark_milan
 from infenclave.errors import VerificationError
 
-EVIDENCE = Path(__file__).resolve().parents[2] / "shared" / "evidence"
+EVIDENCE = Path(__file__).resolve().parent / "data" / "evidence"
 REPORT = EVIDENCE / "snp" / "attestation.bin"
 MEASUREMENT = (
     "b07af9620f3b839b47996422ddec6058338951d984e31211"

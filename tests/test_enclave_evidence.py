@@ -32,7 +32,7 @@ from infenclave.errors import EnclaveError
 
 MEASUREMENT = bytes(range(32))
 ROOT = Path(__file__).resolve().parents[1]
-SGX_QUOTE = ROOT.parent / "shared" / "evidence" / "sgx" / "sgx_quote"
+SGX_QUOTE = Path(__file__).resolve().parent / "data" / "evidence" / "sgx" / "sgx_quote"
 _REPORT_DATA = slice(368, 432)  # REPORTDATA inside an SGX quote v3
 
 
