@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_serving_support import make_bundle
 
 from infenclave.bundle import (
     key_path_for,
@@ -20,17 +21,16 @@ from infenclave.bundle import (
     read_key_file,
     read_manifest,
     read_plan,
+    sim_measurement,
 )
-from infenclave.enclave.bundle_format import (
+from infenclave.errors import BundleError, UsageError
+from infenclave.protocol.bundle_format import (
     MANIFEST_FILE,
     PART_FILES,
     decode_tail,
     decrypt_part,
     parse_manifest,
 )
-from infenclave.errors import BundleError, UsageError
-from infenclave.measurement import check_loaded_modules, measured_files, package_dir, sim_measurement
-from test_serving_support import make_bundle
 
 MODEL = "efficientnet-lite0"
 
@@ -172,32 +172,3 @@ def test_read_plan(tmp_path: Path) -> None:
         read_plan(plan, "cd" * 32)
 
 
-# --- the sim measurement ---------------------------------------------------------------------
-
-
-def test_measurement_covers_the_enclave_program_and_its_project_imports() -> None:
-    files = measured_files()
-    assert "enclave/program.py" in files and "enclave/__main__.py" in files
-    assert {"crypto.py", "errors.py", "attest/sim_format.py", "measurement.py"} <= set(files)
-    assert not any(f.startswith(("host/", "models/")) for f in files)
-    assert "attest/verifier.py" not in files and "attest/__init__.py" not in files
-
-
-def test_measurement_changes_with_any_enclave_byte(tmp_path: Path) -> None:
-    root = tmp_path / "infenclave"
-    shutil.copytree(package_dir(), root, ignore=shutil.ignore_patterns("__pycache__"))
-    assert sim_measurement(root) == sim_measurement()
-    program = root / "enclave" / "program.py"
-    program.write_bytes(program.read_bytes() + b"\n")
-    assert sim_measurement(root) != sim_measurement()
-    program.write_bytes(program.read_bytes()[:-1])
-    (root / "enclave" / "extra.py").write_text("x = 1\n")  # a new file is measured too
-    assert sim_measurement(root) != sim_measurement()
-
-
-def test_loaded_module_outside_the_measurement_is_reported() -> None:
-    root = package_dir()
-    modules = [("infenclave.crypto", str(root / "crypto.py")),
-               ("infenclave.host.server", str(root / "host" / "server.py")),
-               ("numpy", "/somewhere/numpy/__init__.py")]
-    assert check_loaded_modules(modules) == ["infenclave.host.server"]

@@ -14,12 +14,12 @@ import threading
 
 import httpx
 import pytest
+from test_serving_support import ServerProcess, make_bundle, plain_predictor, sim_client
 
 from infenclave.client import Client, resolve_policy
 from infenclave.crypto import generate_keypair, seal
-from infenclave.enclave.messages import encode_request, request_context
 from infenclave.errors import PolicyError, UsageError, VerificationError
-from test_serving_support import ServerProcess, make_bundle, plain_predictor, sim_client
+from infenclave.protocol.messages import encode_request, request_context
 
 MODEL = "efficientnet-lite0"
 

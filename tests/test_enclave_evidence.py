@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from infenclave.attest.sim_format import expected_report_data, parse_sim_evidence
+from infenclave.attest._sim import parse_sim_evidence
 from infenclave.crypto import generate_keypair
 from infenclave.enclave.evidence import (
     MAX_QUOTE_SIZE,
@@ -29,6 +29,7 @@ from infenclave.enclave.evidence import (
     SimEvidenceProducer,
 )
 from infenclave.errors import EnclaveError
+from infenclave.protocol.binding import expected_report_data
 
 MEASUREMENT = bytes(range(32))
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,8 +207,9 @@ def test_enclave_modules_import_only_the_allowed_set() -> None:
         "infenclave",
         "infenclave.errors",
         "infenclave.crypto",
-        "infenclave.attest",
-        "infenclave.attest.sim_format",
+        "infenclave.protocol",
+        "infenclave.protocol.binding",
+        "infenclave.protocol.sim_evidence",
         "infenclave.enclave",
         "infenclave.enclave.sandbox",
         "infenclave.enclave.sealing",

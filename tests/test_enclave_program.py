@@ -17,16 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_serving_support import make_bundle, plain_predictor
 
-from infenclave.bundle import read_key_file
+from infenclave.bundle import read_key_file, sim_measurement
 from infenclave.crypto import generate_keypair, open_sealed, seal
-from infenclave.enclave.messages import (
-    encode_request,
-    provision_context,
-    request_context,
-    response_context,
-)
-from infenclave.enclave.wire import (
+from infenclave.protocol.frames import (
     Frame,
     FrameReader,
     MsgType,
@@ -35,8 +30,12 @@ from infenclave.enclave.wire import (
     tensor_meta,
     write_frame,
 )
-from infenclave.measurement import sim_measurement
-from test_serving_support import make_bundle, plain_predictor
+from infenclave.protocol.messages import (
+    encode_request,
+    provision_context,
+    request_context,
+    response_context,
+)
 
 MODEL = "efficientnet-lite0"
 
@@ -163,8 +162,8 @@ def test_hello_reports_sandbox_and_measurement(enclave_a) -> None:
 
 def test_evidence_binds_key_and_nonce(enclave_a, bundles) -> None:
     from infenclave.attest import Evidence, PolicyRefusal, verify
-    from infenclave.attest.sim_format import expected_report_data
     from infenclave.client import resolve_policy
+    from infenclave.protocol.binding import expected_report_data
 
     nonce = os.urandom(32)
     frame = enclave_a.call(MsgType.EVIDENCE, {"nonce": nonce.hex()})

@@ -18,7 +18,6 @@ import httpx
 import numpy as np
 import pytest
 from onnx import numpy_helper
-
 from test_serving_support import (
     LITE_CUTS,
     ServerProcess,
@@ -103,9 +102,9 @@ def test_confidential_top5_equals_plain(results, photos) -> None:
 
 def test_host_learns_nothing(results, photos, bundle, server, tap_dir, recorder) -> None:
     from infenclave.bundle import read_key_file
-    from infenclave.enclave.bundle_format import decode_tail
     from infenclave.enclave.imaging import decode_image, prepare
     from infenclave.network import analyse
+    from infenclave.protocol.bundle_format import decode_tail
     from infenclave.split import ternary_split
 
     channel = b"".join(p.read_bytes() for p in sorted(tap_dir.iterdir()))
@@ -285,7 +284,7 @@ def _hash24(values: np.ndarray) -> np.ndarray:
 
 def _tail_plaintext(bundle) -> bytes:  # noqa: ANN001
     from infenclave.bundle import read_key_file, read_manifest
-    from infenclave.enclave.bundle_format import PART_FILES, decrypt_part
+    from infenclave.protocol.bundle_format import PART_FILES, decrypt_part
 
     manifest = read_manifest(bundle.bundle)
     blob = (bundle.bundle / PART_FILES["tail"]).read_bytes()

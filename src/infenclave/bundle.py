@@ -2,7 +2,7 @@
 
 `partition` is what `infenclave partition` runs on the model owner's machine. It writes:
 
-- ``BUNDLE/`` (the format is documented in `infenclave.enclave.bundle_format`): what the
+- ``BUNDLE/`` (the format is documented in `infenclave.protocol.bundle_format`): what the
   owner uploads to the untrusted host;
 - ``BUNDLE.key`` beside it (mode 0600, never inside the bundle): the fresh 256-bit model key
   and the model id it belongs to, which the owner provisions to an attested enclave;
@@ -15,15 +15,19 @@ enclave reads the encrypted parts itself (`infenclave.enclave.program`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from infenclave.crypto import AEAD_KEY_SIZE, aead_encrypt, generate_aead_key
-from infenclave.enclave.bundle_format import (
+from infenclave.errors import BundleError, UsageError
+from infenclave.protocol.bundle_format import (
     BUNDLE_FORMAT,
     MANIFEST_FILE,
     MAX_MANIFEST_BYTES,
@@ -36,7 +40,6 @@ from infenclave.enclave.bundle_format import (
     parse_manifest,
     part_aad,
 )
-from infenclave.errors import BundleError, UsageError
 
 __all__ = [
     "KEY_FILE_FORMAT",
@@ -94,6 +97,23 @@ def policy_path_for(bundle_dir: Path) -> Path:
     return bundle_dir.with_name(bundle_dir.name + ".policy.json")
 
 
+@functools.cache
+def sim_measurement() -> bytes:
+    """The ``sim`` measurement of the installed enclave program, as the program computes it.
+
+    Runs ``python -m infenclave.enclave --measure`` in a fresh interpreter, so the value comes
+    from the enclave's own imports (`infenclave.protocol.measurement`), not from a second
+    list kept here that could drift from what runs.
+    """
+    try:
+        done = subprocess.run([sys.executable, "-m", "infenclave.enclave", "--measure"],
+                              capture_output=True, text=True, timeout=120, check=True)
+        return bytes.fromhex(json.loads(done.stdout)["measurement"])
+    except (OSError, subprocess.SubprocessError, ValueError, KeyError) as exc:
+        raise BundleError("could not measure the enclave program (python -m infenclave.enclave "
+                          "--measure failed)") from exc
+
+
 def partition(
     model: Any,
     front_end: str,
@@ -109,7 +129,6 @@ def partition(
     Refuses to overwrite an existing bundle, key or policy unless *force*: overwriting the
     key of a bundle that is already deployed would lock its owner out.
     """
-    from infenclave.measurement import sim_measurement
     from infenclave.network import analyse
     from infenclave.split import ternary_split
 

@@ -42,12 +42,6 @@ from typing import Any
 import httpx
 
 from infenclave.crypto import generate_keypair, open_sealed, seal
-from infenclave.enclave.messages import (
-    encode_request,
-    provision_context,
-    request_context,
-    response_context,
-)
 from infenclave.enclave.topk import Prediction
 from infenclave.errors import (
     CryptoError,
@@ -57,15 +51,27 @@ from infenclave.errors import (
     ServerError,
     UsageError,
     VerificationError,
+    WorkerLost,
+)
+from infenclave.protocol.http import (
+    ATTESTATION_PATH,
+    CLASSIFY_PATH,
+    KEY_HEADER,
+    MODEL_HEADER,
+    PROVISION_PATH,
+    REQUEST_ID_HEADER,
+)
+from infenclave.protocol.messages import (
+    encode_request,
+    provision_context,
+    request_context,
+    response_context,
 )
 
 __all__ = ["AttestedEnclave", "Client", "SimulationWarning", "WorkerLost", "resolve_policy"]
 
 logger = logging.getLogger("infenclave.client")
 
-KEY_HEADER = "X-Infenclave-Enclave-Key"
-REQUEST_ID_HEADER = "X-Infenclave-Request-Id"
-MODEL_HEADER = "X-Infenclave-Model"
 NONCE_BYTES = 32
 #: Answers are a short JSON list sealed; a megabyte is far beyond any honest one.
 MAX_RESPONSE_BYTES = 1024 * 1024
@@ -74,10 +80,6 @@ _MAX_POLICY_BYTES = 1024 * 1024
 
 class SimulationWarning(UserWarning):
     """Issued whenever a client accepts a simulated (unprotected) enclave."""
-
-
-class WorkerLost(ServerError):
-    """The enclave worker handling a request stopped; the request was not answered."""
 
 
 @dataclass(frozen=True)
@@ -182,10 +184,10 @@ class Client:
     def attest(self) -> list[AttestedEnclave]:
         """Fetch and verify evidence from every enclave worker; refuse all on any failure."""
         from infenclave.attest import parse_evidence_envelope, verify
-        from infenclave.attest.sim_format import expected_report_data
+        from infenclave.protocol.binding import expected_report_data
 
         nonce = os.urandom(NONCE_BYTES)
-        response = self._get("/v1/attestation", params={"nonce": nonce.hex()})
+        response = self._get(ATTESTATION_PATH, params={"nonce": nonce.hex()})
         document = _json(response, "attestation")
         model_id = document.get("model_id")
         enclaves_doc = document.get("enclaves")
@@ -246,7 +248,7 @@ class Client:
                 f"{model_id[:16]}...: refusing to send the key"
             )
         sealed = seal(enclave.public_key, model_key.key, context=provision_context(model_key.model_id))
-        response = self._post("/v1/provision", sealed, {KEY_HEADER: enclave.key_id})
+        response = self._post(PROVISION_PATH, sealed, {KEY_HEADER: enclave.key_id})
         if response.status_code == 409 and _error_code(response) == "already_provisioned":
             return sum(1 for e in self.attest() if e.provisioned)
         _raise_for(response, "provision")
@@ -276,7 +278,7 @@ class Client:
         reply_private, reply_public = generate_keypair()
         sealed = seal(enclave.public_key, encode_request(image, reply_public, k),
                       context=request_context(model_id, request_id))
-        response = self._post("/v1/classify", sealed, {
+        response = self._post(CLASSIFY_PATH, sealed, {
             KEY_HEADER: enclave.key_id, REQUEST_ID_HEADER: request_id, MODEL_HEADER: model_id})
         if response.status_code == 409 and _error_code(response) == "unknown_enclave_key":
             raise _StaleEnclave()

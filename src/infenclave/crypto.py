@@ -29,7 +29,7 @@ import struct
 import tempfile
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, hpke
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -58,7 +58,6 @@ __all__ = [
     "derive_key",
     "ed25519_public_key",
     "ed25519_sign",
-    "ed25519_verify",
     "generate_aead_key",
     "generate_keypair",
     "load_or_create_key_file",
@@ -258,18 +257,6 @@ def ed25519_public_key(private_raw: bytes) -> bytes:
 def ed25519_sign(private_raw: bytes, message: bytes) -> bytes:
     """Sign *message* with the raw 32-byte Ed25519 private key; returns a 64-byte signature."""
     return _ed25519_private(private_raw).sign(bytes(message))
-
-
-def ed25519_verify(public_raw: bytes, signature: bytes, message: bytes) -> None:
-    """Verify an Ed25519 signature; raise `CryptoError` (cause chained) if it does not hold."""
-    if len(public_raw) != ED25519_KEY_SIZE or len(signature) != ED25519_SIGNATURE_SIZE:
-        raise CryptoError("signature could not be verified")
-    try:
-        ed25519.Ed25519PublicKey.from_public_bytes(bytes(public_raw)).verify(
-            bytes(signature), bytes(message)
-        )
-    except (InvalidSignature, ValueError) as exc:
-        raise CryptoError("signature could not be verified") from exc
 
 
 def _ed25519_private(private_raw: bytes) -> ed25519.Ed25519PrivateKey:

@@ -54,3 +54,11 @@ class EnclaveError(InfenclaveError):
 
 class ServerError(InfenclaveError):
     """The host server answered with an error or could not be reached."""
+
+
+class WorkerLost(ServerError):
+    """The enclave worker serving a request stopped before answering; attest again and retry.
+
+    One definition for both sides: the host raises it when a worker dies mid-request, the
+    client when the server answers ``worker_lost``.
+    """

@@ -7,10 +7,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["Claims", "REPORT_DATA_BYTES"]
+from infenclave.protocol.binding import REPORT_DATA_BYTES
 
-#: Every supported TEE carries 64 bytes of caller-chosen report data.
-REPORT_DATA_BYTES = 64
+__all__ = ["Claims", "REPORT_DATA_BYTES"]
 
 
 @dataclass(frozen=True)

@@ -12,24 +12,19 @@ no trailing data, an SNP report's size and version, the simulated document's sch
 refuses garbage with a `VerificationError`; signatures, chains and policy are checked only
 by `infenclave.attest.verifier.verify`.
 
-On the wire (what the host server returns) the envelope is UTF-8 JSON::
-
-    {"format": "infenclave-evidence/1", "tee": "sgx",
-     "raw": "<base64>", "collateral": "<base64>" | null, "certificates": "<base64>" | null}
+On the wire (what the host server returns) evidence travels in the envelope of
+`infenclave.protocol.envelope`.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from infenclave.attest._quote import parse_quote, quote_tee
+from infenclave.attest._sim import parse_sim_evidence
 from infenclave.attest._snp import (
     SNP_REPORT_BYTES,
     looks_like_snp_report,
@@ -38,13 +33,16 @@ from infenclave.attest._snp import (
 )
 from infenclave.attest._x509 import load_der_certificate, load_pem_certificates
 from infenclave.attest.policy import TEE_TYPES
-from infenclave.attest.sim_format import (
-    MAX_SIM_EVIDENCE_BYTES,
-    SIM_EVIDENCE_FORMAT,
-    parse_sim_evidence,
-)
-from infenclave.attest.sim_format import _strict_json_object
 from infenclave.errors import UsageError, VerificationError
+from infenclave.protocol.envelope import (
+    ENVELOPE_FORMAT,
+    MAX_ENVELOPE_BYTES,
+    decode_envelope,
+    decode_envelope_object,
+    encode_envelope,
+)
+from infenclave.protocol.sim_evidence import MAX_SIM_EVIDENCE_BYTES, SIM_EVIDENCE_FORMAT
+from infenclave.protocol.strict_json import loads_object
 
 __all__ = [
     "ENVELOPE_FORMAT",
@@ -57,18 +55,12 @@ __all__ = [
     "parse_evidence_envelope",
 ]
 
-ENVELOPE_FORMAT = "infenclave-evidence/1"
-
 #: A DCAP quote with its embedded PCK chain is about 5 KiB.
 MAX_QUOTE_BYTES = 64 * 1024
 #: dcap-qvl collateral (two CRLs, TCB info, QE identity, three issuer chains) is ~20-40 KiB.
 MAX_COLLATERAL_BYTES = 1024 * 1024
 #: VCEK + ASK + ARK in PEM is about 6 KiB.
 MAX_CERTIFICATES_BYTES = 64 * 1024
-#: The base64 envelope of the largest allowed parts, with room to spare.
-MAX_ENVELOPE_BYTES = 2 * 1024 * 1024
-
-_ENVELOPE_KEYS = frozenset({"format", "tee", "raw", "collateral", "certificates"})
 # Where `load_evidence_file` looks for an SNP report's certificates, as the AMD KDS and
 # go-sev-guest name them.
 _VCEK_NAMES = ("vcek.der", "vcek.pem")
@@ -127,14 +119,7 @@ class Evidence:
 
     def to_json(self) -> bytes:
         """Serialise to the JSON envelope (`infenclave-evidence/1`)."""
-        document = {
-            "format": ENVELOPE_FORMAT,
-            "tee": self.tee,
-            "raw": _b64(self.raw),
-            "collateral": None if self.collateral is None else _b64(self.collateral),
-            "certificates": None if self.certificates is None else _b64(self.certificates),
-        }
-        return json.dumps(document, sort_keys=True).encode("utf-8")
+        return encode_envelope(self.tee, self.raw, self.collateral, self.certificates)
 
     @classmethod
     def from_json(cls, data: bytes) -> Evidence:
@@ -144,12 +129,8 @@ class Evidence:
 
 def parse_evidence_envelope(data: bytes) -> Evidence:
     """Parse the JSON envelope a server returns into `Evidence` (structure checked)."""
-    if len(data) > MAX_ENVELOPE_BYTES:
-        raise VerificationError(
-            f"evidence envelope is {len(data)} bytes, over the {MAX_ENVELOPE_BYTES} limit"
-        )
-    document = _json_object(data, "evidence envelope")
-    return _from_envelope(document)
+    tee, raw, collateral, certificates = decode_envelope(data)
+    return Evidence(tee=tee, raw=raw, collateral=collateral, certificates=certificates)
 
 
 def load_evidence_file(path: Path, collateral_path: Path | None = None) -> Evidence:
@@ -164,7 +145,7 @@ def load_evidence_file(path: Path, collateral_path: Path | None = None) -> Evide
     """
     data = _read(path, MAX_ENVELOPE_BYTES, "evidence")
     if data.lstrip()[:1] == b"{":
-        document = _json_object(data, f"evidence file {path}")
+        document = loads_object(data, f"evidence file {path}", VerificationError)
         kind = document.get("format")
         if kind == SIM_EVIDENCE_FORMAT:
             if collateral_path is not None:
@@ -177,7 +158,8 @@ def load_evidence_file(path: Path, collateral_path: Path | None = None) -> Evide
                 f"evidence file {path}: JSON with format {kind!r} is neither "
                 f"{ENVELOPE_FORMAT!r} nor {SIM_EVIDENCE_FORMAT!r}"
             )
-        evidence = _from_envelope(document)
+        tee, raw, collateral, certificates = decode_envelope_object(document)
+        evidence = Evidence(tee=tee, raw=raw, collateral=collateral, certificates=certificates)
         if collateral_path is None:
             return evidence
         return _with_extra_file(evidence, collateral_path)
@@ -200,29 +182,6 @@ def load_evidence_file(path: Path, collateral_path: Path | None = None) -> Evide
     if collateral_path is not None:
         collateral = _read(collateral_path, MAX_COLLATERAL_BYTES, "collateral")
     return Evidence(tee=tee, raw=data, collateral=collateral)
-
-
-def _from_envelope(document: dict[str, Any]) -> Evidence:
-    if set(document) != _ENVELOPE_KEYS:
-        raise VerificationError(
-            f"evidence envelope: expected keys {sorted(_ENVELOPE_KEYS)}, got {sorted(document)}"
-        )
-    if document["format"] != ENVELOPE_FORMAT:
-        raise VerificationError(
-            f"evidence envelope: format {document['format']!r} is not {ENVELOPE_FORMAT!r}"
-        )
-    tee = document["tee"]
-    if not isinstance(tee, str):
-        raise VerificationError("evidence envelope: tee must be a string")
-    raw = _unb64("raw", document["raw"])
-    if raw is None:
-        raise VerificationError("evidence envelope: raw is required")
-    return Evidence(
-        tee=tee,
-        raw=raw,
-        collateral=_unb64("collateral", document["collateral"]),
-        certificates=_unb64("certificates", document["certificates"]),
-    )
 
 
 def _with_extra_file(evidence: Evidence, extra: Path) -> Evidence:
@@ -276,22 +235,3 @@ def _check_limit(name: str, value: bytes | None, limit: int) -> None:
     if value is not None and len(value) > limit:
         raise VerificationError(f"evidence: {name} is {len(value)} bytes, over the {limit} limit")
 
-
-def _json_object(data: bytes, what: str) -> dict[str, Any]:
-    """Strict UTF-8 JSON object: one implementation, shared with the enclave-side parser."""
-    return _strict_json_object(data, what)
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _unb64(key: str, value: Any) -> bytes | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise VerificationError(f"evidence envelope: {key} must be base64 or null")
-    try:
-        return base64.b64decode(value.encode("ascii"), validate=True)
-    except (UnicodeEncodeError, binascii.Error, ValueError) as exc:
-        raise VerificationError(f"evidence envelope: {key} is not valid base64") from exc

@@ -37,10 +37,10 @@ from datetime import datetime
 
 from infenclave.attest import _dcap, _sim, _snp
 from infenclave.attest._quote import parse_quote
+from infenclave.attest._sim import parse_sim_evidence
 from infenclave.attest.claims import REPORT_DATA_BYTES, Claims
 from infenclave.attest.evidence import Evidence
 from infenclave.attest.policy import MEASUREMENTS_FOR_TEE, Policy
-from infenclave.attest.sim_format import parse_sim_evidence
 from infenclave.errors import VerificationError
 
 __all__ = ["MAX_CLOCK_SKEW_S", "PolicyRefusal", "verify"]

@@ -5,15 +5,19 @@ Start-up order matters, and is the reason this file exists:
 1. ``--tee sim``: apply the process sandbox (`sandbox.apply_sandbox`) before numpy or
    onnxruntime start any thread and before any secret exists. Under Gramine the manifest
    is the sandbox, so this step is skipped there.
-2. Register a code-less placeholder for the ``infenclave.attest`` package, so that
-   importing ``infenclave.attest.sim_format`` does not run ``attest/__init__.py`` (which
-   pulls in the client's verifier: dcap-qvl, X.509 parsing). The TCB stays what is measured.
-3. ``--tee sim``: compute the measurement over the enclave's own files
-   (`infenclave.measurement`), then import the program.
-4. Refuse to start if any loaded ``infenclave`` module lies outside the measured files.
+2. Import the program and both backends' evidence and sealing code. These imports *are* the
+   trusted computing base: nothing else from the project is loaded later.
+3. Refuse to start if a module of the host, the verifier, the assessment or the model zoo
+   was loaded (`protocol.measurement.untrusted_modules`).
+4. ``--tee sim``: measure exactly the project modules now loaded
+   (`protocol.measurement`): the measurement covers what runs, derived, not listed.
 5. Take the channel from stdin/stdout (a socketpair from the host under ``sim``; Gramine's
    stdio under SGX) and point fds 0 and 1 elsewhere, so a stray ``print`` cannot corrupt or
    leak into the channel. Logs go to stderr.
+
+``--measure`` runs steps 2-4 without a sandbox or a channel and prints the measurement and
+the measured files as JSON: how `infenclave partition` learns the value for its starter
+policy, from the same code path.
 
 Options (fixed in the Gramine manifest, see ``deploy/gramine``):
 ``--tee {sim,gramine-sgx}``, ``--channel stdio``, ``--bundles DIR`` (where bundles are read),
@@ -23,10 +27,9 @@ Options (fixed in the Gramine manifest, see ``deploy/gramine``):
 from __future__ import annotations
 
 import argparse
-import importlib.machinery
+import json
 import os
 import sys
-import types
 from pathlib import Path
 
 
@@ -35,26 +38,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                                      description="infenclave enclave program (started by the host)")
     parser.add_argument("--tee", choices=("sim", "gramine-sgx"), default="sim")
     parser.add_argument("--channel", choices=("stdio",), default="stdio")
-    parser.add_argument("--bundles", type=Path, required=True)
-    parser.add_argument("--state", type=Path, required=True)
+    parser.add_argument("--bundles", type=Path)
+    parser.add_argument("--state", type=Path)
     parser.add_argument("--threads", type=int, default=1)
-    return parser.parse_args(argv)
-
-
-def _isolate_attest_package() -> None:
-    """Step 2: a placeholder ``infenclave.attest`` package whose ``__init__`` never runs."""
-    if "infenclave.attest" in sys.modules:
-        return
-    import infenclave
-
-    attest_dir = str(Path(infenclave.__file__).resolve().parent / "attest")
-    spec = importlib.machinery.ModuleSpec("infenclave.attest", None, is_package=True)
-    spec.submodule_search_locations = [attest_dir]
-    placeholder = types.ModuleType("infenclave.attest", "placeholder: see enclave/__main__.py")
-    placeholder.__spec__ = spec
-    placeholder.__path__ = [attest_dir]
-    sys.modules["infenclave.attest"] = placeholder
-    infenclave.attest = placeholder  # type: ignore[attr-defined]
+    parser.add_argument("--measure", action="store_true",
+                        help="print the sim measurement and the measured files as JSON, then exit")
+    args = parser.parse_args(argv)
+    if not args.measure and (args.bundles is None or args.state is None):
+        parser.error("--bundles and --state are required")
+    return args
 
 
 def _take_stdio_channel() -> tuple[int, int]:
@@ -67,45 +59,61 @@ def _take_stdio_channel() -> tuple[int, int]:
     return in_fd, out_fd
 
 
+def _measure_loaded() -> tuple[list[str], bytes]:
+    """Steps 3-4: refuse untrusted modules, then measure every loaded project module."""
+    from infenclave.errors import EnclaveError
+    from infenclave.protocol.measurement import (
+        loaded_project_files,
+        measure_files,
+        untrusted_modules,
+    )
+
+    names = [n for n in sys.modules if n == "infenclave" or n.startswith("infenclave.")]
+    outside = untrusted_modules(names)
+    if outside:
+        raise EnclaveError(f"refusing to start: untrusted project modules loaded: {', '.join(outside)}")
+    modules = [(n, getattr(sys.modules[n], "__file__", None)) for n in names]
+    # Run as ``-m``, this file is ``__main__``, not ``infenclave.enclave.__main__``.
+    modules.append(("infenclave.enclave.__main__", __file__))
+    files = loaded_project_files(modules)
+    return files, measure_files(files)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the enclave program; the exit code says how it ended (0: the host closed it)."""
     args = _parse(argv)
     sandbox_report = None
-    if args.tee == "sim":
+    if args.tee == "sim" and not args.measure:
         from dataclasses import asdict
 
         from infenclave.enclave.sandbox import apply_sandbox
 
         sandbox_report = asdict(apply_sandbox())  # step 1
-    _isolate_attest_package()  # step 2
 
-    measurement = None
-    if args.tee == "sim":
-        from infenclave.measurement import sim_measurement
-
-        measurement = sim_measurement()  # step 3
-
+    # Step 2: everything the program will ever run from this project.
+    from infenclave.enclave import (
+        sandbox as _sandbox,  # noqa: F401  (measured on every path)
+    )
+    from infenclave.enclave.evidence import GramineEvidenceProducer, SimEvidenceProducer
     from infenclave.enclave.program import EnclaveProgram, log
-    from infenclave.measurement import check_loaded_modules
+    from infenclave.enclave.sealing import GramineSealer, SimSealer
+    from infenclave.errors import EnclaveError
+
+    try:
+        files, measurement = _measure_loaded()  # steps 3-4
+    except (EnclaveError, ValueError) as exc:
+        log(str(exc))
+        return 3
+    if args.measure:
+        print(json.dumps({"measurement": measurement.hex(), "files": files}))
+        return 0
 
     if args.tee == "sim":
-        from infenclave.enclave.evidence import SimEvidenceProducer
-        from infenclave.enclave.sealing import SimSealer
-
-        if measurement is None:  # unreachable: computed above for sim
-            return 3
         producer: object = SimEvidenceProducer(args.state, measurement)
         sealer: object = SimSealer(args.state, measurement)
+        measured: bytes | None = measurement
     else:
-        from infenclave.enclave.evidence import GramineEvidenceProducer
-        from infenclave.enclave.sealing import GramineSealer
-
-        producer, sealer = GramineEvidenceProducer(), GramineSealer()
-
-    outside = check_loaded_modules()  # step 4
-    if outside:
-        log(f"refusing to start: unmeasured project modules loaded: {', '.join(outside)}")
-        return 3
+        producer, sealer, measured = GramineEvidenceProducer(), GramineSealer(), None
 
     in_fd, out_fd = _take_stdio_channel()  # step 5
     program = EnclaveProgram(
@@ -114,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         bundles_dir=args.bundles,
         producer=producer,  # type: ignore[arg-type]
         sealer=sealer,  # type: ignore[arg-type]
-        measurement=measurement,
+        measurement=measured,
         sandbox=sandbox_report,
         threads=max(0, args.threads),
     )

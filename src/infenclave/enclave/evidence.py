@@ -2,7 +2,7 @@
 
 Why here: the enclave proves which program it runs *and* which public key it holds. The
 caller passes ``report_data = SHA-256(enclave_pubkey || nonce)`` zero-padded to 64 bytes
-(`infenclave.attest.sim_format.expected_report_data`); the producer returns raw evidence
+(`infenclave.protocol.binding.expected_report_data`); the producer returns raw evidence
 bytes for the host to relay. Producers only produce: parsing and verification live with the
 client's verifier, never in the enclave.
 
@@ -21,7 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from infenclave.attest.sim_format import SIM_EVIDENCE_FORMAT, sim_body_bytes, sim_evidence_bytes
 from infenclave.crypto import (
     ED25519_KEY_SIZE,
     ed25519_public_key,
@@ -29,10 +28,16 @@ from infenclave.crypto import (
     load_or_create_key_file,
 )
 from infenclave.errors import EnclaveError
+from infenclave.protocol.binding import REPORT_DATA_BYTES
+from infenclave.protocol.sim_evidence import (
+    SIM_EVIDENCE_FORMAT,
+    sim_body_bytes,
+    sim_evidence_bytes,
+)
 
 __all__ = [
     "MAX_QUOTE_SIZE",
-    "REPORT_DATA_SIZE",
+    "REPORT_DATA_BYTES",
     "SIM_EVIDENCE_FORMAT",
     "SIM_MEASUREMENT_SIZE",
     "SIM_SIGNING_KEY_FILE",
@@ -41,8 +46,6 @@ __all__ = [
     "SimEvidenceProducer",
 ]
 
-#: SGX REPORTDATA / TDX REPORTDATA / SNP REPORT_DATA are all 64 bytes.
-REPORT_DATA_SIZE = 64
 #: The sim format carries a SHA-256 measurement (64 hex digits).
 SIM_MEASUREMENT_SIZE = 32
 SIM_SIGNING_KEY_FILE = "sim-evidence-ed25519.key"
@@ -67,8 +70,8 @@ class EvidenceProducer(Protocol):
 
 
 def _check_report_data(report_data: bytes) -> bytes:
-    if not isinstance(report_data, (bytes, bytearray)) or len(report_data) != REPORT_DATA_SIZE:
-        raise EnclaveError(f"report data must be exactly {REPORT_DATA_SIZE} bytes")
+    if not isinstance(report_data, (bytes, bytearray)) or len(report_data) != REPORT_DATA_BYTES:
+        raise EnclaveError(f"report data must be exactly {REPORT_DATA_BYTES} bytes")
     return bytes(report_data)
 
 
@@ -164,10 +167,10 @@ class GramineEvidenceProducer:
     @staticmethod
     def _check_quote_binds(quote: bytes, data: bytes) -> None:
         # Structural sanity only; the signature chain is the client's verifier's job.
-        if len(quote) < _REPORT_DATA_OFFSET + REPORT_DATA_SIZE:
+        if len(quote) < _REPORT_DATA_OFFSET + REPORT_DATA_BYTES:
             raise EnclaveError("quote too short to be an SGX quote")
         version = int.from_bytes(quote[0:2], "little")
         if version not in (3, 4) or quote[4:8] != b"\x00\x00\x00\x00":
             raise EnclaveError(f"not an SGX quote (version {version})")
-        if quote[_REPORT_DATA_OFFSET : _REPORT_DATA_OFFSET + REPORT_DATA_SIZE] != data:
+        if quote[_REPORT_DATA_OFFSET : _REPORT_DATA_OFFSET + REPORT_DATA_BYTES] != data:
             raise EnclaveError("the quote does not carry the report data that was written")

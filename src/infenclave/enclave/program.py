@@ -1,11 +1,11 @@
 """The enclave program: key handling, FrontNet and Tail, one request at a time per stage.
 
 This is the trusted computing base. It imports only the standard library, numpy, Pillow,
-onnxruntime, cryptography and ``infenclave.{errors, crypto, attest.sim_format, enclave.*}``;
+onnxruntime, cryptography and ``infenclave.{errors, crypto, protocol.*, enclave.*}``;
 never the host, the model zoo or torch. It runs fixed code on data: FrontNet and Tail are
 ONNX graphs (no Python from a bundle, no unpickling).
 
-What it does, per message from the host (`infenclave.enclave.wire`):
+What it does, per message from the host (`infenclave.protocol.frames`):
 
 1. At start: a fresh X25519 key pair, generated inside and never written anywhere. The
    public key goes to the host in HELLO.
@@ -43,9 +43,17 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from infenclave.attest.sim_format import expected_report_data
 from infenclave.crypto import AEAD_KEY_SIZE, generate_keypair, open_sealed, seal
-from infenclave.enclave.bundle_format import (
+from infenclave.enclave.imaging import Preprocess, prepare
+from infenclave.enclave.onnx_runner import OnnxPart
+from infenclave.enclave.topk import top_k
+from infenclave.errors import BundleError, CryptoError, EnclaveError, ImageError
+from infenclave.protocol.binding import (
+    MAX_NONCE_BYTES,
+    MIN_NONCE_BYTES,
+    expected_report_data,
+)
+from infenclave.protocol.bundle_format import (
     MANIFEST_FILE,
     MAX_MANIFEST_BYTES,
     MAX_PART_BYTES,
@@ -55,17 +63,7 @@ from infenclave.enclave.bundle_format import (
     decrypt_part,
     parse_manifest,
 )
-from infenclave.enclave.imaging import Preprocess, prepare
-from infenclave.enclave.messages import (
-    REQUEST_ID_RE,
-    decode_request,
-    provision_context,
-    request_context,
-    response_context,
-)
-from infenclave.enclave.onnx_runner import OnnxPart
-from infenclave.enclave.topk import top_k
-from infenclave.enclave.wire import (
+from infenclave.protocol.frames import (
     Frame,
     FrameReader,
     MsgType,
@@ -74,12 +72,16 @@ from infenclave.enclave.wire import (
     tensor_meta,
     write_frame,
 )
-from infenclave.errors import BundleError, CryptoError, EnclaveError, ImageError
+from infenclave.protocol.messages import (
+    REQUEST_ID_RE,
+    decode_request,
+    provision_context,
+    request_context,
+    response_context,
+)
 
-__all__ = ["EnclaveProgram", "MAX_IN_FLIGHT", "MAX_NONCE_BYTES", "MIN_NONCE_BYTES"]
+__all__ = ["EnclaveProgram", "MAX_IN_FLIGHT"]
 
-MIN_NONCE_BYTES = 16
-MAX_NONCE_BYTES = 64
 #: Requests between FrontNet and Tail at once; more is a misbehaving host.
 MAX_IN_FLIGHT = 1024
 #: Seconds after which a request still waiting for its IR2 may be forgotten.

@@ -1,6 +1,6 @@
 """The host's end of the local channel to one enclave worker (asyncio, framed, bounded).
 
-The frame format is `infenclave.enclave.wire` (24-byte header, small JSON metadata, raw
+The frame format is `infenclave.protocol.frames` (24-byte header, small JSON metadata, raw
 body); this module adds what the untrusted side needs: non-blocking reads of whole frames
 with the size limits checked from the header, request/response matching by tag, and an
 optional *tap* that records every frame in and out (for the test that checks what the host
@@ -17,7 +17,8 @@ import threading
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from infenclave.enclave.wire import (
+from infenclave.errors import EnclaveError
+from infenclave.protocol.frames import (
     HEADER,
     Frame,
     MsgType,
@@ -25,7 +26,6 @@ from infenclave.enclave.wire import (
     decode_meta,
     encode_frame,
 )
-from infenclave.errors import EnclaveError
 
 __all__ = ["ChannelClosed", "ChannelTap", "EnclaveChannel", "TAP_ENV"]
 

@@ -34,18 +34,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from infenclave.enclave.bundle_format import BundleManifest
-from infenclave.enclave.wire import Frame, MsgType, tensor_from_frame, tensor_meta
-from infenclave.errors import EnclaveError, ServerError
+from infenclave.errors import EnclaveError, ServerError, WorkerLost
 from infenclave.host.channel import ChannelClosed, ChannelTap, EnclaveChannel
 from infenclave.host.metrics import Metrics
+from infenclave.protocol.bundle_format import BundleManifest
+from infenclave.protocol.frames import Frame, MsgType, tensor_from_frame, tensor_meta
 
 __all__ = [
     "EnclavePool",
     "NotProvisioned",
     "UnknownEnclaveKey",
     "Worker",
-    "WorkerLost",
 ]
 
 logger = logging.getLogger("infenclave.host.pool")
@@ -57,10 +56,6 @@ _SOCKET_BUFFER = 4 * 1024 * 1024
 _TEE_FLAG = {"sim": "sim", "gramine-sgx": "gramine-sgx"}
 #: The Gramine manifest's name (deploy/gramine/Makefile) and its fixed mount points.
 GRAMINE_MANIFEST = "infenclave-enclave"
-
-
-class WorkerLost(ServerError):
-    """The enclave worker serving a request stopped before answering."""
 
 
 class UnknownEnclaveKey(ServerError):

@@ -22,8 +22,6 @@ encryption, TLS only hides metadata.
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import logging
 import re
 import time
@@ -39,25 +37,31 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from infenclave.bundle import read_backnet, read_manifest
 from infenclave.crypto import HPKE_OVERHEAD
 from infenclave.enclave.imaging import MAX_ENCODED_BYTES
-from infenclave.enclave.messages import REQUEST_ID_RE
-from infenclave.errors import EnclaveError, InfenclaveError, ServerError
+from infenclave.errors import EnclaveError, InfenclaveError, ServerError, WorkerLost
 from infenclave.host.backnet import BackNet, BackNetBatcher
 from infenclave.host.channel import EnclaveRefused
-from infenclave.host.enclave_pool import EnclavePool, NotProvisioned, UnknownEnclaveKey, WorkerLost
+from infenclave.host.enclave_pool import EnclavePool, NotProvisioned, UnknownEnclaveKey
 from infenclave.host.metrics import Metrics
+from infenclave.protocol.envelope import encode_envelope
+from infenclave.protocol.http import (
+    ATTESTATION_PATH,
+    CLASSIFY_PATH,
+    KEY_HEADER,
+    MAX_PROVISION_BODY,
+    MODEL_HEADER,
+    MODEL_PATH,
+    PROVISION_PATH,
+    REQUEST_ID_HEADER,
+    SEALED_MEDIA_TYPE,
+)
+from infenclave.protocol.messages import REQUEST_ID_RE
 
 __all__ = ["ServerConfig", "create_app", "run_server"]
 
 logger = logging.getLogger("infenclave.host")
 
-EVIDENCE_FORMAT = "infenclave-evidence/1"
-KEY_HEADER = "x-infenclave-enclave-key"
-REQUEST_ID_HEADER = "x-infenclave-request-id"
-MODEL_HEADER = "x-infenclave-model"
 #: A sealed request is an image (at most MAX_ENCODED_BYTES), a 40-byte head and HPKE overhead.
 MAX_CLASSIFY_BODY = MAX_ENCODED_BYTES + 64 + HPKE_OVERHEAD
-#: A sealed model key is 32 bytes plus overhead; anything near a kilobyte is not one.
-MAX_PROVISION_BODY = 1024
 _HEX_KEY = re.compile(r"[0-9a-f]{64}")
 
 
@@ -145,7 +149,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         """Prometheus text format: requests, errors, per-stage latency histograms."""
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/model")
+    @app.get(MODEL_PATH)
     async def model() -> dict[str, Any]:
         """Public facts of the served bundle (no label names: those are in the sealed Tail)."""
         return {
@@ -157,7 +161,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             "tee": config.tee,
         }
 
-    @app.get("/v1/attestation")
+    @app.get(ATTESTATION_PATH)
     async def attestation(
         nonce: str = Query(..., min_length=32, max_length=128, pattern="^[0-9a-f]+$",
                            description="The client's fresh nonce, 16-64 bytes in lower-case hex."),
@@ -179,13 +183,13 @@ def create_app(config: ServerConfig) -> FastAPI:
                     "key_id": worker.key_id,
                     "public_key": worker.public_key.hex(),
                     "provisioned": worker.provisioned,
-                    "evidence": _envelope(tee, raw),
+                    "evidence": encode_envelope(tee, raw).decode("utf-8"),
                 }
                 for worker, tee, raw in found
             ],
         }
 
-    @app.post("/v1/provision")
+    @app.post(PROVISION_PATH)
     async def provision(request: Request) -> dict[str, Any]:
         """The owner's model key, sealed to one attested worker (header names the key)."""
         pool: EnclavePool = state["pool"]
@@ -206,8 +210,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         logger.info("model key provisioned; %d worker(s) hold it", ready)
         return {"status": "provisioned", "workers_ready": ready}
 
-    @app.post("/v1/classify", response_class=Response,
-              responses={200: {"content": {"application/octet-stream": {}},
+    @app.post(CLASSIFY_PATH, response_class=Response,
+              responses={200: {"content": {SEALED_MEDIA_TYPE: {}},
                                "description": "The answer, HPKE-sealed to the client."}})
     async def classify(request: Request) -> Response:
         """Relay one sealed request: enclave FrontNet, host BackNet, enclave Tail."""
@@ -236,7 +240,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             raise _Error(503, "unavailable", str(exc)) from exc
         metrics.observe_stage("total", time.perf_counter() - started)
         metrics.count_request("classify", "ok")
-        return Response(sealed, media_type="application/octet-stream")
+        return Response(sealed, media_type=SEALED_MEDIA_TYPE)
 
     return app
 
@@ -270,13 +274,6 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if not size:
         raise _Error(400, "bad_request", "empty body")
     return b"".join(chunks)
-
-
-def _envelope(tee: str, raw: bytes) -> str:
-    """The `infenclave-evidence/1` JSON envelope (as a string, so its bytes are kept)."""
-    return json.dumps({"format": EVIDENCE_FORMAT, "tee": tee,
-                       "raw": base64.b64encode(raw).decode("ascii"),
-                       "collateral": None, "certificates": None}, sort_keys=True)
 
 
 def run_server(config: ServerConfig, *, host: str, port: int, tls_cert: Path | None = None,

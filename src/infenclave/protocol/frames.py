@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from infenclave.errors import EnclaveError
+from infenclave.protocol.strict_json import loads_object
 
 __all__ = [
     "HEADER",
@@ -124,13 +125,7 @@ def decode_meta(raw: bytes | bytearray | memoryview) -> dict[str, Any]:
     """Decode metadata; an empty section is an empty dict."""
     if not raw:
         return {}
-    try:
-        value = json.loads(bytes(raw).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise EnclaveError("channel: frame metadata is not JSON") from exc
-    if not isinstance(value, dict):
-        raise EnclaveError("channel: frame metadata is not an object")
-    return value
+    return loads_object(raw, "channel: frame metadata", EnclaveError)
 
 
 def encode_frame(

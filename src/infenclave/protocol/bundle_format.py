@@ -37,6 +37,7 @@ from typing import Any
 
 from infenclave.crypto import aead_decrypt, context
 from infenclave.errors import BundleError, CryptoError
+from infenclave.protocol.strict_json import loads_object
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -134,11 +135,8 @@ def parse_manifest(raw: bytes) -> BundleManifest:
     """Parse and structure-check manifest bytes; `BundleError` on anything unexpected."""
     if len(raw) > MAX_MANIFEST_BYTES:
         raise BundleError(f"manifest is larger than {MAX_MANIFEST_BYTES} bytes")
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise BundleError("manifest is not valid UTF-8 JSON") from exc
-    if not isinstance(doc, dict) or set(doc) != _MANIFEST_KEYS:
+    doc = loads_object(raw, "manifest", BundleError)
+    if set(doc) != _MANIFEST_KEYS:
         raise BundleError(f"manifest: expected exactly the keys {sorted(_MANIFEST_KEYS)}")
     if doc["format"] != BUNDLE_FORMAT:
         raise BundleError(f"manifest: format {doc['format']!r} is not {BUNDLE_FORMAT!r}")
