@@ -59,10 +59,14 @@ GRAMINE_GLIBC_LIBS = frozenset({
     "libthread_db.so.1", "libutil.so.1",
 })
 
-#: Third-party packages the enclave imports (numpy, onnxruntime, Pillow, cryptography and
-#: cryptography's cffi backend), with the vendored shared libraries auditwheel put beside them.
+#: Third-party packages the enclave imports, with the vendored shared libraries auditwheel put
+#: beside them: numpy, onnxruntime, Pillow, cryptography (and its cffi backend), and onnx,
+#: which `enclave.onnx_runner` uses to refuse non-data models, with what onnx imports
+#: (protobuf and its upb extension, ml_dtypes, typing_extensions). Found by the probe run in
+#: tests/test_gramine_trusted.py, not guessed.
 PACKAGES = ("numpy", "numpy.libs", "onnxruntime", "PIL", "pillow.libs", "cryptography",
-            "_cffi_backend")
+            "_cffi_backend", "onnx", "google/protobuf", "google/_upb", "ml_dtypes",
+            "typing_extensions")
 
 #: Standard-library parts that never run in the enclave (GUI, terminal, test suites, package
 #: installers, 2to3, the build-time Makefile config) plus every third-party directory.
@@ -78,7 +82,7 @@ _STDLIB_EXCLUDED_PREFIX = ("config-",)
 #: no connection) and CPython's own tests.
 DYNLOAD_EXCLUDED = re.compile(
     r"^(_tkinter|readline|_curses|_curses_panel|_sqlite3|_dbm|_gdbm|nis|_crypt|spwd|ossaudiodev|_ssl"
-    r"|audioop|_uuid|_test\w*|_ctypes_test|_xxtestfuzz|xx\w*)\."
+    r"|audioop|_test\w*|_ctypes_test|_xxtestfuzz|xx\w*)\."
 )
 
 #: Inside the listed packages: caches, test suites, and onnxruntime's offline tooling
@@ -174,6 +178,7 @@ def collect(layout: Layout) -> list[Path]:
             files.update(canonical(p) for p in _files_under(root, excluded))
         else:
             files.update(canonical(p) for p in layout.site_packages.glob(f"{name}.*.so"))
+            files.update(canonical(p) for p in layout.site_packages.glob(f"{name}.py"))
     for entry in PROJECT_FILES:
         path = layout.src_dir / entry
         if entry.endswith("/"):

@@ -2,6 +2,14 @@
 
 Start-up order matters, and is the reason this file exists:
 
+0. Before anything else (before any import can print): take the channel from stdin/stdout
+   (a socketpair from the host under ``sim``; Gramine's stdio under SGX) onto fds of its
+   own, and point fd 0 at ``/dev/null``. Under Gramine fds 1 and 2 are the *same* host
+   handle, the channel itself, so no application byte may reach either: fds 1 and 2 go to
+   ``/dev/null`` under ``--tee gramine-sgx``, and under ``sim`` whenever fd 2 is the
+   channel too. Otherwise (``sim`` with a separate stderr) logs go to stderr, which the host
+   reads, and fd 1 joins them. A stray ``print``, a warning or a native library's message
+   can then neither corrupt nor leak into the frame stream.
 1. ``--tee sim``: apply the process sandbox (`sandbox.apply_sandbox`) before numpy or
    onnxruntime start any thread and before any secret exists. Under Gramine the manifest
    is the sandbox, so this step is skipped there.
@@ -11,9 +19,6 @@ Start-up order matters, and is the reason this file exists:
    was loaded (`protocol.measurement.untrusted_modules`).
 4. ``--tee sim``: measure exactly the project modules now loaded
    (`protocol.measurement`): the measurement covers what runs, derived, not listed.
-5. Take the channel from stdin/stdout (a socketpair from the host under ``sim``; Gramine's
-   stdio under SGX) and point fds 0 and 1 elsewhere, so a stray ``print`` cannot corrupt or
-   leak into the channel. Logs go to stderr.
 
 ``--measure`` runs steps 2-4 without a sandbox or a channel and prints the measurement and
 the measured files as JSON: how `infenclave partition` learns the value for its starter
@@ -21,7 +26,8 @@ policy, from the same code path.
 
 Options (fixed in the Gramine manifest, see ``deploy/gramine``):
 ``--tee {sim,gramine-sgx}``, ``--channel stdio``, ``--bundles DIR`` (where bundles are read),
-``--state DIR`` (the ``sim`` backend's per-installation secrets), ``--threads N``.
+``--state DIR`` (the ``sim`` backend's per-installation secrets; not used, and not needed,
+under ``gramine-sgx``), ``--threads N``.
 """
 
 from __future__ import annotations
@@ -44,18 +50,32 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--measure", action="store_true",
                         help="print the sim measurement and the measured files as JSON, then exit")
     args = parser.parse_args(argv)
-    if not args.measure and (args.bundles is None or args.state is None):
-        parser.error("--bundles and --state are required")
+    if not args.measure and (args.bundles is None or (args.state is None and args.tee == "sim")):
+        parser.error("--bundles (and, with --tee sim, --state) are required")
     return args
 
 
-def _take_stdio_channel() -> tuple[int, int]:
-    """Step 5: duplicate the channel fds, then send fd 0 to /dev/null and fd 1 to stderr."""
+def _same_file(fd_a: int, fd_b: int) -> bool:
+    try:
+        a, b = os.fstat(fd_a), os.fstat(fd_b)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _take_stdio_channel(tee: str) -> tuple[int, int]:
+    """Step 0: the channel on fds of its own; fd 0 to /dev/null; fds 1 and 2 to /dev/null
+    when stderr is (or may be) the channel, else fd 1 to stderr. Returns (in fd, out fd)."""
     in_fd, out_fd = os.dup(0), os.dup(1)
-    devnull = os.open(os.devnull, os.O_RDONLY)
+    quiet = tee != "sim" or _same_file(2, 0) or _same_file(2, 1)
+    devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
+    if quiet:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+    else:
+        os.dup2(2, 1)
     os.close(devnull)
-    os.dup2(2, 1)
     return in_fd, out_fd
 
 
@@ -82,6 +102,7 @@ def _measure_loaded() -> tuple[list[str], bytes]:
 def main(argv: list[str] | None = None) -> int:
     """Run the enclave program; the exit code says how it ended (0: the host closed it)."""
     args = _parse(argv)
+    channel = None if args.measure else _take_stdio_channel(args.tee)  # step 0
     sandbox_report = None
     if args.tee == "sim" and not args.measure:
         from dataclasses import asdict
@@ -115,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         producer, sealer, measured = GramineEvidenceProducer(), GramineSealer(), None
 
-    in_fd, out_fd = _take_stdio_channel()  # step 5
+    if channel is None:  # unreachable: only --measure has no channel, and it returned
+        return 3
+    in_fd, out_fd = channel
     program = EnclaveProgram(
         in_fd=in_fd,
         out_fd=out_fd,
