@@ -128,6 +128,7 @@ class EnclavePool:
 
     async def start(self, *, wait: bool = True) -> None:
         """Start the supervisors; with *wait*, return once every worker has loaded the bundle."""
+        _make_host_undumpable()
         self._state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         started = [asyncio.get_running_loop().create_future() for _ in range(self._n)]
         for slot in range(self._n):
@@ -352,6 +353,17 @@ class EnclavePool:
             for name, ms in stages.items():
                 if isinstance(ms, (int, float)) and name.endswith("_ms"):
                     self._metrics.observe_stage(name[:-3], float(ms) / 1e3)
+
+
+def _make_host_undumpable() -> None:
+    """The host is the path to the network: a process of its user (a compromised worker
+    started as a non-root host) must not ptrace it or write its ``/proc/<pid>/mem``. The
+    enclave's sandbox refuses both already; this is the host's own wall. Fails closed."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(4, 0, 0, 0, 0) != 0 or libc.prctl(3, 0, 0, 0, 0) != 0:  # PR_SET/GET_DUMPABLE
+        raise ServerError("could not make the host process non-dumpable")
 
 
 def _enclave_env() -> dict[str, str]:
