@@ -10,15 +10,19 @@ Start-up order matters, and is the reason this file exists:
    channel too. Otherwise (``sim`` with a separate stderr) logs go to stderr, which the host
    reads, and fd 1 joins them. A stray ``print``, a warning or a native library's message
    can then neither corrupt nor leak into the frame stream.
-1. ``--tee sim``: apply the process sandbox (`sandbox.apply_sandbox`) before numpy or
-   onnxruntime start any thread and before any secret exists. Under Gramine the manifest
-   is the sandbox, so this step is skipped there.
+1. ``--tee sim``: `sandbox.prepare_environment`, before numpy or onnxruntime are imported,
+   so that importing them starts no thread. Under Gramine the manifest is the sandbox, so
+   the sandbox steps are skipped there.
 2. Import the program and both backends' evidence and sealing code. These imports *are* the
    trusted computing base: nothing else from the project is loaded later.
 3. Refuse to start if a module of the host, the verifier, the assessment or the model zoo
    was loaded (`protocol.measurement.untrusted_modules`).
 4. ``--tee sim``: measure exactly the project modules now loaded
    (`protocol.measurement`): the measurement covers what runs, derived, not listed.
+4b. ``--tee sim``: load the sim secrets from ``--state``, then apply the sandbox
+   (`sandbox.apply_sandbox`): after it the process reads only the installation and the
+   bundles, and no longer is the user that owns the state files. Nothing from the channel
+   has been read yet.
 
 ``--measure`` runs steps 2-4 without a sandbox or a channel and prints the measurement and
 the measured files as JSON: how `infenclave partition` learns the value for its starter
@@ -105,11 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     channel = None if args.measure else _take_stdio_channel(args.tee)  # step 0
     sandbox_report = None
     if args.tee == "sim" and not args.measure:
-        from dataclasses import asdict
+        from infenclave.enclave.sandbox import prepare_environment
 
-        from infenclave.enclave.sandbox import apply_sandbox
-
-        sandbox_report = asdict(apply_sandbox())  # step 1
+        prepare_environment()  # step 1
 
     # Step 2: everything the program will ever run from this project.
     from infenclave.enclave import (
@@ -133,6 +135,15 @@ def main(argv: list[str] | None = None) -> int:
         producer: object = SimEvidenceProducer(args.state, measurement)
         sealer: object = SimSealer(args.state, measurement)
         measured: bytes | None = measurement
+        from dataclasses import asdict
+
+        from infenclave.enclave.sandbox import apply_sandbox
+
+        try:
+            sandbox_report = asdict(apply_sandbox(args.bundles))  # step 4b
+        except EnclaveError as exc:
+            log(f"refusing to start: {exc}")
+            return 3
     else:
         producer, sealer, measured = GramineEvidenceProducer(), GramineSealer(), None
 
@@ -151,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if sandbox_report is not None:
         log("sandbox: " + ", ".join(f"{k}={v}" for k, v in sandbox_report.items()
-                                    if k in ("network_namespace", "not_dumpable", "no_new_privs", "seccomp_filter")))
+                                    if k in ("uid", "network_namespace", "user_namespace", "landlock_abi", "seccomp_filter")))
     return program.run()
 
 
