@@ -17,6 +17,18 @@ if [ ! -d /usr/share/doc/opencv-doc/examples/data ]; then
   fi
 fi
 
+# --- strace (the sandbox's syscall allow-list is measured with `strace -f` on serving
+# workers: src/infenclave/enclave/sandbox.py step 8) and util-linux's unshare/setpriv
+# (tests/test_sandbox.py starts its ordinary-user worker through them).
+if ! command -v strace >/dev/null 2>&1 || ! command -v setpriv >/dev/null 2>&1; then
+  if [ "$(id -u)" -eq 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends strace util-linux >/dev/null
+  else
+    echo "note: strace or setpriv is missing and we are not root; the ordinary-user sandbox test fails" >&2
+  fi
+fi
+
 # --- Chromium
 if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
   exit 0
