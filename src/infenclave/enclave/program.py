@@ -64,6 +64,7 @@ from infenclave.protocol.bundle_format import (
     parse_manifest,
 )
 from infenclave.protocol.frames import (
+    SEALED_STATE_UNOPENABLE,
     Frame,
     FrameReader,
     MsgType,
@@ -293,7 +294,10 @@ class EnclaveProgram:
         try:
             key = self._sealer.unseal(bytes(frame.body), _seal_label(manifest.model_id))
         except CryptoError as exc:
-            raise _Refused("refused", "unseal: the sealed blob does not open for this enclave", exc) from exc
+            # Another build (MRENCLAVE), a TCB/microcode update (the SGX sealing key moves with
+            # CPUSVN/ISVSVN/CONFIGSVN) or corruption: a distinct code, so that the host sets the
+            # blob aside and asks for provisioning instead of restarting this worker for ever.
+            raise _Refused(SEALED_STATE_UNOPENABLE, "unseal: the sealed blob does not open for this enclave", exc) from exc
         self._install_key(key, "unseal")
         del key
         log("model key unsealed from stored state")

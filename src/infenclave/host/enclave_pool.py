@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from infenclave.errors import EnclaveError, ServerError, WorkerLost
-from infenclave.host.channel import ChannelClosed, ChannelTap, EnclaveChannel
+from infenclave.host.channel import ChannelClosed, ChannelTap, EnclaveChannel, EnclaveRefused
 from infenclave.host.metrics import Metrics
 from infenclave.protocol.bundle_format import BundleManifest
-from infenclave.protocol.frames import Frame, MsgType, tensor_from_frame, tensor_meta
+from infenclave.protocol.frames import SEALED_STATE_UNOPENABLE, Frame, MsgType, tensor_from_frame, tensor_meta
 
 __all__ = [
     "EnclavePool",
@@ -123,6 +123,9 @@ class EnclavePool:
         self._provision_lock = asyncio.Lock()
         self._ir1_shape = (1, *manifest.front_end.shape)
         self.sealed_key_path = self._state_dir / f"model-key-{manifest.model_id}.sealed"
+        #: Why the owner must provision again (a stored sealed key that no longer opens), or
+        #: None. Shown by /healthz; cleared by the next successful provisioning.
+        self.reprovision_needed: str | None = None
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -221,9 +224,14 @@ class EnclavePool:
             if loaded.meta.get("model_id") != self.manifest.model_id:
                 raise ServerError("the enclave loaded a different manifest than the host")
             if self.sealed_key_path.exists():
-                await channel.call(MsgType.UNSEAL, body=self.sealed_key_path.read_bytes(),
-                                   timeout=START_TIMEOUT_S)
-                worker.provisioned = True
+                try:
+                    await channel.call(MsgType.UNSEAL, body=self.sealed_key_path.read_bytes(),
+                                       timeout=START_TIMEOUT_S)
+                    worker.provisioned = True
+                except EnclaveRefused as exc:
+                    if exc.code != SEALED_STATE_UNOPENABLE:
+                        raise
+                    self._set_aside_sealed_key()  # the worker stays up, unprovisioned
         except BaseException:
             channel.close()
             if process.returncode is None:
@@ -242,6 +250,21 @@ class EnclavePool:
         return [sys.executable, "-m", "infenclave.enclave", "--tee", "sim", "--channel", "stdio",
                 "--bundles", str(self._bundle_dir.parent), "--state", str(self._state_dir),
                 "--threads", str(self._threads)]
+
+    def _set_aside_sealed_key(self) -> None:
+        """The stored sealed model key does not open in this enclave: after a rebuild (another
+        MRENCLAVE or measurement), a TCB or microcode update (the SGX sealing key changes with
+        CPUSVN), or corruption. Restarting cannot help, so keep the blob (renamed, for a
+        rollback) and serve unprovisioned until the owner provisions again."""
+        if self.sealed_key_path.exists():
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            aside = self.sealed_key_path.with_name(f"{self.sealed_key_path.name}.unopenable-{stamp}")
+            os.replace(self.sealed_key_path, aside)
+            self.reprovision_needed = (
+                f"the stored sealed model key does not open in this enclave (rebuilt enclave, "
+                f"TCB or microcode update, or a damaged file); it was set aside as {aside.name}. "
+                "The model owner (or the key-release service) must provision the model key again.")
+            logger.error("%s", self.reprovision_needed)
 
     def _check_gramine_layout(self) -> None:
         """Under Gramine the enclave reads ``bundles/<name>`` relative to the manifest's folder.
@@ -295,6 +318,7 @@ class EnclavePool:
             frame = await worker.channel.call(MsgType.PROVISION, body=sealed_key, timeout=self._timeout)
             _write_atomic(self.sealed_key_path, bytes(frame.body))
             worker.provisioned = True
+            self.reprovision_needed = None
             blob = bytes(frame.body)
             for other in self.workers:
                 if other is not worker and not other.provisioned:

@@ -135,7 +135,10 @@ def create_app(config: ServerConfig) -> FastAPI:
         workers = pool.workers
         ready = sum(1 for w in workers if w.provisioned)
         return {
-            "status": "ok" if ready else ("unprovisioned" if workers else "degraded"),
+            "status": "ok" if ready else (
+                "reprovision_needed" if pool.reprovision_needed and workers
+                else "unprovisioned" if workers else "degraded"),
+            "reprovision_needed": pool.reprovision_needed,
             "model_id": manifest.model_id,
             "tee": config.tee,
             "workers": len(workers),

@@ -41,6 +41,7 @@ __all__ = [
     "MAGIC",
     "MAX_BODY_BYTES",
     "MAX_META_BYTES",
+    "SEALED_STATE_UNOPENABLE",
     "Frame",
     "FrameReader",
     "MsgType",
@@ -82,6 +83,12 @@ class MsgType(IntEnum):
     IR1 = 69  # meta {dtype, shape, t}; body: FrontNet output for `tag`
     RESULT = 70  # meta {t}; body: the result sealed to the client's ephemeral key
     ERROR = 71  # meta {error}: an opaque error code, never a secret
+
+
+#: ERROR code for UNSEAL: the stored sealed blob does not open in this enclave (another build,
+#: a TCB or microcode update, corruption). The host sets the blob aside and serves
+#: unprovisioned until the owner provisions again; restarting the worker cannot help.
+SEALED_STATE_UNOPENABLE = "sealed_state_unopenable"
 
 
 @dataclass
