@@ -286,6 +286,9 @@ def serve(
     gramine_dir: Path | None = typer.Option(None, "--gramine-dir", help="--tee gramine-sgx: the "
                                             "folder with the signed manifest (deploy/gramine); "
                                             "the bundle must be visible there as bundles/NAME."),
+    worker_start_timeout: float | None = typer.Option(
+        None, "--worker-start-timeout", min=1.0,
+        help="Seconds an enclave worker may take to start (default: 60 sim, 300 gramine-sgx)."),
 ) -> None:
     """Serve BUNDLE: N enclave workers behind an HTTP API; the host runs the BackNet.
 
@@ -308,7 +311,8 @@ def serve(
     config = ServerConfig(bundle_dir=bundle, state_dir=state_dir, tee=tee, workers=workers,
                           device=device, enclave_threads=enclave_threads,
                           backnet_threads=backnet_threads, max_batch=max_batch,
-                          request_timeout=timeout, gramine_dir=gramine_dir)
+                          request_timeout=timeout, gramine_dir=gramine_dir,
+                          worker_start_timeout=worker_start_timeout)
     run_server(config, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, log_level=log_level)
 
 

@@ -51,6 +51,10 @@ logger = logging.getLogger("infenclave.host.pool")
 
 #: Seconds a worker may take from spawn to HELLO (imports onnxruntime, numpy, ...).
 START_TIMEOUT_S = 60.0
+#: The same under SGX, where the enclave is built page by page, every trusted file is hashed
+#: as it is opened and the Python sources are compiled (no bytecode is trusted): an estimate
+#: until measured on the first SGX run (deploy/gramine/README.md, checklist).
+GRAMINE_START_TIMEOUT_S = 300.0
 #: Socket buffers large enough that one IR tensor (~100-300 KiB) moves in one go.
 _SOCKET_BUFFER = 4 * 1024 * 1024
 _TEE_FLAG = {"sim": "sim", "gramine-sgx": "gramine-sgx"}
@@ -101,6 +105,7 @@ class EnclavePool:
         enclave_threads: int = 1,
         request_timeout: float = 30.0,
         gramine_dir: Path | None = None,
+        start_timeout: float | None = None,
     ) -> None:
         if tee not in _TEE_FLAG:
             raise ServerError(f"unknown TEE backend {tee!r}")
@@ -116,6 +121,8 @@ class EnclavePool:
         self._timeout = request_timeout
         self._workers: dict[int, Worker] = {}
         self._gramine_dir = Path(gramine_dir).resolve() if gramine_dir else None
+        self._start_timeout = start_timeout or (
+            GRAMINE_START_TIMEOUT_S if tee == "gramine-sgx" else START_TIMEOUT_S)
         if tee == "gramine-sgx":
             self._check_gramine_layout()
         self._tasks: list[asyncio.Task[None]] = []
@@ -210,7 +217,7 @@ class EnclavePool:
         reader, writer = await asyncio.open_unix_connection(sock=parent, limit=2**20)
         channel = EnclaveChannel(reader, writer, ChannelTap.from_env(f"worker{slot}"))
         try:
-            hello = await channel.hello(START_TIMEOUT_S)
+            hello = await channel.hello(self._start_timeout)
             worker = Worker(
                 slot=slot,
                 process=process,
@@ -220,13 +227,13 @@ class EnclavePool:
                 measurement=hello.meta.get("measurement"),
                 sandbox=hello.meta.get("sandbox"),
             )
-            loaded = await channel.call(MsgType.LOAD, {"bundle": self._bundle_dir.name}, timeout=START_TIMEOUT_S)
+            loaded = await channel.call(MsgType.LOAD, {"bundle": self._bundle_dir.name}, timeout=self._start_timeout)
             if loaded.meta.get("model_id") != self.manifest.model_id:
                 raise ServerError("the enclave loaded a different manifest than the host")
             if self.sealed_key_path.exists():
                 try:
                     await channel.call(MsgType.UNSEAL, body=self.sealed_key_path.read_bytes(),
-                                       timeout=START_TIMEOUT_S)
+                                       timeout=self._start_timeout)
                     worker.provisioned = True
                 except EnclaveRefused as exc:
                     if exc.code != SEALED_STATE_UNOPENABLE:
@@ -274,6 +281,20 @@ class EnclavePool:
         if self._gramine_dir is None:
             raise ServerError("--tee gramine-sgx needs --gramine-dir (the folder holding the "
                               "signed infenclave-enclave manifest, see deploy/gramine)")
+        # The thread count is measured into the manifest (loader.argv); a different
+        # --enclave-threads would be silently ignored, so it must agree.
+        manifest_path = self._gramine_dir / f"{GRAMINE_MANIFEST}.manifest"
+        try:
+            import tomllib
+
+            argv = tomllib.loads(manifest_path.read_text())["loader"]["argv"]
+            threads = int(argv[argv.index("--threads") + 1])
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+            raise ServerError(f"--tee gramine-sgx: cannot read --threads from {manifest_path} "
+                              "(build it with deploy/gramine)") from exc
+        if threads != self._threads:
+            raise ServerError(f"--enclave-threads {self._threads} differs from the {threads} "
+                              f"measured into {manifest_path.name} (ENCLAVE_THREADS)")
         expected = self._gramine_dir / "bundles" / self._bundle_dir.name
         if not expected.exists() or expected.resolve() != self._bundle_dir:
             raise ServerError(f"--tee gramine-sgx: the bundle must be visible to the enclave as "
