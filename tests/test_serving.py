@@ -232,6 +232,10 @@ def test_metrics_openapi_and_limits(server, client, photos) -> None:
     assert too_big.status_code == 413 and too_big.json()["error"] == "too_large"
     garbage = httpx.post(server.url + "/v1/classify", headers=headers, content=os.urandom(2048))
     assert garbage.status_code == 400 and garbage.json()["error"] == "enclave_refused"
+    # A body declared as anything but application/octet-stream never reaches an enclave.
+    typed = httpx.post(server.url + "/v1/classify", content=os.urandom(2048),
+                       headers={**headers, "Content-Type": "text/plain"})
+    assert typed.status_code == 415 and typed.json()["error"] == "unsupported_media_type"
     unknown = httpx.post(server.url + "/v1/classify", content=b"x",
                          headers={**headers, "X-Infenclave-Enclave-Key": "00" * 32})
     assert unknown.status_code == 409 and unknown.json()["error"] == "unknown_enclave_key"

@@ -79,8 +79,14 @@ class ServerConfig:
     max_batch: int = 32
     request_timeout: float = 60.0
     gramine_dir: Path | None = None
-    #: Seconds a worker may take to start (None: 60 under sim, 300 under gramine-sgx).
-    worker_start_timeout: float | None = None
+
+
+OCTET_STREAM = "application/octet-stream"
+#: Seconds an idle keep-alive connection is held (uvicorn's default is 5; 30 let idle
+#: connections pile up towards `MAX_CONNECTIONS`).
+KEEP_ALIVE_S = 5
+#: Connections and tasks served at once; beyond it uvicorn answers 503 at once.
+MAX_CONNECTIONS = 1024
 
 
 class _Error(Exception):
@@ -105,8 +111,7 @@ def create_app(config: ServerConfig) -> FastAPI:
                            tee=config.tee, workers=config.workers, metrics=metrics,
                            enclave_threads=config.enclave_threads,
                            request_timeout=config.request_timeout,
-                           gramine_dir=config.gramine_dir,
-                           start_timeout=config.worker_start_timeout)
+                           gramine_dir=config.gramine_dir)
         await pool.start()
         state.update(pool=pool, batcher=batcher, backnet=backnet)
         logger.info("serving model %s (%s) with %d %s enclave worker(s), BackNet on %s",
@@ -264,7 +269,14 @@ def _key_header(request: Request) -> str:
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    """Read the body, refusing it as soon as it is known to exceed *limit* bytes."""
+    """Read the body, refusing it as soon as it is known to exceed *limit* bytes.
+
+    The body must be ``application/octet-stream``; a request without Content-Type is read as
+    that (RFC 9110 section 8.3), one that declares another type is refused (415).
+    """
+    media_type = request.headers.get("content-type", OCTET_STREAM).split(";", 1)[0].strip().lower()
+    if media_type != OCTET_STREAM:
+        raise _Error(415, "unsupported_media_type", f"the body must be {OCTET_STREAM}")
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -295,4 +307,4 @@ def run_server(config: ServerConfig, *, host: str, port: int, tls_cert: Path | N
     uvicorn.run(app, host=host, port=port, log_level=log_level,
                 ssl_certfile=str(tls_cert) if tls_cert else None,
                 ssl_keyfile=str(tls_key) if tls_key else None,
-                timeout_keep_alive=30, limit_concurrency=1024)
+                timeout_keep_alive=KEEP_ALIVE_S, limit_concurrency=MAX_CONNECTIONS)
