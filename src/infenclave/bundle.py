@@ -198,6 +198,15 @@ def partition(
     )
 
 
+#: The SGX TCB statuses the starter policy accepts. ``UpToDate`` alone would refuse, for ever,
+#: every CPU with an advisory microcode cannot fix (LVI, INTEL-SA-00334; MMIO stale data,
+#: INTEL-SA-00615): those report ``SWHardeningNeeded`` with current microcode. Accepting it
+#: accepts that this enclave's code (CPython, numpy, onnxruntime) is not LVI-hardened; the
+#: configuration statuses (e.g. hyper-threading on where it must be off) and ``OutOfDate``
+#: stay refused. deploy/gramine/README.md, "TCB statuses, decided".
+STARTER_TCB_STATUSES = ("UpToDate", "SWHardeningNeeded")
+
+
 def starter_policy(
     sim_measurement_hex: str, *, mrenclave: tuple[str, ...] = (), mrsigner: tuple[str, ...] = ()
 ) -> dict[str, Any]:
@@ -223,7 +232,7 @@ def starter_policy(
         "tee_types": tee_types,
         "measurements": measurements,
         "allow_debug": False,
-        "tcb_statuses": ["UpToDate"],
+        "tcb_statuses": list(STARTER_TCB_STATUSES),
         "allow_simulation": False,
         "max_evidence_age_s": 300,
     }
