@@ -69,14 +69,17 @@ def fuzz(target: Target, n: int, rng_seed: int) -> dict[str, object]:
                 findings.append({"type": "slow", "message": f"{elapsed:.2f} s",
                                  "input_hex": data[:64].hex(), "input_len": str(len(data))})
 
+    seeds_parsed = 0  # a seed the parser refuses means the run only scratches its surface
     for warm in (*target.seeds, b"", b"\x89PNG-not-really"):  # lazy imports (PIL plugins) once
         try:
             target.parse(warm)
+            seeds_parsed += warm in target.seeds
         except Exception:  # noqa: BLE001 - warm-up only; the run counts
             pass
     t0 = time.perf_counter()
     run()
-    return {**counts, "findings_kept": findings, "slowest_input_s": round(slowest, 4),
+    return {**counts, "seeds": len(target.seeds), "seeds_parsed": seeds_parsed,
+            "findings_kept": findings, "slowest_input_s": round(slowest, 4),
             "wall_s": round(time.perf_counter() - t0, 1)}
 
 
