@@ -79,6 +79,8 @@ class ServerConfig:
     max_batch: int = 32
     request_timeout: float = 60.0
     gramine_dir: Path | None = None
+    #: Seconds a worker may take to start (None: 60 under sim, 300 under gramine-sgx).
+    worker_start_timeout: float | None = None
 
 
 OCTET_STREAM = "application/octet-stream"
@@ -111,7 +113,8 @@ def create_app(config: ServerConfig) -> FastAPI:
                            tee=config.tee, workers=config.workers, metrics=metrics,
                            enclave_threads=config.enclave_threads,
                            request_timeout=config.request_timeout,
-                           gramine_dir=config.gramine_dir)
+                           gramine_dir=config.gramine_dir,
+                           start_timeout=config.worker_start_timeout)
         await pool.start()
         state.update(pool=pool, batcher=batcher, backnet=backnet)
         logger.info("serving model %s (%s) with %d %s enclave worker(s), BackNet on %s",
