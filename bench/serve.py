@@ -65,7 +65,7 @@ def plain_server(model_ref: str, port: int) -> None:
     async def classify(request: Request) -> JSONResponse:
         body = await request.body()
         x = await asyncio.get_running_loop().run_in_executor(None, prepare, body, model.preprocess)
-        scores = await state["batcher"].run(x)
+        (scores, *_) = await state["batcher"].run(x)
         preds = top_k(scores[0], model.labels, 5)
         return JSONResponse([p.to_dict() for p in preds])
 

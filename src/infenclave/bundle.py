@@ -6,8 +6,12 @@
   owner uploads to the untrusted host;
 - ``BUNDLE.key`` beside it (mode 0600, never inside the bundle): the fresh 256-bit model key
   and the model id it belongs to, which the owner provisions to an attested enclave;
-- ``BUNDLE.policy.json`` beside it: a starter client policy that lists this release's
-  enclave measurement and refuses simulation (`starter_policy`).
+- ``BUNDLE.owner.key`` beside it (mode 0600, kept across releases when it exists): the
+  owner's Ed25519 signing key. The manifest names its public half (``owner_key``) and
+  ``BUNDLE/manifest.sig`` holds the signature over the manifest bytes;
+- ``BUNDLE.policy.json`` beside it: a starter client policy that pins this release's model id,
+  the owner's signing key and the enclave measurement, and refuses simulation
+  (`starter_policy`).
 
 The host reads only the manifest and the BackNet (`read_manifest`, `read_backnet`); the
 enclave reads the encrypted parts itself (`infenclave.enclave.program`).
@@ -25,14 +29,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infenclave.crypto import AEAD_KEY_SIZE, aead_encrypt, generate_aead_key
+from infenclave.crypto import (
+    AEAD_KEY_SIZE,
+    ED25519_KEY_SIZE,
+    aead_encrypt,
+    ed25519_public_key,
+    ed25519_sign,
+    generate_aead_key,
+    load_or_create_key_file,
+)
 from infenclave.errors import BundleError, UsageError
+from infenclave.protocol.backnet_verify import VERIFY_FILE, BackNetPolicy
 from infenclave.protocol.bundle_format import (
     BUNDLE_FORMAT,
     MANIFEST_FILE,
     MAX_MANIFEST_BYTES,
     MAX_PART_BYTES,
     PART_FILES,
+    SIGNATURE_BYTES,
+    SIGNATURE_FILE,
     BundleManifest,
     check_part,
     encode_tail,
@@ -45,7 +60,10 @@ __all__ = [
     "KEY_FILE_FORMAT",
     "ModelKey",
     "PartitionResult",
+    "default_state_dir",
     "key_path_for",
+    "local_sim_signer",
+    "owner_key_path_for",
     "partition",
     "policy_path_for",
     "read_backnet",
@@ -57,6 +75,9 @@ __all__ = [
 ]
 
 KEY_FILE_FORMAT = "infenclave-model-key/1"
+#: Failed BackNet checks after which an enclave worker refuses everything until restarted:
+#: one, so that accept/reject answers cannot be used to learn the secret projections.
+DEFAULT_MAX_FAILURES = 1
 _MAX_KEY_FILE_BYTES = 4096
 
 
@@ -91,6 +112,28 @@ def key_path_for(bundle_dir: Path) -> Path:
     return bundle_dir.with_name(bundle_dir.name + ".key")
 
 
+def owner_key_path_for(bundle_dir: Path) -> Path:
+    """``BUNDLE.owner.key`` beside ``BUNDLE/``: the owner's Ed25519 manifest-signing key."""
+    bundle_dir = Path(bundle_dir)
+    return bundle_dir.with_name(bundle_dir.name + ".owner.key")
+
+
+def default_state_dir(bundle_dir: Path) -> Path:
+    """``BUNDLE.state`` beside ``BUNDLE/``: where `serve` keeps sealed state by default."""
+    bundle_dir = Path(bundle_dir)
+    return bundle_dir.with_name(bundle_dir.name + ".state")
+
+
+def local_sim_signer(state_dir: Path) -> str | None:
+    """Hex of the sim backend's evidence-signing public key in *state_dir*, if one exists."""
+    from infenclave.enclave.evidence import SIM_SIGNING_KEY_FILE
+
+    path = Path(state_dir) / SIM_SIGNING_KEY_FILE
+    if not path.is_file():
+        return None
+    return ed25519_public_key(load_or_create_key_file(path, ED25519_KEY_SIZE)).hex()
+
+
 def policy_path_for(bundle_dir: Path) -> Path:
     """``BUNDLE.policy.json`` beside ``BUNDLE/``."""
     bundle_dir = Path(bundle_dir)
@@ -123,6 +166,7 @@ def partition(
     mrenclave: tuple[str, ...] = (),
     mrsigner: tuple[str, ...] = (),
     force: bool = False,
+    unverified_backnet: bool = False,
 ) -> PartitionResult:
     """Split *model* (a `LoadedModel`) at the two cut points and write the bundle to *out*.
 
@@ -139,9 +183,24 @@ def partition(
         raise UsageError(
             f"{', '.join(map(str, existing))} already exist(s); pass --force to replace"
         )
+    owner_key = load_or_create_key_file(owner_key_path_for(out), ED25519_KEY_SIZE)
+    owner_public = ed25519_public_key(owner_key).hex()
     net = analyse(model)
     split = ternary_split(net, front_end, tail_start)
     parts = split.parts_bytes()  # front/back/tail ONNX bytes
+    verify_file, backnet_policy = b"", BackNetPolicy("unverified")
+    if not unverified_backnet:
+        # Verified by default: the BackNet the host runs also outputs every tensor the
+        # enclave checks; an op the verifier does not cover refuses verified mode by name.
+        from infenclave.verify_build import UnsupportedOp, build_verification
+
+        try:
+            verify_file, checked_back = build_verification(split.back, split.front_end.shape)
+        except UnsupportedOp as exc:
+            raise UsageError(f"{exc}") from exc
+        parts["back"] = checked_back.SerializeToString()
+        backnet_policy = BackNetPolicy("freivalds", DEFAULT_MAX_FAILURES,
+                                       hashlib.sha256(verify_file).hexdigest(), len(verify_file))
     tail_container = encode_tail(parts["tail"], list(model.labels))
     plaintext = {"frontnet": parts["front"], "backnet": parts["back"], "tail": tail_container}
     for name, data in plaintext.items():
@@ -168,6 +227,8 @@ def partition(
             }
             for name, data in plaintext.items()
         },
+        "owner_key": owner_public,
+        "backnet": backnet_policy.to_dict(),
     }
     manifest_bytes = (json.dumps(manifest_doc, indent=2, sort_keys=True) + "\n").encode("utf-8")
     manifest = parse_manifest(manifest_bytes)  # what we write is what readers accept
@@ -178,12 +239,17 @@ def partition(
         _remove(out, key_file, policy_file)
     out.mkdir(parents=True)
     _write(out / MANIFEST_FILE, manifest_bytes)
+    _write(out / SIGNATURE_FILE, ed25519_sign(owner_key, manifest_bytes))
     _write(out / PART_FILES["backnet"], plaintext["backnet"])
+    if backnet_policy.verified:
+        _write(out / VERIFY_FILE, verify_file)
     for name in ("frontnet", "tail"):
         _write(out / PART_FILES[name], aead_encrypt(key, plaintext[name], part_aad(manifest.digest, name)))
     write_key_file(key_file, ModelKey(manifest.model_id, key))
     policy_file.write_text(
-        json.dumps(starter_policy(measurement, mrenclave=mrenclave, mrsigner=mrsigner), indent=2)
+        json.dumps(starter_policy(measurement, model_id=manifest.model_id, owner_key=owner_public,
+                                  sim_signer=local_sim_signer(default_state_dir(out)),
+                                  mrenclave=mrenclave, mrsigner=mrsigner), indent=2)
         + "\n"
     )
     return PartitionResult(
@@ -208,9 +274,15 @@ STARTER_TCB_STATUSES = ("UpToDate", "SWHardeningNeeded")
 
 
 def starter_policy(
-    sim_measurement_hex: str, *, mrenclave: tuple[str, ...] = (), mrsigner: tuple[str, ...] = ()
+    sim_measurement_hex: str, *, model_id: str, owner_key: str, sim_signer: str | None = None,
+    mrenclave: tuple[str, ...] = (), mrsigner: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """The starter client policy for a bundle: this release's measurements, no simulation.
+    """The starter client policy for a bundle: this model, this release's measurements, no simulation.
+
+    It names the model twice over: ``model_ids`` (exactly this release) and ``model_signers``
+    (any manifest signed with this owner key; drop ``model_ids`` to accept later releases).
+    A client refuses a policy that names neither. ``sim_signers`` pins the local sim
+    backend's signing key when one exists already (`local_sim_signer`).
 
     It lists the ``sim`` measurement of the enclave program that ships with this release and,
     when given, SGX MRENCLAVE/MRSIGNER values (from ``make -C deploy/gramine mrenclave``).
@@ -235,6 +307,9 @@ def starter_policy(
         "tcb_statuses": list(STARTER_TCB_STATUSES),
         "allow_simulation": False,
         "max_evidence_age_s": 300,
+        "sim_signers": None if sim_signer is None else [sim_signer],
+        "model_ids": [model_id],
+        "model_signers": [owner_key],
     }
 
 
@@ -242,6 +317,14 @@ def read_manifest(bundle_dir: Path) -> BundleManifest:
     """Read and structure-check ``BUNDLE/manifest.json``."""
     path = Path(bundle_dir) / MANIFEST_FILE
     return parse_manifest(_read(path, MAX_MANIFEST_BYTES, "manifest"))
+
+
+def read_signature(bundle_dir: Path) -> bytes | None:
+    """The owner's signature over the manifest (``manifest.sig``), or None for an unsigned bundle."""
+    path = Path(bundle_dir) / SIGNATURE_FILE
+    if not path.is_file():
+        return None
+    return _read(path, SIGNATURE_BYTES, "manifest signature")
 
 
 def read_backnet(bundle_dir: Path, manifest: BundleManifest) -> bytes:

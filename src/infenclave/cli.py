@@ -169,6 +169,15 @@ def assess(
                                               help="Adam steps of the white-box inversion per cut."),
     decoder_epochs: int | None = typer.Option(None, "--decoder-epochs", min=1,
                                               help="Training epochs of the inverse network per cut."),
+    whitebox_restarts: int | None = typer.Option(None, "--whitebox-restarts", min=1,
+                                                 help="White-box restarts per cut (seeds and loss "
+                                                 "formulations alternate; the best per photo is kept)."),
+    attack_images: list[Path] = typer.Option(
+        [], "--attack-images", show_default=False, metavar="DIR|FILE...",
+        help="Photos the attacks are scored on. Default: the offline evaluation set (40 photos)."),
+    max_recovery: float = typer.Option(0.10, "--max-recovery", help="A cut is safe only when the "
+                                       "one-sided 95% upper bound on the share of photos an attack "
+                                       "recovers is at most this (0.10 needs 29 photos, none recovered)."),
 ) -> None:
     """Assess how much each cut point's intermediate representation reveals about the input
     (KL-oracle method, then real inversion attacks under --adversary) and recommend where the
@@ -193,13 +202,15 @@ def assess(
     opts = AssessOptions(model=model, images=[*images, *extra] or None, out=out, oracle=oracle,
                          full=full, tail_start=tail_start, seed=seed, force=force,
                          adversary=adversary, judge=judge, whitebox_steps=whitebox_steps,
-                         decoder_epochs=decoder_epochs)
+                         decoder_epochs=decoder_epochs, whitebox_restarts=whitebox_restarts,
+                         attack_images=list(attack_images) or None, max_recovery=max_recovery)
     with rich_progress() as progress:
         outcome = run_assess(opts, progress=progress,
                              log=lambda msg: print(msg, file=sys.stderr, flush=True))
     plan = outcome.plan
     rec = plan["recommendation"]
     print(f"adversary     {plan['adversary']['name']}")
+    print(f"verdict       {rec['verdict']} ({rec['deployment']})")
     print(f"FrontNet end  {rec['front_end'] or '(none)'}")
     print(f"Tail start    {rec['tail_start']}")
     print(f"written       {outcome.out}/plan.json, exposure.csv, report.html "
@@ -231,6 +242,9 @@ def partition(
     mrsigner: list[str] = typer.Option([], "--mrsigner", help="SGX MRSIGNER (hex) to accept in "
                                        "the starter policy; repeatable."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle, key and policy."),
+    unverified_backnet: bool = typer.Option(
+        False, "--unverified-backnet", help="Write a manifest whose BackNet the enclave does NOT "
+        "verify (for BackNets with ops the verifier does not cover): the host can then forge IR2."),
 ) -> None:
     """Split MODEL into a bundle: encrypted FrontNet and Tail, clear BackNet, a manifest.
 
@@ -253,7 +267,8 @@ def partition(
     if front_end is None or tail_start is None:
         raise UsageError("give --plan, or both --front-end and --tail-start")
     result = do_partition(loaded, front_end, tail_start, out,
-                          mrenclave=tuple(mrenclave), mrsigner=tuple(mrsigner), force=force)
+                          mrenclave=tuple(mrenclave), mrsigner=tuple(mrsigner), force=force,
+                          unverified_backnet=unverified_backnet)
     print(f"bundle      {result.bundle_dir}  (model id {result.model_id})")
     print(f"parts       FrontNet ..{result.front_end} {result.part_sizes['frontnet']:,} B (encrypted), "
           f"BackNet {result.part_sizes['backnet']:,} B (clear), "

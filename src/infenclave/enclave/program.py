@@ -20,7 +20,11 @@ What it does, per message from the host (`infenclave.protocol.frames`):
 5. REQUEST(request id, sealed request): open it (context: model id, request id), decode the
    image with strict limits, preprocess, run the FrontNet, send IR1 out and remember the
    client's one-time key under the frame tag.
-6. IR2(tag): check dtype, shape and finiteness, run the Tail, take top-k with labels, seal
+6. IR2(tag): check dtype, shape and finiteness; for a verified BackNet (manifest
+   ``backnet.verification = "freivalds"``) check IR2 and the BackNet's intermediates against
+   the IR1 kept for this very tag (`enclave.verify`): a failed check fails the request, and
+   after the manifest's ``max_failures`` the worker refuses everything until restarted (so
+   that accept/reject answers cannot be used to learn the secret projections). Run the Tail, take top-k with labels, seal
    the answer to the client's one-time key (context: model id, request id, "response").
 
 Fail closed: every error ends the request. The host gets one opaque code; the log (stderr,
@@ -47,12 +51,14 @@ from infenclave.crypto import AEAD_KEY_SIZE, generate_keypair, open_sealed, seal
 from infenclave.enclave.imaging import Preprocess, prepare
 from infenclave.enclave.onnx_runner import OnnxPart
 from infenclave.enclave.topk import top_k
+from infenclave.enclave.verify import BackNetVerifier, CheckFailed
 from infenclave.errors import BundleError, CryptoError, EnclaveError, ImageError
 from infenclave.protocol.binding import (
     MAX_NONCE_BYTES,
     MIN_NONCE_BYTES,
     expected_report_data,
 )
+from infenclave.protocol.backnet_verify import VERIFY_FILE, check_verify_file, parse_verify_file
 from infenclave.protocol.bundle_format import (
     MANIFEST_FILE,
     MAX_MANIFEST_BYTES,
@@ -71,6 +77,7 @@ from infenclave.protocol.frames import (
     encode_frame,
     tensor_from_frame,
     tensor_meta,
+    tensors_from_frame,
     write_frame,
 )
 from infenclave.protocol.messages import (
@@ -131,6 +138,7 @@ class _Pending:
     k: int
     started: float
     stages: dict[str, float]
+    ir1: np.ndarray | None = None  # what this enclave sent: IR2 is checked against it
 
 
 @dataclass
@@ -180,6 +188,8 @@ class EnclaveProgram:
         self._pending: dict[int, _Pending] = {}
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._handlers: dict[MsgType, Any] = {}
+        self._verifier: BackNetVerifier | None = None
+        self._check_failures = 0
 
     # --- loop -------------------------------------------------------------------------
 
@@ -268,6 +278,17 @@ class EnclaveProgram:
             blobs = {part: _read(directory / PART_FILES[part], MAX_PART_BYTES) for part in ("frontnet", "tail")}
         except (OSError, BundleError) as exc:
             raise _Refused("bad_bundle", "load: manifest or parts unreadable or malformed", exc) from exc
+        if manifest.backnet.verified:
+            try:
+                raw = _read(directory / VERIFY_FILE, manifest.backnet.size)
+                check_verify_file(manifest.backnet, raw)
+                spec = parse_verify_file(raw)
+                if spec.input_shape != (1, *manifest.front_end.shape) or \
+                        spec.shape_of(spec.output) != (1, *manifest.tail_start.shape):
+                    raise BundleError("backnet.verify: input/output shapes differ from the cuts")
+                self._verifier = BackNetVerifier(spec)  # fresh secret projections, never stored
+            except (OSError, BundleError, ValueError) as exc:
+                raise _Refused("bad_bundle", "load: BackNet verification file unusable", exc) from exc
         self._manifest, self._blobs = manifest, blobs
         log(f"loaded manifest of model {manifest.model_id[:16]}...")
         self._send(MsgType.LOADED, frame.tag, {"model_id": manifest.model_id, "provisioned": False})
@@ -361,6 +382,7 @@ class EnclaveProgram:
         front_ms = (time.perf_counter() - t0) * 1e3
         for row, (frame, pending, _) in enumerate(opened):
             pending.stages["frontnet_ms"] = front_ms
+            pending.ir1 = ir1[row : row + 1].copy()  # (1, C, H', W'): the IR2 check's ground truth
             self._pending[frame.tag] = pending
             one = ir1[row : row + 1]  # (1, C, H', W'), contiguous: a row of a C-order array
             self._send(MsgType.IR1, frame.tag, tensor_meta(one, t=pending.stages), memoryview(one).cast("B"))
@@ -371,6 +393,7 @@ class EnclaveProgram:
         model = self._model
         if model is None:
             raise _Refused("not_provisioned", "request: no model key yet")
+        self._refuse_if_tripped("request")
         if len(self._pending) >= MAX_IN_FLIGHT:
             self._evict_stale()
         if len(self._pending) >= MAX_IN_FLIGHT or frame.tag in self._pending:
@@ -406,13 +429,29 @@ class EnclaveProgram:
         model = self._model
         if pending is None or model is None:
             raise _Refused("refused", "ir2: no request waits for this tag")
+        self._refuse_if_tripped("ir2")
         t0 = time.perf_counter()
+        verifier = self._verifier
         try:
-            ir2 = tensor_from_frame(frame, model.ir2_shape)  # (1, C, H, W) as the Tail expects
+            if verifier is None:  # the manifest says "unverified" (covered by the model id)
+                ir2 = tensor_from_frame(frame, model.ir2_shape)  # (1, C, H, W) as the Tail expects
+                sent: list[np.ndarray] = []
+            else:
+                ir2, *sent = tensors_from_frame(frame, [model.ir2_shape, *verifier.sent_shapes])
         except EnclaveError as exc:
             raise _Refused("refused", "ir2: dtype, shape or size is wrong", exc) from exc
         if not np.isfinite(ir2).all():
             raise _Refused("refused", "ir2: contains NaN or infinity")
+        if verifier is not None and pending.ir1 is not None:
+            try:
+                verifier.check(pending.ir1, ir2, sent)
+            except CheckFailed as exc:
+                self._check_failures += 1
+                raise _Refused("backnet_check_failed", f"ir2: BackNet check failed at {exc.step} "
+                               f"({self._check_failures} of at most "
+                               f"{self._need_manifest().backnet.max_failures})") from exc
+            pending.stages["verify_ms"] = (time.perf_counter() - t0) * 1e3
+            t0 = time.perf_counter()
         scores = model.tail(ir2)[0]  # (num_classes,)
         if not np.isfinite(scores).all():
             raise _Refused("refused", "tail: produced non-finite scores")
@@ -420,6 +459,8 @@ class EnclaveProgram:
                             already_probabilities=self._manifest_output() == "probabilities")
         t1 = time.perf_counter()
         stages = {"tail_ms": (t1 - t0) * 1e3}
+        if "verify_ms" in pending.stages:
+            stages["verify_ms"] = pending.stages["verify_ms"]
         self._answer(frame.tag, pending.request_id, pending.client_public,
                      {"predictions": [p.to_dict() for p in predictions]}, stages)
 
@@ -434,6 +475,12 @@ class EnclaveProgram:
             raise _Refused("refused", "answer: the client's one-time key is unusable", exc) from exc
         stages = {**stages, "seal_ms": (time.perf_counter() - t0) * 1e3}
         self._send(MsgType.RESULT, tag, {"t": stages}, sealed)
+
+    def _refuse_if_tripped(self, step: str) -> None:
+        """After max_failures failed BackNet checks, refuse everything until restarted."""
+        manifest = self._need_manifest()
+        if manifest.backnet.verified and self._check_failures >= manifest.backnet.max_failures:
+            raise _Refused("backnet_check_failed", f"{step}: refused, BackNet checks failed before")
 
     def _manifest_output(self) -> str:
         return self._need_manifest().output

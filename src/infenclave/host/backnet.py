@@ -45,18 +45,21 @@ class BackNet:
         self.device = device
         self._session = ort.InferenceSession(model_bytes, opts, providers=providers)
         (inp,) = self._session.get_inputs()
-        (out,) = self._session.get_outputs()
-        self._input, self._output = inp.name, out.name
+        # Output 0 is IR2; a verified BackNet (`infenclave.verify_build`) also outputs every
+        # tensor the enclave checks, in the order the enclave expects them.
+        self._input = inp.name
+        self._outputs = [o.name for o in self._session.get_outputs()]
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        (y,) = self._session.run([self._output], {self._input: x})
-        return np.ascontiguousarray(y, dtype=np.float32)
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        """[IR2, *checked intermediates] for a batch of IR1s, each (B, ...)."""
+        return [np.ascontiguousarray(y, dtype=np.float32)
+                for y in self._session.run(self._outputs, {self._input: x})]
 
 
 @dataclass
 class _Item:
     x: np.ndarray  # (1, C, H, W)
-    future: asyncio.Future[np.ndarray]
+    future: asyncio.Future[list[np.ndarray]]
 
 
 class BackNetBatcher:
@@ -65,7 +68,7 @@ class BackNetBatcher:
     `observe(batch_size, seconds)` is called after each batch (metrics).
     """
 
-    def __init__(self, backnet: Callable[[np.ndarray], np.ndarray], *, max_batch: int = 32,
+    def __init__(self, backnet: Callable[[np.ndarray], list[np.ndarray]], *, max_batch: int = 32,
                  observe: Callable[[int, float], None] | None = None) -> None:
         self._backnet = backnet
         self._max_batch = max_batch
@@ -93,9 +96,9 @@ class BackNetBatcher:
                 item.future.set_exception(ServerError("the server is stopping"))
         self._executor.shutdown(wait=False)
 
-    async def run(self, x: np.ndarray) -> np.ndarray:
-        """BackNet output for one IR1 of shape (1, ...)."""
-        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+    async def run(self, x: np.ndarray) -> list[np.ndarray]:
+        """BackNet outputs ([IR2, *checked intermediates]) for one IR1 of shape (1, ...)."""
+        future: asyncio.Future[list[np.ndarray]] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Item(x, future))
         return await future
 
@@ -121,4 +124,4 @@ class BackNetBatcher:
                 self._observe(len(items), time.perf_counter() - started)
             for row, item in enumerate(items):
                 if not item.future.done():
-                    item.future.set_result(out[row : row + 1])  # (1, C', H', W')
+                    item.future.set_result([y[row : row + 1] for y in out])  # each (1, ...)

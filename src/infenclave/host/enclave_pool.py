@@ -38,7 +38,14 @@ from infenclave.errors import EnclaveError, ServerError, WorkerLost
 from infenclave.host.channel import ChannelClosed, ChannelTap, EnclaveChannel, EnclaveRefused
 from infenclave.host.metrics import Metrics
 from infenclave.protocol.bundle_format import BundleManifest
-from infenclave.protocol.frames import SEALED_STATE_UNOPENABLE, Frame, MsgType, tensor_from_frame, tensor_meta
+from infenclave.protocol.frames import (
+    SEALED_STATE_UNOPENABLE,
+    Frame,
+    MsgType,
+    tensor_from_frame,
+    tensor_meta,
+    tensors_meta,
+)
 
 __all__ = [
     "EnclavePool",
@@ -48,6 +55,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger("infenclave.host.pool")
+
+#: The enclave's error code for a failed (or, after max_failures, any) BackNet check.
+BACKNET_CHECK_FAILED = "backnet_check_failed"
 
 #: Seconds a worker may take from spawn to HELLO (imports onnxruntime, numpy, ...).
 START_TIMEOUT_S = 60.0
@@ -374,11 +384,22 @@ class EnclavePool:
             if first.type != MsgType.IR1:
                 raise ServerError("the enclave answered a request with an unexpected frame")
             ir1 = tensor_from_frame(first, self._ir1_shape)  # (1, C, H, W), read-only view
-            ir2 = await batcher.run(ir1)  # (1, C', H', W')
+            outputs = await batcher.run(ir1)  # [IR2 (1, C', H', W'), *checked intermediates]
             t2 = time.perf_counter()
             self._metrics.observe_stage("backnet", t2 - t1)
-            result = await channel.call(MsgType.IR2, tensor_meta(ir2), memoryview(ir2).cast("B"),
-                                        tag=tag, timeout=self._timeout)
+            try:
+                if self.manifest.backnet.verified:  # IR2 and what the enclave checks it with
+                    result = await channel.call(MsgType.IR2, tensors_meta(outputs),
+                                                b"".join(memoryview(y).cast("B") for y in outputs),
+                                                tag=tag, timeout=self._timeout)
+                else:
+                    ir2 = outputs[0]
+                    result = await channel.call(MsgType.IR2, tensor_meta(ir2), memoryview(ir2).cast("B"),
+                                                tag=tag, timeout=self._timeout)
+            except EnclaveRefused as exc:
+                if exc.code == BACKNET_CHECK_FAILED:
+                    self._metrics.backnet_check_failed()
+                raise
             self._metrics.observe_stage("enclave_out", time.perf_counter() - t2)
             self._record_enclave_stages(result)
             if result.type != MsgType.RESULT:

@@ -46,6 +46,7 @@ class Metrics:
         self._batch = _Histogram(tuple(float(b) for b in BATCH_BUCKETS))
         self._restarts = 0
         self._workers_ready = 0
+        self._backnet_check_failures = 0
 
     def count_request(self, endpoint: str, outcome: str) -> None:
         """One request to *endpoint* ended with *outcome* (``ok`` or an error class)."""
@@ -70,6 +71,11 @@ class Metrics:
         """An enclave worker died and was replaced."""
         with self._lock:
             self._restarts += 1
+
+    def backnet_check_failed(self) -> None:
+        """An enclave refused the host's BackNet output (a failed verification)."""
+        with self._lock:
+            self._backnet_check_failures += 1
 
     def set_workers_ready(self, n: int) -> None:
         """How many enclave workers can serve right now."""
@@ -99,7 +105,11 @@ class Metrics:
                       f"infenclave_worker_restarts_total {self._restarts}",
                       "# HELP infenclave_workers_ready Enclave workers ready to serve.",
                       "# TYPE infenclave_workers_ready gauge",
-                      f"infenclave_workers_ready {self._workers_ready}"]
+                      f"infenclave_workers_ready {self._workers_ready}",
+                      "# HELP infenclave_backnet_check_failures_total IR2 frames an enclave refused "
+                      "because a BackNet check failed (or, after max_failures, any IR2).",
+                      "# TYPE infenclave_backnet_check_failures_total counter",
+                      f"infenclave_backnet_check_failures_total {self._backnet_check_failures}"]
         return "\n".join(lines) + "\n"
 
 

@@ -1,8 +1,7 @@
 """The partitioned-bundle format, as the enclave reads it (parse, then verify).
 
-Why it lives in ``enclave/``: the enclave must parse and check bundles, and it may import
-nothing from outside its small trusted base. The writer (`infenclave.bundle`, which needs
-onnx and the model zoo) and the host import this module, never the other way round.
+The enclave parses and checks bundles with this module; the writer (`infenclave.bundle`,
+which needs onnx and the model zoo) and the host import it too, never the other way round.
 
 A bundle is a directory::
 
@@ -12,6 +11,12 @@ A bundle is a directory::
     frontnet.onnx.enc    AES-256-GCM(model key, FrontNet ONNX)
     tail.bin.enc         AES-256-GCM(model key, tail container: Tail ONNX + label list)
     backnet.onnx         the BackNet in the clear (the host runs it)
+    manifest.sig         Ed25519(owner key, manifest.json bytes), raw 64 bytes; present when
+                         the manifest names an ``owner_key`` (hex of the raw public key)
+
+The owner signature lets a client policy accept "any release this owner signed"
+(``model_signers``) instead of listing model ids, and lets the enclave refuse a manifest that
+names an owner but was not signed by it (a host editing a signed release).
 
 Model id = SHA-256 of the exact ``manifest.json`` bytes (hex). Every encrypted part is
 ``nonce || ciphertext || tag`` with associated data
@@ -37,11 +42,14 @@ from typing import Any
 
 from infenclave.crypto import aead_decrypt, context
 from infenclave.errors import BundleError, CryptoError
+from infenclave.protocol.backnet_verify import BackNetPolicy, parse_backnet_section
 from infenclave.protocol.strict_json import loads_object
 
 __all__ = [
     "BUNDLE_FORMAT",
     "MANIFEST_FILE",
+    "SIGNATURE_BYTES",
+    "SIGNATURE_FILE",
     "MAX_MANIFEST_BYTES",
     "MAX_PART_BYTES",
     "PART_AAD_TAG",
@@ -60,6 +68,8 @@ __all__ = [
 
 BUNDLE_FORMAT = "infenclave-bundle/1"
 MANIFEST_FILE = "manifest.json"
+SIGNATURE_FILE = "manifest.sig"
+SIGNATURE_BYTES = 64
 PART_AAD_TAG = b"infenclave/bundle-part/v1"
 TAIL_MAGIC = b"IETAIL1\n"
 #: Fixed file names: the manifest cannot point the enclave at another path.
@@ -76,7 +86,8 @@ MAX_LABEL_BYTES = 1024
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _MANIFEST_KEYS = frozenset(
-    {"format", "model", "preprocess", "output", "num_classes", "input_shape", "cuts", "parts"}
+    {"format", "model", "preprocess", "output", "num_classes", "input_shape", "cuts", "parts",
+     "owner_key", "backnet"}
 )
 
 
@@ -114,6 +125,8 @@ class BundleManifest:
     front_end: CutInfo
     tail_start: CutInfo
     parts: dict[str, PartInfo]
+    owner_key: bytes | None
+    backnet: BackNetPolicy
 
     @property
     def digest(self) -> bytes:
@@ -157,6 +170,9 @@ def parse_manifest(raw: bytes) -> BundleManifest:
     if not isinstance(parts_doc, dict) or set(parts_doc) != set(PART_FILES):
         raise BundleError(f"manifest: parts must be exactly {sorted(PART_FILES)}")
     parts = {name: _part(name, parts_doc[name]) for name in PART_FILES}
+    owner_key = doc["owner_key"]
+    if owner_key is not None and (not isinstance(owner_key, str) or _HEX64.fullmatch(owner_key) is None):
+        raise BundleError("manifest: owner_key must be null or 64 lower-case hex digits")
     return BundleManifest(
         raw=bytes(raw),
         model_id=model_id_of(raw),
@@ -168,6 +184,8 @@ def parse_manifest(raw: bytes) -> BundleManifest:
         front_end=_cut("front_end", cuts["front_end"]),
         tail_start=_cut("tail_start", cuts["tail_start"]),
         parts=parts,
+        owner_key=None if owner_key is None else bytes.fromhex(owner_key),
+        backnet=parse_backnet_section(doc["backnet"]),
     )
 
 

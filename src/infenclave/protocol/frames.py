@@ -47,8 +47,11 @@ __all__ = [
     "MsgType",
     "decode_header",
     "encode_frame",
+    "encode_tensors_frame",
     "tensor_from_frame",
     "tensor_meta",
+    "tensors_from_frame",
+    "tensors_meta",
     "write_frame",
 ]
 
@@ -56,8 +59,12 @@ MAGIC = b"IEF1"
 HEADER = struct.Struct(">4sBBHQII")
 #: Metadata is a handful of small fields.
 MAX_META_BYTES = 64 * 1024
-#: The largest body is a sealed request (an image of at most 32 MiB plus HPKE overhead).
-MAX_BODY_BYTES = 33 * 1024 * 1024
+#: The largest bodies: a sealed request (an image of at most 32 MiB plus HPKE overhead) and
+#: a verified IR2 frame (IR2 plus the BackNet's checked intermediates: ~11 MiB for Lite0 cut
+#: after block 3, ~100 MiB for an early cut of Lite2).
+MAX_BODY_BYTES = 256 * 1024 * 1024
+#: Tensors in one multi-tensor frame (IR2 and the checked intermediates; ResNet-50: ~60).
+MAX_TENSORS = 1024
 
 _DTYPES = {"float32": np.dtype("<f4")}
 #: Tensors on the channel are at most 4-D, each dimension bounded.
@@ -172,6 +179,43 @@ def tensor_from_frame(frame: Frame, expected_shape: tuple[int, ...] | None = Non
     if count * dtype.itemsize != len(frame.body):
         raise EnclaveError("channel: tensor body size does not match its shape")
     return np.frombuffer(frame.body, dtype=dtype).reshape(shape)
+
+
+def encode_tensors_frame(msg: MsgType, tag: int, arrays: list[np.ndarray],
+                         **extra: Any) -> list[bytes | memoryview]:
+    """A multi-tensor frame: meta ``{dtype, shapes}``, body the tensors' raw bytes in order."""
+    if not 1 <= len(arrays) <= MAX_TENSORS:
+        raise EnclaveError("channel: too many tensors for one frame")
+    meta = encode_meta(tensors_meta(arrays, **extra))
+    views = [memoryview(a).cast("B") for a in arrays]
+    return [encode_header(msg, tag, len(meta), sum(len(v) for v in views)), meta, *views]
+
+
+def tensors_meta(arrays: list[np.ndarray], **extra: Any) -> dict[str, Any]:
+    """Metadata of a multi-tensor frame (float32, C-contiguous tensors; bytes in the body)."""
+    if not 1 <= len(arrays) <= MAX_TENSORS:
+        raise EnclaveError("channel: too many tensors for one frame")
+    for a in arrays:
+        tensor_meta(a)
+    return {"dtype": "float32", "shapes": [list(a.shape) for a in arrays], **extra}
+
+
+def tensors_from_frame(frame: Frame, expected_shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+    """Views of a multi-tensor frame's tensors; count, shapes and size must be exactly expected."""
+    meta = frame.meta
+    shapes = meta.get("shapes")
+    if meta.get("dtype") != "float32" or not isinstance(shapes, list) or len(shapes) != len(expected_shapes):
+        raise EnclaveError("channel: multi-tensor frame with the wrong dtype or tensor count")
+    if [tuple(s) if isinstance(s, list) else None for s in shapes] != [tuple(s) for s in expected_shapes]:
+        raise EnclaveError("channel: tensor shapes differ from the expected ones")
+    sizes = [4 * int(np.prod(s, dtype=np.int64)) for s in expected_shapes]
+    if sum(sizes) != len(frame.body):
+        raise EnclaveError("channel: tensor body size does not match the shapes")
+    out, pos = [], 0
+    for shape, size in zip(expected_shapes, sizes):
+        out.append(np.frombuffer(frame.body, dtype="<f4", count=size // 4, offset=pos).reshape(shape))
+        pos += size
+    return out
 
 
 def write_frame(fd: int, buffers: list[bytes | memoryview]) -> None:
