@@ -30,7 +30,8 @@ NOW = datetime(2025, 6, 19, 12, 0, 0, tzinfo=timezone.utc)
 MEASUREMENT = hashlib.sha256(b"enclave program v1").hexdigest()
 ENCLAVE_PUBLIC_KEY = bytes(range(32))
 NONCE = b"n" * 32
-REPORT_DATA = expected_report_data(ENCLAVE_PUBLIC_KEY, NONCE)
+MODEL_ID = hashlib.sha256(b"manifest").hexdigest()
+REPORT_DATA = expected_report_data(ENCLAVE_PUBLIC_KEY, NONCE, MODEL_ID)
 
 
 def public_hex(key: Ed25519PrivateKey) -> str:
@@ -118,7 +119,7 @@ def test_sim_age_limit_comes_from_policy(key: Ed25519PrivateKey) -> None:
 
 
 def test_sim_report_data_mismatch_refused(key: Ed25519PrivateKey) -> None:
-    other = expected_report_data(ENCLAVE_PUBLIC_KEY, b"m" * 32)
+    other = expected_report_data(ENCLAVE_PUBLIC_KEY, b"m" * 32, MODEL_ID)
     with pytest.raises(PolicyRefusal, match=r"step 4 \(report data\)"):
         verify(Evidence("simulated", make_sim(key)), sim_policy(), expected_report_data=other, now=NOW)
 
@@ -225,13 +226,18 @@ def test_sim_format_helpers_match_the_spec(key: Ed25519PrivateKey) -> None:
     assert parse_sim_evidence(again) == parsed
 
 
-def test_expected_report_data() -> None:
-    value = expected_report_data(b"pk", b"x" * 16)
-    assert value == hashlib.sha256(b"pk" + b"x" * 16).digest() + bytes(32)
-    assert len(value) == 64
-    with pytest.raises(VerificationError, match="nonce"):
-        expected_report_data(b"pk", b"short")
-    with pytest.raises(VerificationError, match="nonce"):
-        expected_report_data(b"pk", b"x" * 65)
+def test_expected_report_data_binds_key_model_and_nonce() -> None:
+    key, nonce = b"k" * 32, b"x" * 16
+    value = expected_report_data(key, nonce, MODEL_ID)
+    tag = b"infenclave/report-data/v2\n"
+    assert value == hashlib.sha256(tag + key + bytes.fromhex(MODEL_ID) + nonce).digest() + bytes(32)
+    other_model = hashlib.sha256(b"the host's own bundle").hexdigest()
+    assert expected_report_data(key, nonce, other_model) != value
+    assert expected_report_data(b"j" * 32, nonce, MODEL_ID) != value
+    for bad_nonce in (b"short", b"x" * 65):
+        with pytest.raises(VerificationError, match="nonce"):
+            expected_report_data(key, bad_nonce, MODEL_ID)
     with pytest.raises(VerificationError, match="public key"):
-        expected_report_data(b"", b"x" * 16)
+        expected_report_data(b"", nonce, MODEL_ID)
+    with pytest.raises(VerificationError, match="model id"):
+        expected_report_data(key, nonce, "AB" * 32)

@@ -16,6 +16,7 @@ from test_serving_support import make_bundle
 
 from infenclave.bundle import (
     key_path_for,
+    owner_key_path_for,
     policy_path_for,
     read_backnet,
     read_key_file,
@@ -23,10 +24,13 @@ from infenclave.bundle import (
     read_plan,
     sim_measurement,
 )
+from infenclave.crypto import ed25519_verify
 from infenclave.errors import BundleError, UsageError
+from infenclave.protocol.backnet_verify import VERIFY_FILE
 from infenclave.protocol.bundle_format import (
     MANIFEST_FILE,
     PART_FILES,
+    SIGNATURE_FILE,
     decode_tail,
     decrypt_part,
     parse_manifest,
@@ -57,9 +61,12 @@ def cli_bundle(tmp_path_factory) -> Path:
 
 
 def test_partition_writes_bundle_key_0600_and_starter_policy(cli_bundle: Path) -> None:
-    assert sorted(p.name for p in cli_bundle.iterdir()) == sorted([MANIFEST_FILE, *PART_FILES.values()])
+    assert sorted(p.name for p in cli_bundle.iterdir()) == sorted(
+        [MANIFEST_FILE, SIGNATURE_FILE, VERIFY_FILE, *PART_FILES.values()])
     key_file = key_path_for(cli_bundle)
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    owner_key = owner_key_path_for(cli_bundle)
+    assert stat.S_IMODE(owner_key.stat().st_mode) == 0o600
     assert not any(p.name.endswith(".key") for p in cli_bundle.iterdir())  # never inside the bundle
     manifest = read_manifest(cli_bundle)
     key = read_key_file(key_file)
@@ -68,6 +75,10 @@ def test_partition_writes_bundle_key_0600_and_starter_policy(cli_bundle: Path) -
     policy = json.loads(policy_path_for(cli_bundle).read_text())
     assert policy["allow_simulation"] is False
     assert policy["measurements"]["sim"] == [sim_measurement().hex()]
+    # The policy names the model twice: this release, and the owner key that signed it.
+    assert policy["model_ids"] == [manifest.model_id]
+    assert manifest.owner_key is not None and policy["model_signers"] == [manifest.owner_key.hex()]
+    ed25519_verify(manifest.owner_key, (cli_bundle / SIGNATURE_FILE).read_bytes(), manifest.raw)
     assert (manifest.front_end.name, manifest.tail_start.name) == ("_blocks.3", "_conv_head")
 
 

@@ -82,7 +82,8 @@ def test_wrong_measurement_is_refused_before_anything_is_sent(server, bundle, ph
 
 def test_hardware_only_policy_refuses_simulated_evidence(server, bundle, photos, tmp_path) -> None:
     policy = tmp_path / "sgx.json"
-    policy.write_text(json.dumps({"tee_types": ["sgx"], "measurements": {"mrenclave": ["ab" * 32]}}))
+    policy.write_text(json.dumps({"tee_types": ["sgx"], "measurements": {"mrenclave": ["ab" * 32]},
+                                  "model_ids": [bundle.model_id]}))
     requests = Requests()
     client = Client(server.url, policy, http=requests.http())
     with pytest.raises(VerificationError, match="step 3a"):
@@ -95,8 +96,8 @@ def test_allow_simulation_keeps_the_measurement_check(bundle) -> None:
     assert policy.unsafe_allows_simulation and "simulated" in policy.tee_types
     assert policy.measurements.sim == tuple(_policy_doc(bundle)["measurements"]["sim"])
     with pytest.raises(PolicyError, match="no sim measurement"):
-        resolve_policy({"tee_types": ["sgx"], "measurements": {"mrenclave": ["ab" * 32]}},
-                       allow_simulation=True)
+        resolve_policy({"tee_types": ["sgx"], "measurements": {"mrenclave": ["ab" * 32]},
+                        "model_ids": ["cd" * 32]}, allow_simulation=True)
 
 
 def test_key_for_another_model_is_not_sent(server, bundle, tmp_path) -> None:

@@ -39,7 +39,7 @@ _REPORT_DATA = slice(368, 432)  # REPORTDATA inside an SGX quote v3
 
 def _report_data() -> bytes:
     _, public = generate_keypair()
-    return expected_report_data(public, os.urandom(32))
+    return expected_report_data(public, os.urandom(32), "ab" * 32)
 
 
 # --- simulated ------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ policy lists its measurement; it warns on every use, and never skips the measure
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import logging
@@ -44,6 +45,7 @@ import httpx
 from infenclave.crypto import generate_keypair, open_sealed, seal
 from infenclave.enclave.topk import Prediction
 from infenclave.errors import (
+    BundleError,
     CryptoError,
     EnclaveError,
     ImageError,
@@ -58,6 +60,7 @@ from infenclave.protocol.http import (
     CLASSIFY_PATH,
     KEY_HEADER,
     MODEL_HEADER,
+    MODEL_PATH,
     PROVISION_PATH,
     REQUEST_ID_HEADER,
 )
@@ -75,7 +78,6 @@ logger = logging.getLogger("infenclave.client")
 NONCE_BYTES = 32
 #: Answers are a short JSON list sealed; a megabyte is far beyond any honest one.
 MAX_RESPONSE_BYTES = 1024 * 1024
-_MAX_POLICY_BYTES = 1024 * 1024
 
 
 class SimulationWarning(UserWarning):
@@ -111,7 +113,15 @@ def resolve_policy(policy: Any, *, allow_simulation: bool) -> Any:
     elif isinstance(policy, dict):
         document = dict(policy)
     else:
-        document = _read_policy_document(Path(policy))
+        from infenclave.attest import load_policy
+
+        document = load_policy(Path(policy)).to_mapping()
+    if not (document.get("model_ids") or document.get("model_signers")):
+        raise PolicyError(
+            "the policy names no model (model_ids or model_signers): a host could serve a "
+            "bundle of its own and read your images; use the BUNDLE.policy.json that "
+            "`infenclave partition` wrote"
+        )
     if allow_simulation:
         document["allow_simulation"] = True
         sims = (document.get("measurements") or {}).get("sim")
@@ -120,6 +130,9 @@ def resolve_policy(policy: Any, *, allow_simulation: bool) -> Any:
             raise PolicyError("--allow-simulation: the policy lists no sim measurement to accept")
         if "simulated" not in tee_types:
             document["tee_types"] = [*tee_types, "simulated"]
+        if not document.get("sim_signers"):
+            warnings.warn("the policy pins no sim_signers: simulated evidence signed by ANY key "
+                          "is accepted", SimulationWarning, stacklevel=3)
         return Policy.from_mapping(document)
     parsed = Policy.from_mapping(document)
     if not parsed.unsafe_allows_simulation and set(parsed.tee_types) == {"simulated"}:
@@ -197,6 +210,7 @@ class Client:
             raise VerificationError(
                 f"the server serves model {model_id[:16]}..., not the expected {self._expected_model_id[:16]}..."
             )
+        self._check_model(model_id)
         now = datetime.now(timezone.utc)
         verified = []
         for index, entry in enumerate(enclaves_doc):
@@ -209,7 +223,8 @@ class Client:
                 raise VerificationError(f"enclave {index}: malformed attestation entry") from exc
             try:
                 claims = verify(evidence, self.policy,
-                                expected_report_data=expected_report_data(public_key, nonce), now=now)
+                                expected_report_data=expected_report_data(public_key, nonce, model_id),
+                                now=now)
             except VerificationError as exc:
                 raise VerificationError(f"enclave {index} refused: {exc}") from exc
             verified.append(AttestedEnclave(public_key, claims, bool(entry.get("provisioned"))))
@@ -218,6 +233,38 @@ class Client:
             self._cycle = itertools.cycle(verified)
             self.model_id = model_id
         return list(verified)
+
+    def _check_model(self, model_id: str) -> None:
+        """Refuse a model the policy does not name, before anything is sent.
+
+        A listed model id is enough. Otherwise the server's manifest must hash to *model_id*
+        and carry a valid signature by one of the policy's ``model_signers``. The evidence
+        then binds *model_id* (`infenclave.protocol.binding`), so the enclave that answers is
+        the one serving this model.
+        """
+        from infenclave.crypto import ed25519_verify
+        from infenclave.protocol.bundle_format import model_id_of, parse_manifest
+
+        if model_id in self.policy.model_ids:
+            return
+        refusal = f"the server serves model {model_id[:16]}..., which the policy does not name"
+        if not self.policy.model_signers:
+            raise VerificationError(refusal)
+        document = _json(self._get(MODEL_PATH), "model")
+        try:
+            manifest_raw = base64.b64decode(str(document["manifest"]), validate=True)
+            signature = base64.b64decode(str(document["signature"]), validate=True)
+            manifest = parse_manifest(manifest_raw)
+        except (KeyError, ValueError, BundleError) as exc:
+            raise VerificationError(f"{refusal} (no readable signed manifest)") from exc
+        if model_id_of(manifest_raw) != model_id or manifest.owner_key is None:
+            raise VerificationError(f"{refusal} (its manifest is not the attested one, or unsigned)")
+        if manifest.owner_key.hex() not in self.policy.model_signers:
+            raise VerificationError(f"{refusal} (signed by an owner key the policy does not list)")
+        try:
+            ed25519_verify(manifest.owner_key, signature, manifest_raw)
+        except CryptoError as exc:
+            raise VerificationError(f"{refusal} (the owner's signature does not verify)") from exc
 
     def _next_enclave(self) -> tuple[AttestedEnclave, str]:
         with self._lock:
@@ -251,6 +298,9 @@ class Client:
         response = self._post(PROVISION_PATH, sealed, {KEY_HEADER: enclave.key_id})
         if response.status_code == 409 and _error_code(response) == "already_provisioned":
             return sum(1 for e in self.attest() if e.provisioned)
+        if response.status_code == 409 and _error_code(response) == "other_key_provisioned":
+            raise UsageError("the server's enclaves already hold a different model key than "
+                             f"{key_file}: refusing (restart the server with fresh state to change it)")
         _raise_for(response, "provision")
         return int(_json(response, "provision").get("workers_ready", 0))
 
@@ -347,35 +397,3 @@ def _json(response: httpx.Response, what: str) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise ServerError(f"{what}: the server's answer is not a JSON object")
     return doc
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise PolicyError(f"duplicate key {key!r}")
-        result[key] = value
-    return result
-
-
-def _read_policy_document(path: Path) -> dict[str, Any]:
-    """Read a policy file as a mapping (JSON, or YAML by extension) for `resolve_policy`."""
-    try:
-        with path.open("rb") as handle:
-            data = handle.read(_MAX_POLICY_BYTES + 1)
-    except OSError as exc:
-        raise UsageError(f"cannot read policy file {path}: {exc.strerror or exc}") from exc
-    if len(data) > _MAX_POLICY_BYTES:
-        raise PolicyError(f"policy file {path} is too large")
-    try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            document = yaml.safe_load(data.decode("utf-8"))
-        else:
-            document = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except Exception as exc:  # noqa: BLE001 - any parse failure is one clear policy error
-        raise PolicyError(f"policy file {path} is not valid JSON/YAML") from exc
-    if not isinstance(document, dict):
-        raise PolicyError(f"policy file {path}: expected a mapping")
-    return document

@@ -29,7 +29,7 @@ import struct
 import tempfile
 from pathlib import Path
 
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, hpke
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -58,6 +58,7 @@ __all__ = [
     "derive_key",
     "ed25519_public_key",
     "ed25519_sign",
+    "ed25519_verify",
     "generate_aead_key",
     "generate_keypair",
     "load_or_create_key_file",
@@ -257,6 +258,17 @@ def ed25519_public_key(private_raw: bytes) -> bytes:
 def ed25519_sign(private_raw: bytes, message: bytes) -> bytes:
     """Sign *message* with the raw 32-byte Ed25519 private key; returns a 64-byte signature."""
     return _ed25519_private(private_raw).sign(bytes(message))
+
+
+def ed25519_verify(public_raw: bytes, signature: bytes, message: bytes) -> None:
+    """Raise `CryptoError` unless *signature* is *public_raw*'s Ed25519 signature of *message*.
+
+    The enclave checks the owner's signature over a bundle manifest with it.
+    """
+    try:
+        ed25519.Ed25519PublicKey.from_public_bytes(bytes(public_raw)).verify(bytes(signature), bytes(message))
+    except (ValueError, InvalidSignature) as exc:
+        raise CryptoError("Ed25519 signature does not verify") from exc
 
 
 def _ed25519_private(private_raw: bytes) -> ed25519.Ed25519PrivateKey:

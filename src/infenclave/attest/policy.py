@@ -15,8 +15,16 @@ File format (JSON, or YAML with the same keys)::
       "tcb_statuses": ["UpToDate"],
       "allow_simulation": false,
       "max_evidence_age_s": 300,
-      "sim_signers": null
+      "sim_signers": null,
+      "model_ids": ["<64 hex: SHA-256 of the bundle manifest>"],
+      "model_signers": ["<64 hex: the owner's Ed25519 public key>"],
+      "allow_unverified_backnet": false
     }
+
+Which *model* the enclave serves is part of what a client trusts: evidence binds the model id
+(`infenclave.protocol.binding`), and a client (SDK and CLI) refuses a policy that names
+neither `model_ids` (exact releases) nor `model_signers` (any manifest the owner signed):
+without one, a host could serve a bundle of its own making and read the images.
 """
 
 from __future__ import annotations
@@ -86,6 +94,9 @@ _TOP_LEVEL_KEYS = frozenset(
         "allow_simulation",
         "max_evidence_age_s",
         "sim_signers",
+        "model_ids",
+        "model_signers",
+        "allow_unverified_backnet",
     }
 )
 _HEX = re.compile(r"[0-9a-f]+")
@@ -134,6 +145,9 @@ class Policy:
     unsafe_allow_simulation: bool = False
     max_evidence_age_s: int = DEFAULT_MAX_EVIDENCE_AGE_S
     sim_signers: tuple[str, ...] | None = None
+    model_ids: tuple[str, ...] = ()
+    model_signers: tuple[str, ...] = ()
+    allow_unverified_backnet: bool = False
 
     def __post_init__(self) -> None:
         # Types first, so that the consistency checks below read well-formed values.
@@ -151,6 +165,9 @@ class Policy:
             object.__setattr__(
                 self, "sim_signers", _hex_tuple("sim_signers", self.sim_signers, 32)
             )
+        object.__setattr__(self, "model_ids", _hex_tuple("model_ids", self.model_ids, 32))
+        object.__setattr__(self, "model_signers", _hex_tuple("model_signers", self.model_signers, 32))
+        _require_bool("allow_unverified_backnet", self.allow_unverified_backnet)
 
         # Values and consistency.
         if not self.tee_types:
@@ -201,6 +218,11 @@ class Policy:
                 raise PolicyError("sim_signers: listed, but tee_types does not accept 'simulated'")
 
     @property
+    def names_a_model(self) -> bool:
+        """True when the policy pins which model may be served (ids or owner signers)."""
+        return bool(self.model_ids or self.model_signers)
+
+    @property
     def unsafe_allows_simulation(self) -> bool:
         """True when simulated (unprotected) evidence may be accepted. Never in production."""
         return self.unsafe_allow_simulation
@@ -244,6 +266,9 @@ class Policy:
             unsafe_allow_simulation=document.get("allow_simulation", False),
             max_evidence_age_s=document.get("max_evidence_age_s", DEFAULT_MAX_EVIDENCE_AGE_S),
             sim_signers=None if sim_signers is None else _list_field("sim_signers", sim_signers),
+            model_ids=_list_field("model_ids", document.get("model_ids") or []),
+            model_signers=_list_field("model_signers", document.get("model_signers") or []),
+            allow_unverified_backnet=document.get("allow_unverified_backnet", False),
         )
 
     def to_mapping(self) -> dict[str, Any]:
@@ -260,6 +285,9 @@ class Policy:
             "allow_simulation": self.unsafe_allow_simulation,
             "max_evidence_age_s": self.max_evidence_age_s,
             "sim_signers": None if self.sim_signers is None else list(self.sim_signers),
+            "model_ids": list(self.model_ids),
+            "model_signers": list(self.model_signers),
+            "allow_unverified_backnet": self.allow_unverified_backnet,
         }
 
     def to_json(self) -> str:

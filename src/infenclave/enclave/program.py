@@ -9,12 +9,17 @@ What it does, per message from the host (`infenclave.protocol.frames`):
 
 1. At start: a fresh X25519 key pair, generated inside and never written anywhere. The
    public key goes to the host in HELLO.
-2. EVIDENCE(nonce): evidence whose report data is SHA-256(public key || nonce) padded.
-3. LOAD(bundle): read the bundle's manifest and encrypted parts from ``--bundles`` (untrusted
-   storage: nothing is used before it is authenticated).
+2. LOAD(bundle): read the bundle's manifest and encrypted parts from ``--bundles`` (untrusted
+   storage: nothing is used before it is authenticated). A manifest that names an owner key
+   must carry that owner's signature (``manifest.sig``), or the bundle is refused.
+3. EVIDENCE(nonce): evidence whose report data binds this enclave's public key, the loaded
+   model's id and the nonce (`protocol.binding`); no evidence before a bundle is loaded.
 4. PROVISION(sealed key): open the owner's HPKE message (context: model id = manifest
-   hash), decrypt FrontNet and Tail with it and check them against the manifest, then seal
-   the key to this enclave's identity (`sealing`) and hand the blob to the host to store.
+   hash), decrypt FrontNet and Tail with it and check them against the manifest — and, before
+   loading them, that they are pure ONNX data (`onnx_runner.check_model_is_data`) — then seal
+   the key to this enclave's identity (`sealing`) and hand the blob to the host to store. A
+   second provisioning is refused: ``already_provisioned`` with the same key,
+   ``other_key_provisioned`` with another.
    UNSEAL(blob) does the same from a stored blob, so a restarted worker serves without the
    owner.
 5. REQUEST(request id, sealed request): open it (context: model id, request id), decode the
@@ -24,8 +29,9 @@ What it does, per message from the host (`infenclave.protocol.frames`):
    ``backnet.verification = "freivalds"``) check IR2 and the BackNet's intermediates against
    the IR1 kept for this very tag (`enclave.verify`): a failed check fails the request, and
    after the manifest's ``max_failures`` the worker refuses everything until restarted (so
-   that accept/reject answers cannot be used to learn the secret projections). Run the Tail, take top-k with labels, seal
-   the answer to the client's one-time key (context: model id, request id, "response").
+   that accept/reject answers cannot be used to learn the secret projections). Run the
+   Tail, take top-k with labels, seal the answer to the client's one-time key (context: model
+   id, request id, "response"), padded to a size that depends on the model and k only.
 
 Fail closed: every error ends the request. The host gets one opaque code; the log (stderr,
 which the host can read) names the failing step and the exception type, never a message
@@ -35,6 +41,7 @@ should understand (an image limit) is sealed to the client instead.
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import re
@@ -47,23 +54,35 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from infenclave.crypto import AEAD_KEY_SIZE, generate_keypair, open_sealed, seal
+from infenclave.crypto import (
+    AEAD_KEY_SIZE,
+    ed25519_verify,
+    generate_keypair,
+    open_sealed,
+    seal,
+)
 from infenclave.enclave.imaging import Preprocess, prepare
 from infenclave.enclave.onnx_runner import OnnxPart
 from infenclave.enclave.topk import top_k
 from infenclave.enclave.verify import BackNetVerifier, CheckFailed
 from infenclave.errors import BundleError, CryptoError, EnclaveError, ImageError
+from infenclave.protocol.backnet_verify import (
+    VERIFY_FILE,
+    check_verify_file,
+    parse_verify_file,
+)
 from infenclave.protocol.binding import (
     MAX_NONCE_BYTES,
     MIN_NONCE_BYTES,
     expected_report_data,
 )
-from infenclave.protocol.backnet_verify import VERIFY_FILE, check_verify_file, parse_verify_file
 from infenclave.protocol.bundle_format import (
     MANIFEST_FILE,
     MAX_MANIFEST_BYTES,
     MAX_PART_BYTES,
     PART_FILES,
+    SIGNATURE_BYTES,
+    SIGNATURE_FILE,
     BundleManifest,
     decode_tail,
     decrypt_part,
@@ -98,6 +117,8 @@ PENDING_TTL_S = 300.0
 MAX_DRAIN = 32
 #: Request ids remembered to refuse a replayed request (the host could replay ciphertext).
 REPLAY_WINDOW = 100_000
+#: A refusal sealed to the client is cut to this many characters (it bounds the padding).
+MAX_ERROR_CHARS = 200
 _BUNDLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -150,6 +171,8 @@ class _Model:
     labels: list[str]
     preprocess: Preprocess
     ir2_shape: tuple[int, ...]
+    key: bytes  # to tell a repeated provisioning from one with another key
+    answer_bytes: tuple[int, int]  # padded answer size: fixed part, per-prediction part
 
 
 def log(message: str) -> None:
@@ -262,7 +285,8 @@ class EnclaveProgram:
             raise _Refused("bad_nonce", "evidence: the nonce is not hex", exc) from exc
         if not MIN_NONCE_BYTES <= len(nonce) <= MAX_NONCE_BYTES:
             raise _Refused("bad_nonce", "evidence: nonce length out of range")
-        report_data = expected_report_data(self.public_key, nonce)
+        manifest = self._need_manifest()  # evidence names the model: no model, no evidence
+        report_data = expected_report_data(self.public_key, nonce, manifest.model_id)
         evidence = self._producer.evidence(report_data)
         self._send(MsgType.EVIDENCE_OK, frame.tag, {"tee": self._producer.tee}, evidence)
 
@@ -276,8 +300,13 @@ class EnclaveProgram:
         try:
             manifest = parse_manifest(_read(directory / MANIFEST_FILE, MAX_MANIFEST_BYTES))
             blobs = {part: _read(directory / PART_FILES[part], MAX_PART_BYTES) for part in ("frontnet", "tail")}
+            if manifest.owner_key is not None:
+                signature = _read(directory / SIGNATURE_FILE, SIGNATURE_BYTES)
+                ed25519_verify(manifest.owner_key, signature, manifest.raw)
         except (OSError, BundleError) as exc:
             raise _Refused("bad_bundle", "load: manifest or parts unreadable or malformed", exc) from exc
+        except CryptoError as exc:
+            raise _Refused("bad_bundle", "load: the owner's signature over the manifest does not verify", exc) from exc
         if manifest.backnet.verified:
             try:
                 raw = _read(directory / VERIFY_FILE, manifest.backnet.size)
@@ -295,12 +324,15 @@ class EnclaveProgram:
 
     def _on_provision(self, frame: Frame) -> None:
         manifest = self._need_manifest()
-        if self._model is not None:
-            raise _Refused("already_provisioned", "provision: a model key is already installed")
         try:
             key = open_sealed(self._private_key, frame.body, context=provision_context(manifest.model_id))
         except CryptoError as exc:
             raise _Refused("refused", "provision: the sealed model key does not open", exc) from exc
+        if self._model is not None:
+            # The same key again is harmless; another one is a mistake the owner must see.
+            same = hmac.compare_digest(key, self._model.key)
+            raise _Refused("already_provisioned" if same else "other_key_provisioned",
+                           "provision: a model key is already installed")
         self._install_key(key, "provision")
         blob = self._sealer.seal(key, _seal_label(manifest.model_id))
         del key
@@ -342,7 +374,8 @@ class EnclaveProgram:
         except Exception as exc:  # noqa: BLE001 - ORT raises several types for a bad graph
             raise _Refused("refused", f"{step}: FrontNet/Tail graphs do not load", exc) from exc
         self._model = _Model(front, tail, labels, preprocess,
-                             ir2_shape=(1, *manifest.tail_start.shape))
+                             ir2_shape=(1, *manifest.tail_start.shape), key=bytes(key),
+                             answer_bytes=_answer_sizes(labels))
         self._blobs = {}  # the ciphertext is not needed any more
 
     def _need_manifest(self) -> BundleManifest:
@@ -418,7 +451,8 @@ class EnclaveProgram:
         except ImageError as exc:
             # Only the client learns why (sealed); the host sees an ordinary RESULT.
             log("request: image refused by the decoder (reason sealed to the client)")
-            self._answer(frame.tag, request_id, client_public, {"error": f"image refused: {exc}"}, {})
+            message = f"image refused: {exc}"[:MAX_ERROR_CHARS]
+            self._answer(frame.tag, request_id, client_public, k, {"error": message}, {})
             return None
         t2 = time.perf_counter()
         stages = {"open_ms": (t1 - t0) * 1e3, "decode_ms": (t2 - t1) * 1e3}
@@ -461,14 +495,24 @@ class EnclaveProgram:
         stages = {"tail_ms": (t1 - t0) * 1e3}
         if "verify_ms" in pending.stages:
             stages["verify_ms"] = pending.stages["verify_ms"]
-        self._answer(frame.tag, pending.request_id, pending.client_public,
+        self._answer(frame.tag, pending.request_id, pending.client_public, pending.k,
                      {"predictions": [p.to_dict() for p in predictions]}, stages)
 
-    def _answer(self, tag: int, request_id: str, client_public: bytes, document: dict[str, Any],
-                stages: dict[str, float]) -> None:
+    def _answer(self, tag: int, request_id: str, client_public: bytes, k: int,
+                document: dict[str, Any], stages: dict[str, float]) -> None:
+        """Seal *document* to the client, padded with JSON whitespace to a size that depends
+        on the model and k only: its length must not tell the host the label."""
         manifest = self._need_manifest()
+        model = self._model
+        if model is None:
+            raise _Refused("not_provisioned", "answer: no model key yet")
         t0 = time.perf_counter()
         plaintext = json.dumps(document, separators=(",", ":")).encode("utf-8")
+        fixed, per_prediction = model.answer_bytes
+        size = fixed + k * per_prediction
+        if len(plaintext) > size:  # unreachable by construction of answer_bytes
+            raise _Refused("internal", "answer: longer than its padded size")
+        plaintext += b" " * (size - len(plaintext))
         try:
             sealed = seal(client_public, plaintext, context=response_context(manifest.model_id, request_id))
         except CryptoError as exc:
@@ -496,6 +540,18 @@ class EnclaveProgram:
         self._seen[request_id] = None
         if len(self._seen) > REPLAY_WINDOW:
             self._seen.popitem(last=False)
+
+
+def _answer_sizes(labels: list[str]) -> tuple[int, int]:
+    """Padded answer size as (fixed bytes, bytes per prediction), from the longest label.
+
+    A prediction is ``{"index":i,"label":"...","prob":p},``: the label as JSON (escapes
+    included), an index of at most 6 digits and a float of at most 24 characters. The fixed
+    part holds the envelope or an error message of at most `MAX_ERROR_CHARS` characters.
+    """
+    longest = max(len(json.dumps(label)) for label in labels)
+    per_prediction = len('{"index":,"label":,"prob":},') + 6 + longest + 24
+    return 6 * MAX_ERROR_CHARS + 64, per_prediction  # 6: a \uXXXX escape per character
 
 
 def _seal_label(model_id: str) -> str:

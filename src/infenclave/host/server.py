@@ -22,6 +22,7 @@ encryption, TLS only hides metadata.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import re
 import time
@@ -34,7 +35,7 @@ from typing import Any
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from infenclave.bundle import read_backnet, read_manifest
+from infenclave.bundle import read_backnet, read_manifest, read_signature
 from infenclave.crypto import HPKE_OVERHEAD
 from infenclave.enclave.imaging import MAX_ENCODED_BYTES
 from infenclave.errors import EnclaveError, InfenclaveError, ServerError, WorkerLost
@@ -100,6 +101,7 @@ class _Error(Exception):
 def create_app(config: ServerConfig) -> FastAPI:
     """The FastAPI application; the enclave pool and BackNet start with it (lifespan)."""
     manifest = read_manifest(config.bundle_dir)
+    signature = read_signature(config.bundle_dir)
     metrics = Metrics()
     state: dict[str, Any] = {}
 
@@ -165,9 +167,15 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get(MODEL_PATH)
     async def model() -> dict[str, Any]:
-        """Public facts of the served bundle (no label names: those are in the sealed Tail)."""
+        """Public facts of the served bundle (no label names: those are in the sealed Tail).
+
+        ``manifest`` (its exact bytes) and ``signature`` (the owner's, over those bytes) let a
+        client whose policy names owner keys rather than model ids check the model itself.
+        """
         return {
             "model_id": manifest.model_id,
+            "manifest": base64.b64encode(manifest.raw).decode("ascii"),
+            "signature": None if signature is None else base64.b64encode(signature).decode("ascii"),
             "model": manifest.model,
             "num_classes": manifest.num_classes,
             "front_end": manifest.front_end.name,
@@ -214,10 +222,11 @@ def create_app(config: ServerConfig) -> FastAPI:
         except UnknownEnclaveKey as exc:
             raise _Error(409, "unknown_enclave_key", str(exc)) from exc
         except EnclaveRefused as exc:
-            raise _Error(409 if exc.code == "already_provisioned" else 400,
-                         exc.code if exc.code == "already_provisioned" else "enclave_refused",
-                         "the enclave refused the model key" if exc.code != "already_provisioned"
-                         else "this enclave already holds a model key") from exc
+            known = {"already_provisioned": "this enclave already holds this model key",
+                     "other_key_provisioned": "this enclave already holds a different model key"}
+            if exc.code in known:
+                raise _Error(409, exc.code, known[exc.code]) from exc
+            raise _Error(400, "enclave_refused", "the enclave refused the model key") from exc
         except (EnclaveError, asyncio.TimeoutError) as exc:
             raise _Error(503, "worker_lost", "the enclave worker stopped during provisioning") from exc
         metrics.count_request("provision", "ok")
