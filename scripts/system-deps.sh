@@ -17,6 +17,21 @@ if [ ! -d /usr/share/doc/opencv-doc/examples/data ]; then
   fi
 fi
 
+# --- Photographs for the attack assessment (src/infenclave/assess/photosets.py): Debian
+# desktop backgrounds that are photographs (evaluation and confirmation sets) and
+# ImageMagick's documentation photo (decoder training). Without them the evaluation set has
+# only the 8 built-in photos and every attacked cut gets "not enough evidence".
+if [ ! -d /usr/share/backgrounds/mate/nature ] || [ ! -f /usr/share/backgrounds/Kleiber_by_Lukas_Baubkus.jpg ] \
+   || [ ! -d /usr/share/wallpapers/EveningGlow ] || [ ! -d /usr/share/doc/imagemagick-6-common/html/images ]; then
+  if [ "$(id -u)" -eq 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mate-backgrounds \
+      lomiri-wallpapers-16.04 lomiri-wallpapers-20.04 plasma-workspace-wallpapers imagemagick-6-doc >/dev/null
+  else
+    echo "note: background photo packages are missing and we are not root; attack verdicts will lack evidence" >&2
+  fi
+fi
+
 # --- strace (the sandbox's syscall allow-list is measured with `strace -f` on serving
 # workers: src/infenclave/enclave/sandbox.py step 8) and util-linux's unshare/setpriv
 # (tests/test_sandbox.py starts its ordinary-user worker through them).

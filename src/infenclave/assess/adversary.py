@@ -2,14 +2,24 @@
 
 The KL/oracle method asks whether any *single* feature map looks like the input to the model;
 an attacker inverts the *whole* IR. So under an adversary that can mount attacks, a cut point is
-safe only when the KL method calls it safe **and** no attack that adversary can mount recovers a
-photo (`attacks.attack_verdict`: recognisable by an independent judge network, or structurally
-closer than the photo's own thumbnail). The recommended FrontNet end is the first such cut; by
-construction it is never earlier than the KL method's own (`passive`) recommendation.
+safe only when the KL method calls it safe **and** the attacks' evidence supports a recovery
+rate of at most `--max-recovery` (`attacks.evidence`: k of n photos recovered by any signal of
+any attack, one-sided 95% Clopper-Pearson bound).
 
-Cost control: attacks run from the KL recommendation onwards and stop at the first cut they fail
-to break (`--full` attacks every feature-map cut before the Tail). The input-side cut is always
-attacked too, so the report shows what the host would see at the start of the network.
+How the FrontNet end is chosen - a **fixed-sequence test**, deepest candidate first: the cuts
+from the last one before the Tail back towards the KL method's own recommendation are tested
+in that pre-set order, each at the full 5% level, and the search stops at the first cut that
+is not safe; the recommendation is the shallowest cut of that unbroken chain of safe cuts.
+Because each test is reached only after every earlier one was passed, the chance that any
+cut in the chain is wrongly called safe stays at 5% without a correction for the number of
+cuts tried, and no separate confirmation set is needed (the offline photos do not suffice for
+one: `photosets`). If the deepest candidate is not safe, no cut is: the plan then recommends
+the whole model in the enclave.
+
+Cost control: a cut's white-box attack stops as soon as enough photos are recovered that it
+cannot be safe, so broken cuts cost one chunk of photos; only cuts that hold get every photo
+and every restart. The input-side cut is always attacked too (one chunk), so the report
+shows what the host would see at the start of the network.
 """
 
 from __future__ import annotations
@@ -25,7 +35,6 @@ from PIL import Image
 from infenclave.assess.attacks import (
     AttackResults,
     Budgets,
-    Judge,
     ProgressEvent,
     TrainingSet,
     attacks_for,
@@ -33,13 +42,21 @@ from infenclave.assess.attacks import (
     run_attacks,
     training_photos,
 )
+from infenclave.assess.attacks.evidence import DEFAULT_MAX_RECOVERY, Evidence
+from infenclave.assess.attacks.metrics import JudgePanel
+from infenclave.assess.attacks.reident import Gallery
 from infenclave.assess.kl import Oracle
+from infenclave.assess.photosets import PhotoSet
 from infenclave.assess.report import Figure, _png, _plt
 from infenclave.assess.scan import ScanResult, scan
+from infenclave.enclave.imaging import resize_and_crop
 from infenclave.models.spec import LoadedModel
 from infenclave.network import CutPoint, Network
 
 AttackProgressFn = Callable[[ProgressEvent], None]
+GRID_PHOTOS = 8  # rows of the report's inversion picture (every photo's figures are in the plan)
+SELECTION = ("fixed-sequence test, deepest candidate first, each cut at the full 5% level; "
+             "the recommendation is the shallowest cut of the unbroken chain of safe cuts")
 
 
 @dataclass
@@ -51,31 +68,68 @@ class AdversaryVerdict:
     front_end: CutPoint | None
     results: AttackResults | None
     attacked: list[str] = field(default_factory=list)
+    max_recovery: float = DEFAULT_MAX_RECOVERY
+    verdict: str = "safe"  # evidence verdict of the deepest candidate when none is chosen
+    photo_sets: dict[str, Any] = field(default_factory=dict)
+    eval_photos: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # not in the plan
+    training_photos: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def cut_safe(self, cut: str) -> bool | None:
-        """False when any attack broke this cut, True when all failed, None where none ran."""
+        """False when the attacks' evidence does not support safety, True when it does, None where none ran."""
         unsafe = self.results.cut_unsafe(cut) if self.results is not None else None
         return None if unsafe is None else not unsafe
+
+    def evidence(self, cut: str) -> Evidence | None:
+        return self.results.cut_evidence(cut) if self.results is not None else None
 
     def to_plan(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"name": self.name, "attacks": list(self.attacks),
                                "front_end": self.front_end.name if self.front_end else None,
-                               "attacked_cuts": self.attacked}
+                               "attacked_cuts": self.attacked, "max_recovery": self.max_recovery,
+                               "selection": SELECTION, "photo_sets": self.photo_sets}
         if self.results is not None:
             doc["results"] = self.results.to_dict()
         return doc
 
 
+def build_gallery(model: LoadedModel, panel: JudgePanel, eval_images: dict[str, np.ndarray],
+                  sets: dict[str, PhotoSet]) -> Gallery:
+    """Every evaluation photo plus every offline photo, at the model's input crop."""
+    photos = {n: resize_and_crop(rgb, model.preprocess) for n, rgb in eval_images.items()}
+    for s in sets.values():
+        for p in s.photos:
+            photos.setdefault(p.name, resize_and_crop(p.rgb, model.preprocess))
+    return Gallery(photos, panel.features)
+
+
 def assess_adversary(model: LoadedModel, net: Network, result: ScanResult, oracle: Oracle,
-                     eval_images: dict[str, np.ndarray], *, adversary: str, tail: CutPoint,
+                     eval_images: dict[str, np.ndarray] | None, *, adversary: str, tail: CutPoint,
                      full: bool, budgets: Budgets, judge: str | None, seed: int,
+                     max_recovery: float = DEFAULT_MAX_RECOVERY,
                      progress: AttackProgressFn | None = None,
                      say: Callable[[str], None] = lambda _m: None) -> AdversaryVerdict:
-    """Run the adversary's attacks where they can change the answer; merge KL results."""
+    """Run the adversary's attacks where they can change the answer; merge KL results.
+
+    `eval_images` None: the offline evaluation set (`photosets`, >= 40 photos).
+    """
+    from infenclave.assess.photosets import offline_sets
+
     chosen = attacks_for(adversary)
     kl_rec = result.recommended
     if not chosen:
-        return AdversaryVerdict(adversary, chosen, kl_rec.cut if kl_rec else None, None)
+        return AdversaryVerdict(adversary, chosen, kl_rec.cut if kl_rec else None, None,
+                                max_recovery=max_recovery)
+    say("loading the offline photo sets (training, evaluation, confirmation)")
+    sets = offline_sets()
+    if eval_images is None:
+        eval_images = sets["evaluation"].images()
+        sets_doc = {k: v.summary() for k, v in sets.items()}
+    else:
+        sets_doc = {k: v.summary() for k, v in sets.items() if k != "evaluation"}
+        sets_doc["evaluation"] = {"role": "evaluation", "photos": len(eval_images), "target": 0,
+                                  "by_source": {"--attack-images": len(eval_images)},
+                                  "names": list(eval_images), "sha256": [], "excluded": [],
+                                  "missing_packages": []}
     maps = [c for c in net.cuts if c.is_feature_map and c.index < tail.index]
     if full:
         candidates = maps
@@ -83,30 +137,41 @@ def assess_adversary(model: LoadedModel, net: Network, result: ScanResult, oracl
         candidates = [c for c in maps if c.index >= kl_rec.cut.index]
     else:
         candidates = []
-    # the input-side cut as a reference point: what the host would see at the very start
-    queue = ([maps[0]] if maps and maps[0] not in candidates else []) + candidates
-    judge_obj = Judge.for_model(model, judge)
+    panel = JudgePanel.for_model(model, judge)
+    say(f"building the re-identification gallery ({panel.names[0]} features)")
+    gallery = build_gallery(model, panel, eval_images, sets)
     training: TrainingSet | None = training_photos(exclude=eval_images) if "decoder" in chosen else None
-    merged: AttackResults | None = None
+
+    def attack(cuts: list[CutPoint], *, stop_when_unsafe: bool = True) -> AttackResults:
+        return run_attacks(model, net, [c.name for c in cuts], eval_images, adversary, budgets,
+                           panel, seed, progress=progress, training=training, gallery=gallery,
+                           max_recovery=max_recovery, stop_when_unsafe=stop_when_unsafe)
+
+    # the input-side cut as a reference point: what the host would see at the very start
+    merged = attack(maps[:1]) if maps and maps[0] not in candidates else None
     front_end: CutPoint | None = None
-    while queue:
-        say(f"attacking {len(queue)} cut point(s) as a {adversary} adversary "
-            f"({', '.join(chosen)}); stopping at the first one the attacks do not break"
-            if not full else f"attacking {len(queue)} cut point(s) as a {adversary} adversary")
-        part = run_attacks(model, net, [c.name for c in queue], eval_images, adversary, budgets,
-                           judge_obj, seed, progress=progress, training=training,
-                           stop_after_safe=None if full else 1)
+    deepest_verdict = "unsafe"
+    say(f"testing {len(candidates)} candidate cut point(s) as a {adversary} adversary "
+        f"({', '.join(chosen)}; {len(eval_images)} photos), deepest first")
+    chain_open = True
+    for i, cut in enumerate(reversed(candidates)):
+        part = attack([cut])
         merged = part if merged is None else _merge(merged, part)
-        attacked = {c.cut for c in part.cuts}
-        safe_now = [c for c in queue if c.name in attacked and part.cut_unsafe(c.name) is False]
-        pick = next((c for c in safe_now if c in candidates and _kl_safe(net, result, oracle, c, seed)), None)
-        if pick is not None or full:
-            front_end = pick
-            break
-        last = max((c for c in queue if c.name in attacked), key=lambda c: c.index, default=None)
-        queue = [c for c in candidates if last is not None and c.index > last.index]
+        ev = part.cut_evidence(cut.name)
+        if i == 0 and ev is not None:
+            deepest_verdict = ev.verdict
+        if ev is None or ev.verdict != "safe" or not _kl_safe(net, result, oracle, cut, seed):
+            chain_open = False
+        if chain_open:
+            front_end = cut
+        elif not full:
+            break  # --full attacks every cut for the report; the chain is already decided
+    verdict = "safe" if front_end is not None else (
+        "not-enough-evidence" if deepest_verdict == "not-enough-evidence" else "unsafe")
     return AdversaryVerdict(adversary, chosen, front_end, merged,
-                            attacked=[c.cut for c in merged.cuts] if merged else [])
+                            attacked=[c.cut for c in merged.cuts] if merged else [],
+                            max_recovery=max_recovery, verdict=verdict, photo_sets=sets_doc,
+                            eval_photos=dict(eval_images), training_photos=sets["training"].images())
 
 
 def _kl_safe(net: Network, result: ScanResult, oracle: Oracle, cut: CutPoint, seed: int) -> bool:
@@ -149,7 +214,7 @@ def attack_figures(verdict: AdversaryVerdict) -> list[Figure]:
     for attack in verdict.attacks:
         if not any(c.attack == attack for c in res.cuts):
             continue
-        grid = inversion_grid(res, attack)
+        grid = inversion_grid(res, attack, images=list(res.originals)[:GRID_PHOTOS])
         buf = io.BytesIO()
         Image.fromarray(grid).save(buf, format="PNG", optimize=True)
         figs.append(Figure(
@@ -157,8 +222,9 @@ def attack_figures(verdict: AdversaryVerdict) -> list[Figure]:
             title=f"{attack} inversion: each photo beside its reconstruction",
             caption=("Left: the photo as the model sees it. Then one column per attacked cut "
                      "point: what an attacker rebuilt from the IR alone, with its SSIM and whether "
-                     "the judge network recognised it (top-1 class of the original in its top-5). "
-                     "A recognisable reconstruction makes that cut unsafe under this adversary."),
+                     "it was re-identified (its own photo ranked first in the gallery) or "
+                     "recognised by a judge. A recovered photo counts against that cut; the "
+                     "verdict is the bound in the attack evidence table, never a picture."),
             png=buf.getvalue(), alt=f"{attack} reconstructions per cut point"))
     figs.append(_metrics_figure(res, section))
     return figs
@@ -173,19 +239,21 @@ def _metrics_figure(res: AttackResults, section: str) -> Figure:
             continue
         xs = [c.cut for c in rows]
         axes[0].plot(xs, [np.mean([r.ssim for r in c.images]) for c in rows], "o-", label=attack)
-        axes[1].plot(xs, [c.recognised_count / max(1, len(c.images)) for c in rows], "o-", label=attack)
+        axes[1].plot(xs, [c.recovered_count / max(1, len(c.images)) for c in rows], "o-", label=f"{attack}: recovered")
+        axes[1].plot(xs, [c.reidentified_count / max(1, len(c.images)) for c in rows], "x--", label=f"{attack}: re-identified")
         axes[2].plot(xs, [np.mean([r.judge_kl for r in c.images]) for c in rows], "o-", label=attack)
-    for ax, title in zip(axes, ("mean SSIM", "share recognised by the judge", "mean judge KL (nats)")):
+    for ax, title in zip(axes, ("mean SSIM", "share of photos recovered / re-identified", "mean judge KL (nats)")):
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=60, labelsize=8)
         ax.grid(alpha=0.3)
     axes[0].legend()
+    axes[1].legend(fontsize=7)
     fig.tight_layout()
     png = _png(fig)
     plt.close(fig)
     return Figure(id="attack-metrics", section=section, title="Attack metrics by depth",
                   caption=("Per attacked cut point: mean SSIM of the reconstructions, the share of "
-                           "photos the judge recognised, and the KL between the judge's outputs on "
+                           "photos recovered (any signal) and re-identified, and the KL between the judge's outputs on "
                            "original and reconstruction (higher = less revealed). SSIM under-rates "
                            "what a person recognises: read it with the pictures above."),
                   png=png, alt="attack metrics by depth")

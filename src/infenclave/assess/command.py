@@ -46,8 +46,11 @@ class AssessOptions:
     runtime: RuntimeConfig | None = None  # None: choose by measurement (tests and bench pin it)
     adversary: str = "knows-weights"  # the strongest that applies; see assess/adversary.py
     judge: str | None = None  # None: a different zoo model than the one assessed
-    whitebox_steps: int | None = None  # None: the attack's default budget
+    whitebox_steps: int | None = None  # None: the attack's default budget (a cap per restart)
     decoder_epochs: int | None = None
+    whitebox_restarts: int | None = None
+    attack_images: list[Path] | None = None  # None: the offline evaluation set (photosets.py)
+    max_recovery: float = 0.10  # attacks.evidence.DEFAULT_MAX_RECOVERY
 
 
 @dataclass
@@ -124,11 +127,16 @@ def run_assess(opts: AssessOptions, *, progress: ProgressFn | None = None,
     say = log or (lambda _msg: None)
     t0 = time.perf_counter()
     check_out_dir(opts.out, opts.force)
+    from infenclave.assess.attacks.evidence import check_max_recovery
+
     attacks_for(opts.adversary)  # refuse an unknown adversary before any work
+    check_max_recovery(opts.max_recovery)
     defaults = Budgets()
     budgets = Budgets(whitebox_steps=opts.whitebox_steps or defaults.whitebox_steps,
-                      decoder_epochs=opts.decoder_epochs or defaults.decoder_epochs)
+                      decoder_epochs=opts.decoder_epochs or defaults.decoder_epochs,
+                      whitebox_restarts=opts.whitebox_restarts or defaults.whitebox_restarts)
     decoded = load_images(opts.images)  # every image decoded before any model work
+    attack_decoded = load_images(opts.attack_images) if opts.attack_images else None
     say(f"loading {opts.model}")
     model = load_model(opts.model)
     oracle_model = load_model(opts.oracle) if opts.oracle else None
@@ -154,14 +162,25 @@ def run_assess(opts: AssessOptions, *, progress: ProgressFn | None = None,
             from infenclave.assess.adversary import assess_adversary
 
             verdict = assess_adversary(
-                model, net, result, oracle, {d.name: d.rgb for d in decoded},
+                model, net, result, oracle,
+                {d.name: d.rgb for d in attack_decoded} if attack_decoded else None,
                 adversary=opts.adversary, tail=tail, full=opts.full, budgets=budgets,
-                judge=opts.judge, seed=opts.seed, say=say,
+                judge=opts.judge, seed=opts.seed, say=say, max_recovery=opts.max_recovery,
                 progress=(lambda ev: progress(ev.done, ev.total,
                                               f"{ev.attack} @ {ev.cut} ({ev.cut_number}/{ev.cuts_total})"))
                 if progress else None)
+        leakage = None
+        if verdict is not None and verdict.attacks:
+            from infenclave.assess import label_leakage
+
+            say("measuring label leakage from IR2 at the candidate Tail starts")
+            maps = [c.name for c in net.cuts if c.is_feature_map]
+            starts = list(dict.fromkeys([*maps[-label_leakage.CANDIDATE_TAIL_STARTS:], tail.name]))
+            leakage = label_leakage.measure(
+                net, verdict.eval_photos, verdict.training_photos, tail_starts=starts,
+                public_head=opts.adversary == "knows-weights", seed=opts.seed)
         plan = build_plan(result, net, oracle, tail_start=tail, tail_start_source=tail_source,
-                          adversary=verdict)
+                          adversary=verdict, label_leakage=leakage)
         say("writing plan, CSV and report")
         _write(tmp, plan, result, verdict)
         publish(tmp, opts.out, opts.force)

@@ -26,7 +26,15 @@ from infenclave.errors import AssessmentError
 from infenclave.network import CutPoint, Network
 
 PLAN_FORMAT = "infenclave-assessment-plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: statistical verdict, deployment, photo sets, label leakage
+# `recommendation.verdict` values, for the CLI's exit codes (see attacks/evidence.py):
+VERDICT_SAFE = "safe"  # a partition whose FrontNet end is supported by the evidence
+VERDICT_NO_SAFE_CUT = "no-safe-cut"  # photos were recovered at every candidate cut
+VERDICT_NOT_ENOUGH = "not-enough-evidence"  # nothing recovered, too few photos to say safe
+VERDICT_PARTIAL = "partial"  # interrupted before a decision
+RECOMMENDATION_VERDICTS = (VERDICT_SAFE, VERDICT_NO_SAFE_CUT, VERDICT_NOT_ENOUGH, VERDICT_PARTIAL)
+DEPLOY_PARTITIONED = "partitioned"
+DEPLOY_WHOLE_MODEL = "whole-model-in-enclave"  # no IR leaves the enclave: an empty BackNet
 METHOD = "kl_oracle"  # key of this method in every `verdicts` mapping
 
 PROJECTION_TEXT = (
@@ -77,6 +85,8 @@ class Plan:
     tail_start: str
     partial: bool
     doc: dict[str, Any]
+    verdict: str = VERDICT_SAFE  # one of RECOMMENDATION_VERDICTS
+    deployment: str = DEPLOY_PARTITIONED  # or DEPLOY_WHOLE_MODEL
 
     @classmethod
     def parse(cls, text: str | bytes) -> Plan:
@@ -94,7 +104,8 @@ class Plan:
         rec = doc["recommendation"]
         return cls(model_name=doc["model"]["name"], weights_sha256=doc["model"]["weights_sha256"],
                    front_end=rec["front_end"], tail_start=rec["tail_start"],
-                   partial=doc["scan"]["partial"], doc=doc)
+                   partial=doc["scan"]["partial"], doc=doc, verdict=rec["verdict"],
+                   deployment=rec["deployment"])
 
 
 # --- building a plan from a scan ---------------------------------------------------------------
@@ -148,7 +159,8 @@ def default_tail_start(net: Network) -> CutPoint:
 
 def build_plan(result: ScanResult, net: Network, oracle: Oracle, *, tail_start: CutPoint,
                tail_start_source: str, created: dt.datetime | None = None,
-               adversary: Any = None) -> dict[str, Any]:
+               adversary: Any = None, label_leakage: dict[str, Any] | None = None,
+               kl_oracle_note: str | None = None) -> dict[str, Any]:
     """The plan document of a finished (or interrupted) scan, validated against the schema."""
     from infenclave import __version__
     from infenclave.enclave.topk import top_k
@@ -172,8 +184,22 @@ def build_plan(result: ScanResult, net: Network, oracle: Oracle, *, tail_start: 
         for rec_doc in cuts:
             for attack, figures in per_cut.get(rec_doc["name"], {}).items():
                 rec_doc["metrics"][attack] = figures
-                rec_doc["verdicts"][attack] = {"safe": not figures["unsafe"]}
+                rec_doc["verdicts"][attack] = {"safe": not figures["unsafe"],
+                                               "verdict": figures["evidence"]["verdict"]}
+            ev = adversary.evidence(rec_doc["name"])
+            if ev is not None:  # all attacks together: what the recommendation uses
+                rec_doc["verdicts"]["attacks"] = {"safe": ev.verdict == "safe", "verdict": ev.verdict,
+                                                  **ev.to_dict()}
 
+    if attacked and adversary.results is not None:
+        from infenclave.assess.attacks import Budgets
+
+        used, full = adversary.results.budgets, Budgets()
+        if (used.whitebox_steps < full.whitebox_steps or used.whitebox_restarts < full.whitebox_restarts
+                or used.decoder_epochs < full.decoder_epochs):
+            warnings.append(f"Attack budgets below the defaults ({used.label()}; defaults: "
+                            f"{full.label()}): this assumes a weaker attacker, so any 'safe' here "
+                            "is weaker than the default assessment's.")
     if result.partial:
         warnings.append("The scan was interrupted: cut points marked 'incomplete' or "
                         "'not-scanned' were not decided; run again for a complete plan.")
@@ -192,12 +218,19 @@ def build_plan(result: ScanResult, net: Network, oracle: Oracle, *, tail_start: 
 
     chosen = (adversary.front_end if attacked else (rec.cut if rec is not None else None))
     partition: dict[str, Any] | None = None
-    if attacked and chosen is None:
+    if attacked and chosen is None and adversary.verdict == "not-enough-evidence":
+        reason = (f"Not enough evidence under the {adversary.name} adversary: no photo was "
+                  "recovered at the deepest candidate cut, but too few photos were attacked for "
+                  f"the recovery-rate bound to reach {adversary.max_recovery:.0%}; attack more "
+                  "photos (--attack-images) or keep the whole model in the enclave.")
+    elif attacked and chosen is None:
         reason = (f"No cut point was safe under the {adversary.name} adversary: "
                   + ("the KL method found none." if rec is None else
-                     f"from the KL method's first safe cut {rec.cut.name} on, every cut point "
-                     f"before the Tail was broken by {'/'.join(adversary.attacks)} inversion or "
-                     f"is unsafe by the KL method (attacked: {', '.join(adversary.attacked)})."))
+                     f"from the KL method's first safe cut {rec.cut.name} on, the deepest "
+                     f"candidate cut before the Tail was broken by {'/'.join(adversary.attacks)} "
+                     f"inversion, lacked evidence, or is unsafe by the KL method "
+                     f"(attacked: {', '.join(adversary.attacked)}). Keep the whole model in the "
+                     "enclave."))
     elif chosen is None:
         reason = "No cut point was safe for every image in this scan"
         if result.partial:
@@ -214,10 +247,12 @@ def build_plan(result: ScanResult, net: Network, oracle: Oracle, *, tail_start: 
         warnings.append(reason + " Choose a later --tail-start.")
     else:
         f = chosen
+        ev = adversary.evidence(f.name) if attacked else None
         reason = (f"{f.name} is the first cut point where every sample image's minimum "
                   f"KL(p || q_c) exceeds its delta"
-                  + (f" and no {'/'.join(adversary.attacks)} inversion by a {adversary.name} "
-                     f"adversary recovered a photo" if attacked else "")
+                  + (f" and, under a {adversary.name} adversary ({'/'.join(adversary.attacks)} "
+                     f"inversion), {ev.sentence()} <= {adversary.max_recovery:.0%}, tested "
+                     "deepest cut first" if attacked and ev is not None else "")
                   + f"; the Tail starts at {tail_start.name} "
                   f"({'the last feature map before the classifier head' if tail_start_source == 'default' else 'as given with --tail-start'}).")
         partition = {
@@ -230,6 +265,26 @@ def build_plan(result: ScanResult, net: Network, oracle: Oracle, *, tail_start: 
             "ir2": {"cut": tail_start.name, "shape": list(tail_start.shape), "bytes": _ir_bytes(tail_start)},
         }
     first_safe = rec.cut.name if rec else None
+    if result.partial:
+        verdict = VERDICT_PARTIAL
+    elif partition is not None:
+        verdict = VERDICT_SAFE
+    elif attacked and adversary.verdict == "not-enough-evidence":
+        verdict = VERDICT_NOT_ENOUGH
+    else:
+        verdict = VERDICT_NO_SAFE_CUT
+    deployment = DEPLOY_PARTITIONED if partition is not None else DEPLOY_WHOLE_MODEL
+    whole = _cost(net, None, None)
+    front_flops = partition["frontnet"]["cost"]["flops"] + partition["tail"]["cost"]["flops"] if partition else whole["flops"]
+    enclave = {"deployment": deployment, "cost": whole if partition is None else None,
+               "flops_share_in_enclave": round(front_flops / max(1, whole["flops"]), 4),
+               "note": ("Every layer runs in the enclave: no IR1 or IR2 leaves it (an empty "
+                        "BackNet). This costs the whole model's FLOPs and memory inside the TEE."
+                        if partition is None else
+                        "FrontNet and Tail run in the enclave; the BackNet on the host.")}
+    if partition is None and not result.partial:
+        warnings.append(f"Recommended deployment: the whole model in the enclave "
+                        f"({_cost(net, None, None)['flops'] / 1e9:.2f} GFLOPs per image inside the TEE).")
     doc: dict[str, Any] = {
         "format": PLAN_FORMAT,
         "version": PLAN_VERSION,
@@ -254,13 +309,25 @@ def build_plan(result: ScanResult, net: Network, oracle: Oracle, *, tail_start: 
         }},
         "recommendation": {"front_end": chosen.name if chosen is not None else None,
                            "tail_start": tail_start.name,
-                           "tail_start_source": tail_start_source, "reason": reason},
+                           "tail_start_source": tail_start_source, "reason": reason,
+                           "verdict": verdict, "deployment": deployment},
+        "enclave": enclave,
         "partition": partition,
         "warnings": warnings,
         "adversary": (adversary.to_plan() if adversary is not None
                       else {"name": "passive", "attacks": [], "front_end": first_safe,
                             "attacked_cuts": []}),
     }
+    if label_leakage is not None:
+        doc["label_leakage"] = label_leakage
+        if label_leakage.get("recommended_tail_start") is None:
+            warnings.append("Label leakage: " + label_leakage["summary"])
+        elif label_leakage["recommended_tail_start"] != tail_start.name:
+            warnings.append(f"Label leakage: the Tail start {tail_start.name} lets the host name "
+                            f"the label; start the Tail at {label_leakage['recommended_tail_start']} "
+                            "(within 5 points of chance).")
+    if kl_oracle_note is not None:
+        doc["oracle"]["note"] = kl_oracle_note
     if attacked:
         doc["verdicts"]["attacks"] = {
             "first_safe_cut": adversary.front_end.name if adversary.front_end else None,

@@ -300,9 +300,24 @@ def render_report(inputs: ReportInputs) -> str:
     env.filters.update(bytes=_human_bytes, flops=_human_flops, kl=_kl)
     plan = inputs.plan
     figures = build_figures(plan, inputs.result) + inputs.extra_figures
-    metric_keys = sorted({k for c in plan["cuts"] for k in c["metrics"]})
+    # per-cut metrics that are whole attack records go into the attack table, not a cell
+    metric_keys = sorted({k for c in plan["cuts"] for k, v in c["metrics"].items()
+                          if not isinstance(v, (dict, list))})
     verdict_keys = sorted({k for c in plan["cuts"] for k in c["verdicts"]})
+    results = plan.get("adversary", {}).get("results") or {}
+    attack_rows = sorted(results.get("cuts", []), key=lambda r: (r["cut_index"], r["attack"]))
     return env.get_template("report.html.j2").render(
         plan=plan, figures=figures, metric_keys=metric_keys, verdict_keys=verdict_keys,
-        cut_index={c["name"]: c for c in plan["cuts"]},
+        cut_index={c["name"]: c for c in plan["cuts"]}, attack_rows=attack_rows,
+        budget_label=_budget_label(results.get("budgets")),
     )
+
+
+def _budget_label(b: dict[str, Any] | None) -> str:
+    """The attack budgets in words, from the plan (the report renders from the plan alone)."""
+    if not b:
+        return "-"
+    return (f"white-box: up to {b['whitebox_steps']} Adam steps per restart (stops earlier on a "
+            f"loss plateau) x {b.get('whitebox_restarts', 1)} restart(s) "
+            f"({', '.join(b.get('whitebox_formulations', ['relative-mse']))}); "
+            f"decoder: {b['decoder_epochs']} epochs")

@@ -36,10 +36,15 @@ def inversion_grid(results: AttackResults, attack: str, *, cuts: Sequence[str] |
         if label:
             draw.text((4, y + h + 2), f"{name} (original)", fill="black")
         for col, cut in enumerate(done, 1):
-            rec = next(r for r in cut.images if r.image == name)
+            rec = next((r for r in cut.images if r.image == name), None)
+            if rec is None:  # the cut's attack stopped once it could not be safe
+                if label:
+                    draw.text((col * w + 4, y + h // 2), "not attacked:\ncut already unsafe", fill="dimgray")
+                continue
             grid.paste(Image.fromarray(rec.reconstruction), (col * w, y))
             if label:
-                mark = "judge: recognised" if rec.recognised else "judge: not recognised"
+                mark = ("re-identified" if rec.reidentified else
+                        "recognised" if rec.recognised else "not recovered")
                 draw.text((col * w + 4, y + h + 2), f"{cut.cut} {list(cut.shape)}", fill="black")
                 # red when the verdict says leaked; never green: a reconstruction the judge
                 # misses can still be plain to a person (look at the picture)

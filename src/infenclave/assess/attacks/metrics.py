@@ -13,7 +13,9 @@ version of the same question.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +36,16 @@ _DEFAULT_JUDGE = {
     "efficientnet-lite2": "efficientnet-lite1",
 }
 FALLBACK_JUDGE = "efficientnet-lite2"  # for user models: any ImageNet zoo model is independent
+# The panel: at least two judges, each a different zoo model than the assessed one. No other
+# ImageNet architecture ships offline here (torchvision/timm do not run beside the CPU torch
+# wheel), so the panel is two Lite models of different width, depth and input size.
+_DEFAULT_PANEL = {
+    "efficientnet-lite0": ("efficientnet-lite2", "efficientnet-lite1"),
+    "efficientnet-lite1": ("efficientnet-lite2", "efficientnet-lite0"),
+    "efficientnet-lite2": ("efficientnet-lite1", "efficientnet-lite0"),
+}
+FALLBACK_PANEL = ("efficientnet-lite2", "efficientnet-lite1")
+MIN_JUDGES = 2
 
 
 def ssim(original: np.ndarray, reconstruction: np.ndarray) -> float:
@@ -82,6 +94,11 @@ def default_judge_name(assessed: str) -> str:
     return _DEFAULT_JUDGE.get(assessed, FALLBACK_JUDGE)
 
 
+def default_panel_names(assessed: str) -> tuple[str, ...]:
+    """The judges of `assessed` by default, first one also the re-identification featuriser."""
+    return _DEFAULT_PANEL.get(assessed, FALLBACK_PANEL)
+
+
 @dataclass(frozen=True)
 class Recognition:
     """What the judge says about one (original, reconstruction) pair."""
@@ -108,7 +125,10 @@ class Judge:
         from infenclave.network import analyse
 
         self.model = model
-        self._part = OnnxPart(analyse(model).onnx_bytes(), threads=threads)
+        self._net = analyse(model)
+        self._part = OnnxPart(self._net.onnx_bytes(), threads=threads)
+        self._threads = threads
+        self._front: Any = None
 
     @classmethod
     def for_model(cls, assessed: LoadedModel, judge: str | None = None) -> Judge:
@@ -137,6 +157,17 @@ class Judge:
             return out.astype(np.float64)
         return np.stack([softmax(row) for row in out])
 
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """(B, H, W, 3) uint8 -> (B, C) globally pooled last feature map (re-identification)."""
+        from infenclave.assess.attacks._front import OnnxFront
+
+        if self._front is None:
+            last = [c for c in self._net.cuts if c.is_feature_map][-1]
+            self._front = OnnxFront(self._net, last.name, threads=self._threads)
+        pre = self.model.preprocess
+        batch = np.stack([resize_and_crop(img, pre) for img in images])
+        return np.asarray(self._front(batch).mean(axis=(2, 3)), np.float64)  # (B, C, h, w) -> (B, C)
+
     def compare(self, p_original: np.ndarray, p_reconstruction: np.ndarray) -> Recognition:
         """Judge one pair from the two probability vectors (see `probabilities`)."""
         labels = self.model.labels
@@ -149,3 +180,50 @@ class Judge:
             original_top1_prob=float(p_original[top1]), reconstruction_top5=top5,
             reconstruction_top5_labels=tuple(labels[i] for i in top5),
             recognised=top1 in top5, rank=rank, kl=kl_divergence(p_original, p_reconstruction))
+
+
+class JudgePanel:
+    """At least MIN_JUDGES independent judges; a reconstruction is recognised when any one is.
+
+    Fail closed: one judge that sees the original's class in a reconstruction is enough. A
+    photo the panel itself cannot classify consistently (no judge's top-1 for the original is
+    in another judge's top-5 for it) is *unclassifiable*: recognition says nothing about it,
+    so it is reported apart for this signal (re-identification still counts for it).
+    """
+
+    def __init__(self, judges: Sequence[Judge]) -> None:
+        if len(judges) < MIN_JUDGES:
+            raise AssessmentError(f"the judge panel needs at least {MIN_JUDGES} judges")
+        self.judges = list(judges)
+
+    @classmethod
+    def for_model(cls, assessed: LoadedModel, names: Sequence[str] | str | None = None) -> JudgePanel:
+        """The default panel for `assessed`, or the named judges (a single name gets a second
+        default judge added, so that there are always two)."""
+        if isinstance(names, str):
+            extra = [n for n in default_panel_names(assessed.name) if n != names]
+            names = [names, *extra[:MIN_JUDGES - 1]]
+        chosen = list(names or default_panel_names(assessed.name))
+        return cls([Judge.for_model(assessed, n) for n in chosen])
+
+    @property
+    def names(self) -> list[str]:
+        return [j.name for j in self.judges]
+
+    def probabilities(self, images: np.ndarray) -> list[np.ndarray]:
+        return [j.probabilities(images) for j in self.judges]
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        return self.judges[0].features(images)
+
+    @staticmethod
+    def classifiable(p_originals: Sequence[np.ndarray]) -> bool:
+        """Whether the judges agree on what one original shows (see the class docstring)."""
+        tops = [int(np.argmax(p)) for p in p_originals]
+        top5s = [set(np.argsort(-p, kind="stable")[:RECOGNITION_TOP_K].tolist()) for p in p_originals]
+        return any(tops[a] in top5s[b] for a in range(len(tops)) for b in range(len(tops)) if a != b)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.judges[0].name, "panel": [
+            {"name": j.name, "weights_sha256": j.model.weights_sha256} for j in self.judges],
+            "weights_sha256": self.judges[0].model.weights_sha256}

@@ -31,7 +31,10 @@ import numpy as np
 from infenclave.assess.attacks import decoder as decoder_attack
 from infenclave.assess.attacks import whitebox as whitebox_attack
 from infenclave.assess.attacks._front import OnnxFront, torch_front
-from infenclave.assess.attacks.metrics import RECOGNITION_TOP_K, Judge, psnr, ssim, tiny_image
+from infenclave.assess.attacks.evidence import DEFAULT_MAX_RECOVERY, Evidence, judge_evidence
+from infenclave.assess.attacks.metrics import (RECOGNITION_TOP_K, Judge, JudgePanel, psnr, ssim,
+                                               tiny_image)
+from infenclave.assess.attacks.reident import Gallery, Reidentification, rank_histogram
 from infenclave.assess.attacks.training_data import (
     TrainingSet,
     builtin_photo_hashes,
@@ -64,15 +67,26 @@ ALLOWED_FOR: dict[str, tuple[str, ...]] = {
 class Budgets:
     """How hard each attack tries: the speed/strength trade-off the owner may change."""
 
-    whitebox_steps: int = whitebox_attack.DEFAULT_STEPS
+    whitebox_steps: int = whitebox_attack.DEFAULT_STEPS  # a cap per restart (plateau stop)
     decoder_epochs: int = decoder_attack.DEFAULT_EPOCHS
+    whitebox_restarts: int = whitebox_attack.DEFAULT_RESTARTS
 
     def __post_init__(self) -> None:
-        if self.whitebox_steps < 1 or self.decoder_epochs < 1:
-            raise AssessmentError("attack budgets must be at least 1 step / 1 epoch")
+        if self.whitebox_steps < 1 or self.decoder_epochs < 1 or self.whitebox_restarts < 1:
+            raise AssessmentError("attack budgets must be at least 1 step / 1 epoch / 1 restart")
 
-    def to_dict(self) -> dict[str, int]:
-        return {"whitebox_steps": self.whitebox_steps, "decoder_epochs": self.decoder_epochs}
+    def to_dict(self) -> dict[str, Any]:
+        return {"whitebox_steps": self.whitebox_steps, "whitebox_restarts": self.whitebox_restarts,
+                "whitebox_formulations": list(whitebox_attack.FORMULATIONS[:self.whitebox_restarts]),
+                "whitebox_plateau": {"min_steps": whitebox_attack.MIN_STEPS,
+                                     "window": whitebox_attack.PLATEAU_WINDOW,
+                                     "tolerance": whitebox_attack.PLATEAU_TOLERANCE},
+                "decoder_epochs": self.decoder_epochs}
+
+    def label(self) -> str:
+        return (f"white-box: up to {self.whitebox_steps} steps x {self.whitebox_restarts} restarts "
+                f"({', '.join(whitebox_attack.FORMULATIONS[:self.whitebox_restarts])}), plateau stop; "
+                f"decoder: {self.decoder_epochs} epochs")
 
 
 @dataclass(frozen=True)
@@ -106,7 +120,14 @@ class ImageResult:
     judge_original_prob: float
     judge_reconstruction_top5: tuple[str, ...]
     ir_error: float | None  # ||F(reconstruction) - IR||^2 / ||IR||^2 on the deployed FrontNet
-    unsafe: bool = False
+    unsafe: bool = False  # recovered: by any signal (attack_verdict)
+    classifiable: bool = True  # the judge panel agrees on what the original shows
+    judges: list[dict[str, Any]] = field(default_factory=list)  # per judge of the panel
+    reid: Reidentification | None = None
+
+    @property
+    def reidentified(self) -> bool:
+        return self.reid is not None and self.reid.reidentified
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -116,7 +137,9 @@ class ImageResult:
             "judge_original_label": self.judge_original_label,
             "judge_original_prob": self.judge_original_prob,
             "judge_reconstruction_top5": list(self.judge_reconstruction_top5),
-            "ir_error": self.ir_error, "unsafe": self.unsafe,
+            "ir_error": self.ir_error, "unsafe": self.unsafe, "recovered": self.unsafe,
+            "classifiable": self.classifiable, "judges": self.judges,
+            "reidentification": self.reid.to_dict() if self.reid is not None else None,
         }
 
 
@@ -133,15 +156,32 @@ class CutAttackResult:
     seconds_per_reconstruction: float  # attack_seconds / photos
     images: list[ImageResult]
     extra: dict[str, Any] = field(default_factory=dict)  # attack-specific figures
+    photos_planned: int = 0  # photos this cut was to be attacked on (> len(images): stopped)
+    max_recovery: float = DEFAULT_MAX_RECOVERY
+
+    @property
+    def evidence(self) -> Evidence:
+        """k recovered of the photos planned: photos not attacked after an early stop count as
+        not recovered, which is the most favourable case and still unsafe (that is the stop rule)."""
+        n = max(self.photos_planned, len(self.images))
+        return judge_evidence(self.recovered_count, n, self.max_recovery)
 
     @property
     def unsafe(self) -> bool:
-        """Fail closed: one leaked photo makes the cut unsafe under this attack."""
-        return any(r.unsafe for r in self.images)
+        """Not safe: recovered photos or too little evidence (see `evidence`)."""
+        return self.evidence.verdict != "safe"
+
+    @property
+    def recovered_count(self) -> int:
+        return sum(r.unsafe for r in self.images)
 
     @property
     def recognised_count(self) -> int:
         return sum(r.recognised for r in self.images)
+
+    @property
+    def reidentified_count(self) -> int:
+        return sum(r.reidentified for r in self.images)
 
     def to_dict(self) -> dict[str, Any]:
         n = max(1, len(self.images))
@@ -152,6 +192,13 @@ class CutAttackResult:
             "attack_seconds": self.attack_seconds,
             "seconds_per_reconstruction": self.seconds_per_reconstruction,
             "unsafe": self.unsafe, "recognised": self.recognised_count, "photos": len(self.images),
+            "photos_planned": max(self.photos_planned, len(self.images)),
+            "recovered": self.recovered_count, "reidentified": self.reidentified_count,
+            "unclassifiable": sum(not r.classifiable for r in self.images),
+            "evidence": self.evidence.to_dict(),
+            "rank_histogram": {sig: rank_histogram(
+                [getattr(r.reid, f"{sig}_rank") for r in self.images if r.reid is not None],
+                0) for sig in ("structural", "deep")},
             "mean_ssim": sum(r.ssim for r in self.images) / n,
             "mean_psnr": float(np.mean(finite_psnr)) if finite_psnr else None,
             "max_ssim_over_reference": max((r.ssim - r.ssim_reference for r in self.images),
@@ -177,22 +224,39 @@ class AttackResults:
     threads: int = 0
     seconds: float = 0.0
     stopped_early: dict[str, str] = field(default_factory=dict)  # attack -> last cut run
+    gallery: dict[str, Any] | None = None  # re-identification gallery: size, chance
+    max_recovery: float = DEFAULT_MAX_RECOVERY
+
+    def cut_evidence(self, cut: str) -> Evidence | None:
+        """All attacks at `cut` together: a photo is recovered when any attack recovered it."""
+        rows = [c for c in self.cuts if c.cut == cut]
+        if not rows:
+            return None
+        recovered = {r.image for c in rows for r in c.images if r.unsafe}
+        n = max(max(c.photos_planned, len(c.images)) for c in rows)
+        return judge_evidence(len(recovered), n, self.max_recovery)
 
     def result(self, attack: str, cut: str) -> CutAttackResult | None:
         return next((c for c in self.cuts if c.attack == attack and c.cut == cut), None)
 
     def cut_unsafe(self, cut: str) -> bool | None:
-        """Unsafe under any attack run there; None when no attack ran at that cut."""
-        found = [c.unsafe for c in self.cuts if c.cut == cut]
-        return any(found) if found else None
+        """Not safe by the combined evidence of the attacks there; None when none ran."""
+        ev = self.cut_evidence(cut)
+        return None if ev is None else ev.verdict != "safe"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "adversary": self.adversary, "attacks": list(self.attacks),
             "budgets": self.budgets.to_dict(), "seed": self.seed, "judge": self.judge,
             "verdict_rule": {"recognised_top_k": RECOGNITION_TOP_K, "tiny_image_side": TINY_IMAGE_SIDE,
-                             "rule": "unsafe if recognised by the judge or SSIM >= SSIM of the "
-                                     "photo's own tiny image; a cut is unsafe if any photo is"},
+                             "max_recovery": self.max_recovery,
+                             "rule": "a photo is recovered when its source ranks first in the "
+                                     "re-identification gallery (structural or deep), or any "
+                                     "judge of the panel recognises it (classifiable photos), "
+                                     "or its SSIM reaches the photo's own tiny image; a cut is "
+                                     "safe when the one-sided 95% Clopper-Pearson upper bound "
+                                     "on the recovery rate is <= max_recovery"},
+            "gallery": self.gallery,
             "images": [{"name": n, "sha256": h} for n, h in self.original_sha256.items()],
             "training": self.training, "threads": self.threads, "seconds": self.seconds,
             "stopped_early": self.stopped_early,
@@ -251,19 +315,27 @@ def torch_threads(threads: int | None) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
+WHITEBOX_CHUNK = 8  # photos per white-box batch; a cut stops once its verdict can only be unsafe
+
+
 def run_attacks(model: LoadedModel, net: Network, cut_names: Sequence[str],
                 eval_images: Mapping[str, np.ndarray], adversary: str = DEFAULT_ADVERSARY,
-                budgets: Budgets | None = None, judge: Judge | str | None = None, seed: int = 0,
-                *, attacks: Sequence[str] | None = None, progress: ProgressFn | None = None,
-                threads: int | None = None, stop_after_safe: int | None = None,
-                training: TrainingSet | None = None) -> AttackResults:
+                budgets: Budgets | None = None, judge: JudgePanel | Judge | str | None = None,
+                seed: int = 0, *, attacks: Sequence[str] | None = None,
+                progress: ProgressFn | None = None, threads: int | None = None,
+                stop_after_safe: int | None = None, training: TrainingSet | None = None,
+                gallery: Gallery | None = None, max_recovery: float = DEFAULT_MAX_RECOVERY,
+                stop_when_unsafe: bool = True) -> AttackResults:
     """Attack every cut in `cut_names` with what `adversary` can mount; judge each photo.
 
     `eval_images` are decoded photos ((H, W, 3) uint8, any size, e.g. `load_eval_images()`):
     they are resized and cropped as the model does, and always kept out of the decoder's
-    training photos. `judge` is a `Judge`, a model name, or None for the default judge.
-    `stop_after_safe=k` stops an attack after k consecutive safe cuts (cuts are attacked in
-    the order given; deeper cuts rarely leak more), to save time.
+    training photos. `judge` is a `JudgePanel`, a `Judge` or model name (a second default
+    judge is added), or None for the default panel. `gallery` holds every evaluation photo
+    under its name (and >= 50 others) for re-identification; without one, re-identification
+    is not run (and the plan says so). `stop_after_safe=k` stops an attack after k consecutive
+    safe cuts; `stop_when_unsafe` stops a cut's white-box attack once enough photos are
+    recovered that the cut cannot be safe (the rest would not change the verdict).
     """
     start = time.perf_counter()
     chosen = attacks_for(adversary, attacks)
@@ -277,7 +349,8 @@ def run_attacks(model: LoadedModel, net: Network, cut_names: Sequence[str],
     batch = np.stack([originals[n] for n in names])  # (B, H, W, 3) uint8
     results = AttackResults(adversary=adversary, attacks=chosen, budgets=budgets, seed=seed,
                             judge={}, originals=originals,
-                            original_sha256={n: pixel_sha256(eval_images[n]) for n in names})
+                            original_sha256={n: pixel_sha256(eval_images[n]) for n in names},
+                            max_recovery=max_recovery)
     if not chosen or not points:
         results.seconds = time.perf_counter() - start
         return results
@@ -288,10 +361,14 @@ def run_attacks(model: LoadedModel, net: Network, cut_names: Sequence[str],
         if kept & held_out:  # a caller-supplied TrainingSet must obey the rule too
             raise AssessmentError("the decoder's training photos include an evaluation photo")
         results.training = training.summary()
-    if not isinstance(judge, Judge):
-        judge = Judge.for_model(model, judge)
-    results.judge = {"name": judge.name, "weights_sha256": judge.model.weights_sha256}
-    p_original = judge.probabilities(batch)  # (B, classes)
+    panel = judge if isinstance(judge, JudgePanel) else JudgePanel.for_model(
+        model, judge.name if isinstance(judge, Judge) else judge)
+    results.judge = panel.to_dict()
+    if gallery is not None:
+        results.gallery = {"photos": len(gallery), "chance_per_photo": round(gallery.chance, 4),
+                           "signals": ["structural (16+32 px grey thumbnails)",
+                                       f"deep ({panel.names[0]} pooled features)"]}
+    p_original = panel.probabilities(batch)  # per judge (B, classes)
     references = [ssim(o, tiny_image(o, TINY_IMAGE_SIDE)) for o in batch]
 
     with torch_threads(threads) as n_threads:
@@ -307,18 +384,29 @@ def run_attacks(model: LoadedModel, net: Network, cut_names: Sequence[str],
 
                 if point.name not in fronts:  # one ONNX Runtime session per cut, shared by attacks
                     fronts[point.name] = OnnxFront(net, point.name, threads=n_threads)
-                observed = fronts[point.name](batch)  # (B, *cut shape): what the host sees
-                recon, budget, seconds, extra = _attack_one_cut(
-                    attack, net, point.name, fronts[point.name], observed, budgets, training,
-                    derive_seed(seed, attack, point.name), tick)
-                ir_errors = _relative_ir_errors(fronts[point.name](recon), observed)
-                cut_result = CutAttackResult(
-                    attack=attack, cut=point.name, cut_index=point.index, shape=point.shape,
-                    budget=budget, attack_seconds=seconds,
-                    seconds_per_reconstruction=seconds / len(names),
-                    images=judge_reconstructions(judge, names, batch, recon, p_original=p_original,
-                                                 references=references, ir_errors=ir_errors),
-                    extra=extra)
+                front = fronts[point.name]
+                cut_result = CutAttackResult(attack=attack, cut=point.name, cut_index=point.index,
+                                             shape=point.shape, budget=0, attack_seconds=0.0,
+                                             seconds_per_reconstruction=0.0, images=[],
+                                             photos_planned=len(names), max_recovery=max_recovery)
+                chunk = WHITEBOX_CHUNK if attack == "whitebox" else len(names)
+                for lo in range(0, len(names), chunk):
+                    sl = slice(lo, lo + chunk)
+                    observed = front(batch[sl])  # (b, *cut shape): what the host sees
+                    recon, budget, seconds, extra = _attack_one_cut(
+                        attack, net, point.name, front, observed, budgets, training,
+                        derive_seed(seed, attack, point.name) + lo, tick)
+                    cut_result.budget = max(cut_result.budget, budget)
+                    cut_result.attack_seconds += seconds
+                    _merge_extra(cut_result.extra, extra)
+                    cut_result.images.extend(judge_reconstructions(
+                        panel, names[sl], batch[sl], recon,
+                        p_original=[p[sl] for p in p_original], references=references[sl],
+                        ir_errors=_relative_ir_errors(front(recon), observed), gallery=gallery))
+                    if stop_when_unsafe and cut_result.evidence.verdict == "unsafe":
+                        break  # more photos could only add recoveries
+                cut_result.seconds_per_reconstruction = (cut_result.attack_seconds
+                                                         / max(1, len(cut_result.images)))
                 results.cuts.append(cut_result)
                 safe_run = 0 if cut_result.unsafe else safe_run + 1
                 if stop_after_safe is not None and safe_run >= stop_after_safe:
@@ -328,15 +416,29 @@ def run_attacks(model: LoadedModel, net: Network, cut_names: Sequence[str],
     return results
 
 
+def _merge_extra(into: dict[str, Any], extra: dict[str, Any]) -> None:
+    """Attack-specific figures of several photo chunks of one cut: lists grow, numbers add."""
+    for k, v in extra.items():
+        if isinstance(v, list):
+            into.setdefault(k, []).extend(v)
+        elif k not in into:
+            into[k] = v
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            into[k] = into[k] + v
+
+
 def _attack_one_cut(attack: str, net: Network, cut: str, front: OnnxFront, observed: np.ndarray,
                     budgets: Budgets, training: TrainingSet | None, seed: int,
                     tick: Callable[[int, int], None]) -> tuple[np.ndarray, int, float, dict[str, Any]]:
     """(reconstructions (B, H, W, 3) uint8, budget used, attack seconds, attack-specific figures)."""
     pre = net.model.preprocess
     if attack == "whitebox":
-        wb = whitebox_attack.invert(torch_front(net, cut), observed, pre,
-                                    steps=budgets.whitebox_steps, seed=seed, on_step=tick)
-        return wb.reconstructions, wb.steps, wb.seconds, {"final_loss": wb.loss_curve[-1]}
+        wb = whitebox_attack.invert_converged(torch_front(net, cut), observed, pre,
+                                              max_steps=budgets.whitebox_steps,
+                                              restarts=budgets.whitebox_restarts, seed=seed,
+                                              on_step=tick)
+        return wb.reconstructions, budgets.whitebox_steps, wb.seconds, {
+            "restarts": wb.runs, "kept": wb.chosen, "steps_run": wb.steps}
     if training is None:  # run_attacks loads it whenever the decoder runs
         raise AssessmentError("the decoder attack has no training photos")
     dec = decoder_attack.train_and_invert(front, observed, training, pre.input_hw,
@@ -355,32 +457,47 @@ def _relative_ir_errors(ir: np.ndarray, observed: np.ndarray) -> list[float | No
     return [float(v) for v in num / den]
 
 
-def judge_reconstructions(judge: Judge, names: Sequence[str], originals: np.ndarray,
-                          recon: np.ndarray, *, p_original: np.ndarray | None = None,
+def judge_reconstructions(judge: JudgePanel | Judge, names: Sequence[str], originals: np.ndarray,
+                          recon: np.ndarray, *, p_original: Sequence[np.ndarray] | np.ndarray | None = None,
                           references: Sequence[float] | None = None,
-                          ir_errors: Sequence[float | None] | None = None) -> list[ImageResult]:
+                          ir_errors: Sequence[float | None] | None = None,
+                          gallery: Gallery | None = None) -> list[ImageResult]:
     """Figures and verdict for each (original, reconstruction) pair ((B, H, W, 3) uint8 each).
 
-    `p_original` (the judge on the originals) and `references` (SSIM of each photo's tiny
-    image) are computed when not given; pass them to avoid recomputing them per cut.
+    `p_original` (each judge on the originals: a list per judge, or one array for a single
+    judge) and `references` (SSIM of each photo's tiny image) are computed when not given.
+    With a `gallery` (holding every name in `names`), each reconstruction is also ranked
+    against its source for re-identification.
     """
+    judges = judge.judges if isinstance(judge, JudgePanel) else [judge]
     if p_original is None:
-        p_original = judge.probabilities(originals)
+        p_original = [j.probabilities(originals) for j in judges]
+    elif isinstance(p_original, np.ndarray):
+        p_original = [p_original]
     if references is None:
         references = [ssim(o, tiny_image(o, TINY_IMAGE_SIDE)) for o in originals]
     if ir_errors is None:
         ir_errors = [None] * len(names)
-    p_recon = judge.probabilities(recon)  # (B, classes)
+    p_recon = [j.probabilities(recon) for j in judges]  # per judge (B, classes)
+    reids = gallery.rank(recon, list(names)) if gallery is not None else [None] * len(names)
     out = []
     for i, name in enumerate(names):
-        verdict = judge.compare(p_original[i], p_recon[i])
+        verdicts = [j.compare(po[i], pr[i]) for j, po, pr in zip(judges, p_original, p_recon)]
+        classifiable = len(judges) < 2 or JudgePanel.classifiable([po[i] for po in p_original])
+        first = verdicts[0]
         r = ImageResult(
             image=name, reconstruction=recon[i], ssim=ssim(originals[i], recon[i]),
             psnr=psnr(originals[i], recon[i]), ssim_reference=references[i],
-            recognised=verdict.recognised, judge_rank=verdict.rank, judge_kl=verdict.kl,
-            judge_original_label=verdict.original_top1_label,
-            judge_original_prob=verdict.original_top1_prob,
-            judge_reconstruction_top5=verdict.reconstruction_top5_labels, ir_error=ir_errors[i])
+            recognised=classifiable and any(v.recognised for v in verdicts),
+            judge_rank=first.rank, judge_kl=first.kl,
+            judge_original_label=first.original_top1_label,
+            judge_original_prob=first.original_top1_prob,
+            judge_reconstruction_top5=first.reconstruction_top5_labels, ir_error=ir_errors[i],
+            classifiable=classifiable, reid=reids[i],
+            judges=[{"name": j.name, "recognised": v.recognised, "rank": v.rank,
+                     "kl": round(v.kl, 4), "original": v.original_top1_label,
+                     "reconstruction_top5": list(v.reconstruction_top5_labels)}
+                    for j, v in zip(judges, verdicts)])
         r.unsafe = attack_verdict(r)
         out.append(r)
     return out

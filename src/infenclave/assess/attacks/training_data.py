@@ -2,8 +2,8 @@
 
 Nothing is downloaded. The attacker's photos are a curated list of real photographs from
 installed packages: `scikit-image` sample data, matplotlib's sample data, and (when the Debian
-package `opencv-doc` is installed: `scripts/system-deps.sh` installs it) the OpenCV example
-images. Synthetic test patterns, logos, renders, drawings, calibration chessboards, and the
+packages `opencv-doc` and `imagemagick-6-doc` are installed: `scripts/system-deps.sh` installs
+them) the OpenCV example images and ImageMagick's one photo: 51 distinct photos. Synthetic test patterns, logos, renders, drawings, calibration chessboards, and the
 second frame of stereo or sequence pairs are left out on purpose: they teach a decoder little
 about photos, and a near-copy would inflate the count of distinct photos.
 
@@ -82,8 +82,11 @@ _OPENCV = (
     "data/left01.jpg", "alphamat/input_images/plant.jpg", "dnn_superres/butterfly.png",
     "hfs/data/000.jpg", "hfs/data/001.jpg", "hfs/data/002.jpg", "reg/home.png",
     "text/scenetext01.jpg", "text/scenetext02.jpg", "text/scenetext03.jpg",
-    "text/scenetext04.jpg", "text/scenetext05.jpg", "text/scenetext06.jpg",
+    "text/scenetext04.jpg", "text/scenetext05.jpg", "text/scenetext06.jpg", "data/smarties.png",
 )
+IMAGEMAGICK_DOC_IMAGES = Path("/usr/share/doc/imagemagick-6-common/html/images")
+# only the unprocessed bluebells photo (its _darker/_lin/_log siblings are the same photo)
+_IMAGEMAGICK = ("bluebells_clipped.jpg",)
 
 
 @dataclass(frozen=True)
@@ -147,7 +150,8 @@ def _candidates() -> tuple[list[tuple[str, Path]], list[str]]:
     found: list[tuple[str, Path]] = []
     missing: list[str] = []
     roots = [("skimage", _skimage_dir(), _SKIMAGE), ("matplotlib", _matplotlib_dir(), _MATPLOTLIB),
-             ("opencv-doc", OPENCV_DOC_EXAMPLES, _OPENCV)]
+             ("opencv-doc", OPENCV_DOC_EXAMPLES, _OPENCV),
+             ("imagemagick-6-doc", IMAGEMAGICK_DOC_IMAGES, _IMAGEMAGICK)]
     for source, root, names in roots:
         if not root.is_dir():
             missing.append(source)

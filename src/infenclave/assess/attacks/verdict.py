@@ -1,4 +1,7 @@
-"""When is a reconstruction a leak? Two tests, either one suffices (fail closed).
+"""When is a reconstruction a leak? Three tests, any one suffices (fail closed).
+
+0. **Re-identified**: its own source ranks first among a gallery of real photos by thumbnail
+   structure or deep features (`reident.py`): the host can tell *which* photo it was.
 
 1. **Recognised**: the independent judge puts the original's top-1 class in its top-5 for the
    reconstruction (`metrics.RECOGNITION_TOP_K`). Chance level is 5 in 1000 per photo, so over
@@ -33,9 +36,11 @@ class _ImageVerdictInput(Protocol):
 
 
 def attack_verdict(result: _ImageVerdictInput) -> bool:
-    """True (unsafe) when one reconstruction is recognised by the judge or pixel-similar.
+    """True (recovered) when a reconstruction is re-identified, recognised or pixel-similar.
 
     `result` is an `ImageResult` (or anything with `recognised`, `ssim` and `ssim_reference`,
-    the SSIM of the photo's own TINY_IMAGE_SIDE px version).
+    the SSIM of the photo's own TINY_IMAGE_SIDE px version, and optionally `reidentified`:
+    its source ranked first in the re-identification gallery, `reident.py`).
     """
-    return bool(result.recognised or result.ssim >= result.ssim_reference)
+    return bool(result.recognised or result.ssim >= result.ssim_reference
+                or getattr(result, "reidentified", False))

@@ -40,10 +40,21 @@ from infenclave.assess.attacks._front import to_uint8, torch_normalise
 from infenclave.enclave.imaging import Preprocess
 from infenclave.errors import AssessmentError
 
-# bench/results/attacks.json (4 photos at _blocks.2/7/14): the recognised counts at 100 steps
-# equal those at 200, 400 and 800; SSIM and judge KL still improve slowly (0.76 -> 0.79 SSIM at
-# _blocks.2 by 400 steps), so the verdicts are near convergence while the pixels are not quite.
-DEFAULT_STEPS = 100
+# An independent review re-identified 4 of 4 photos at `_blocks.11` with a 400-step textbook
+# inversion where the 100-step default of an earlier version recognised none: the budget is
+# now a *cap*; the search stops earlier only on a loss plateau (PLATEAU_*), and
+# bench/attacks.py checks at the recommended cut that doubling the cap does not recover more.
+DEFAULT_STEPS = 400  # the cap per restart
+MIN_STEPS = 100  # never stop on a "plateau" before this many steps
+PLATEAU_WINDOW = 50  # steps
+PLATEAU_TOLERANCE = 0.01  # stop when the mean loss fell by less than 1% over the window
+# Restarts: different seeds *and* different formulations; the best reconstruction per photo by
+# relative IR error (what the attacker can measure) is kept. `relative-mse` is the textbook
+# loss; `channel-normalised` weights every channel equally, so the many weak channels of a deep
+# cut, which the energy-weighted loss ignores, pull on the image too.
+FORMULATIONS = ("relative-mse", "channel-normalised")
+DEFAULT_RESTARTS = 2
+CHANNEL_EPS = 1e-3  # of the mean channel energy: dead channels do not blow up the normalised loss
 LEARNING_RATE = 0.05  # Adam on the pyramid logits; 0.1 ends with a higher IR error at 100 steps
 TV_WEIGHT = 0.02  # 0.005 and 0.05 measured no better; larger blurs the early cuts
 PYRAMID_SCALES = (1, 2, 4, 8, 16, 32)  # pyramid levels, as input-size divisors
@@ -109,18 +120,98 @@ def relative_ir_error(front: Any, x01: Any, target: Any, pre: Preprocess) -> Any
     return ((y - target) ** 2).sum(dim=dims) / (target**2).sum(dim=dims).clamp_min(1e-12)
 
 
+def channel_normalised_error(front: Any, x01: Any, target: Any, pre: Preprocess) -> Any:
+    """Mean over channels of ||F_c(x) - y_c||^2 / ||y_c||^2 per image -> (B,)."""
+    y = front(torch_normalise(x01, pre))
+    if y.dim() == 2:  # a vector IR: every element is a channel
+        num, den = (y - target) ** 2, target**2
+    else:
+        dims = tuple(range(2, y.dim()))
+        num, den = ((y - target) ** 2).sum(dim=dims), (target**2).sum(dim=dims)  # (B, C)
+    eps = CHANNEL_EPS * den.mean(dim=1, keepdim=True).clamp_min(1e-12)
+    return (num / (den + eps)).mean(dim=1)
+
+
+def plateaued(curve: Sequence[float]) -> bool:
+    """True when the loss fell by less than PLATEAU_TOLERANCE over the last PLATEAU_WINDOW steps."""
+    if len(curve) < max(MIN_STEPS, PLATEAU_WINDOW + 1):
+        return False
+    before, now = curve[-PLATEAU_WINDOW - 1], curve[-1]
+    return (before - now) <= PLATEAU_TOLERANCE * abs(before)
+
+
+@dataclass
+class ConvergedRun:
+    """The best of several restarts per photo."""
+
+    reconstructions: np.ndarray  # (B, H, W, 3) uint8
+    ir_error: np.ndarray  # (B,) relative IR error of the kept reconstruction
+    chosen: list[str]  # per photo: the restart kept ("relative-mse#0", ...)
+    runs: list[dict[str, Any]]  # per restart: formulation, seed, steps, plateau, final loss
+    seconds: float
+    steps: int  # total Adam steps over all restarts
+
+
+def invert_converged(front: Any, target: np.ndarray, pre: Preprocess, *,
+                     max_steps: int = DEFAULT_STEPS, restarts: int = DEFAULT_RESTARTS,
+                     seed: int = 0, on_step: Callable[[int, int], None] | None = None,
+                     ) -> ConvergedRun:
+    """`restarts` inversions (alternating formulations, fresh seeds), each to a plateau or the
+    cap; per photo the reconstruction with the lowest relative IR error is kept."""
+    if restarts < 1:
+        raise AssessmentError("the white-box attack needs at least one restart")
+    total = restarts * max_steps
+    best: ConvergedRun | None = None
+    runs: list[dict[str, Any]] = []
+    seconds, steps_done = 0.0, 0
+    for r in range(restarts):
+        loss = FORMULATIONS[r % len(FORMULATIONS)]
+        base = steps_done
+
+        def tick(done: int, _total: int, _base: int = base) -> None:
+            if on_step is not None:
+                on_step(min(total, _base + done), total)
+
+        run = invert(front, target, pre, steps=max_steps, seed=seed + 1009 * r, loss=loss,
+                     stop_on_plateau=True, on_step=tick)
+        steps_done += run.steps
+        seconds += run.seconds
+        runs.append({"formulation": loss, "seed": seed + 1009 * r, "steps": run.steps,
+                     "plateau": run.steps < max_steps, "final_loss": run.loss_curve[-1]})
+        label = f"{loss}#{r}"
+        if best is None:
+            best = ConvergedRun(run.reconstructions.copy(), run.ir_error.copy(),
+                                [label] * len(run.ir_error), runs, 0.0, 0)
+            continue
+        better = run.ir_error < best.ir_error
+        best.reconstructions[better] = run.reconstructions[better]
+        best.ir_error[better] = run.ir_error[better]
+        best.chosen = [label if b else c for b, c in zip(better, best.chosen)]
+    if best is None:  # pragma: no cover - restarts >= 1 is checked above
+        raise AssessmentError("the white-box attack ran no restart")
+    best.seconds, best.steps = seconds, steps_done
+    if on_step is not None:
+        on_step(total, total)
+    return best
+
+
 def invert(front: Any, target: np.ndarray, pre: Preprocess, *, steps: int = DEFAULT_STEPS,
            seed: int = 0, lr: float = LEARNING_RATE, tv_weight: float = TV_WEIGHT,
+           loss: str = FORMULATIONS[0], stop_on_plateau: bool = False,
            snapshots: Sequence[int] = (), on_step: Callable[[int, int], None] | None = None,
            ) -> WhiteboxRun:
     """Reconstruct images from observed IRs `target` ((B, *cut shape)) through `front`.
 
-    `front` is the torch FrontNet with frozen parameters (see `_front.torch_front`).
+    `front` is the torch FrontNet with frozen parameters (see `_front.torch_front`). With
+    `stop_on_plateau`, `steps` is a cap and `WhiteboxRun.steps` the steps actually taken.
     """
     import torch
 
     if steps < 1:
         raise AssessmentError("the white-box attack needs at least one step")
+    if loss not in FORMULATIONS:
+        raise AssessmentError(f"unknown white-box loss {loss!r}; use one of {', '.join(FORMULATIONS)}")
+    ir_loss = relative_ir_error if loss == "relative-mse" else channel_normalised_error
     y = torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32))
     image = PyramidImage(len(y), pre.input_hw, seed)
     opt = torch.optim.Adam(image.parameters, lr=lr)
@@ -130,14 +221,17 @@ def invert(front: Any, target: np.ndarray, pre: Preprocess, *, steps: int = DEFA
     for step in range(1, steps + 1):
         opt.zero_grad(set_to_none=True)
         x = image()  # (B, 3, H, W) in (0, 1)
-        loss = relative_ir_error(front, x, y, pre) + tv_weight * total_variation(x)  # (B,)
-        loss.sum().backward()  # images are independent: the sum separates
+        value = ir_loss(front, x, y, pre) + tv_weight * total_variation(x)  # (B,)
+        value.sum().backward()  # images are independent: the sum separates
         opt.step()
-        run.loss_curve.append(float(loss.detach().mean()))
+        run.loss_curve.append(float(value.detach().mean()))
         if step in want:
             run.snapshots[step] = to_uint8(image())
         if on_step is not None:
             on_step(step, steps)
+        if stop_on_plateau and plateaued(run.loss_curve):
+            run.steps = step
+            break
     run.seconds = time.perf_counter() - start
     run.reconstructions = to_uint8(image())
     with torch.no_grad():  # judge the images the attacker would actually look at (uint8)
