@@ -162,9 +162,22 @@ def _manifest_seeds() -> tuple[bytes, ...]:
         "parts": {name: {"file": file, "encrypted": name in bf.ENCRYPTED_PARTS, **part}
                   for name, file in bf.PART_FILES.items()},
     }
-    if "owner_key" in getattr(bf, "_MANIFEST_KEYS", ()):
+    keys = getattr(bf, "_MANIFEST_KEYS", ())
+    if "owner_key" in keys:
         doc["owner_key"] = "ab" * 32
-    return ((json.dumps(doc, indent=2, sort_keys=True) + "\n").encode(),)
+    sections = [None]
+    if "backnet" in keys:  # both BackNet modes: unverified, and Freivalds-verified
+        from infenclave.protocol.backnet_verify import VERIFY_FILE
+
+        sections = [{"verification": "unverified"},
+                    {"verification": "freivalds", "max_failures": 1, "file": VERIFY_FILE,
+                     "sha256": "1" * 64, "size": 4096}]
+    seeds = []
+    for section in sections:
+        if section is not None:
+            doc["backnet"] = section
+        seeds.append((json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+    return tuple(seeds)
 
 
 def _tail_seeds() -> tuple[bytes, ...]:
