@@ -240,3 +240,15 @@ def test_partition_warns_that_a_public_tail_protects_no_label(tmp_path) -> None:
                        "--out", str(tmp_path / "b"))
     assert done.returncode == 0, done.stderr
     assert "weights are public" in done.stderr and "--tail-start" in done.stderr
+
+
+@pytest.mark.parametrize("field, value", [("resize", 100_000), ("crop", 10_000), ("std", [0.0, 1.0, 1.0]),
+                                          ("mean", [float("nan"), 0.0, 0.0]), ("layout", "NCWH")])
+def test_hostile_preprocess_values_in_a_manifest_are_refused(field, value) -> None:
+    from infenclave.enclave.imaging import Preprocess
+    from infenclave.errors import ModelError
+
+    doc = {"resize": 256, "crop": 224, "mean": [127.0] * 3, "std": [128.0] * 3,
+           "channel_order": "RGB", "layout": "NCHW", field: value}
+    with pytest.raises(ModelError, match="preprocess"):
+        Preprocess.from_dict(doc)

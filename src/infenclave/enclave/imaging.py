@@ -10,18 +10,22 @@ confidential predictions see exactly the same pixels.
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, ImageFile
 
-from infenclave.errors import ImageError
+from infenclave.errors import ImageError, ModelError
 
 MAX_ENCODED_BYTES = 32 * 1024 * 1024  # a large phone photo is ~10 MiB
 MAX_PIXELS = 64_000_000  # 8000x8000; decompression bombs are refused from the header
 MIN_SIDE = 8  # smaller images carry no usable content and break centre crops
 MAX_ASPECT = 32.0  # panoramas beyond this would be cropped to a sliver
+MAX_RESIZE = 4096  # model inputs are a few hundred pixels; bounds the resized copy's memory
+MAX_NORM_VALUE = 1e4  # mean/std in 0-255 pixel units
+MIN_STD = 1e-3  # a smaller std turns pixel noise into huge inputs (0 into infinities)
 
 # Never guess pixels of a truncated file; never let PIL's own bomb check warn instead of refuse.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -41,6 +45,22 @@ class Preprocess:
     std: tuple[float, float, float]
     channel_order: Literal["RGB", "BGR"] = "RGB"
     layout: Literal["NCHW", "NHWC"] = "NCHW"
+
+    def __post_init__(self) -> None:
+        # A manifest is host-stored data: bounded values keep a hostile one from asking the
+        # enclave for a 100000-px resize (memory) or a zero std (infinities into the FrontNet).
+        sides = self.resize if isinstance(self.resize, tuple) else (self.resize,)
+        if len(sides) not in (1, 2) or not all(_is_side(s) for s in sides):
+            raise ModelError(f"preprocess: resize must be 1 or 2 sizes in {MIN_SIDE}..{MAX_RESIZE}")
+        if self.crop is not None and (not _is_side(self.crop) or self.crop > min(sides)):
+            raise ModelError("preprocess: crop must be a size no larger than the resize")
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) != 3 or not all(math.isfinite(v) and abs(v) <= MAX_NORM_VALUE for v in values):
+                raise ModelError(f"preprocess: {name} must be 3 finite numbers within ±{MAX_NORM_VALUE:g}")
+        if min(abs(v) for v in self.std) < MIN_STD:
+            raise ModelError(f"preprocess: std values must be at least {MIN_STD:g} in magnitude")
+        if self.channel_order not in ("RGB", "BGR") or self.layout not in ("NCHW", "NHWC"):
+            raise ModelError("preprocess: channel_order must be RGB or BGR, layout NCHW or NHWC")
 
     @property
     def input_hw(self) -> tuple[int, int]:
@@ -72,6 +92,10 @@ class Preprocess:
             channel_order=d.get("channel_order", "RGB"),
             layout=d.get("layout", "NCHW"),
         )
+
+
+def _is_side(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and MIN_SIDE <= value <= MAX_RESIZE
 
 
 #: The only image formats the service accepts. Pillow otherwise tries every decoder it has
