@@ -116,8 +116,9 @@ def test_debug_enclave_refused_exit_1(tmp_path: Path) -> None:
 
 
 def test_snp_accepted_with_debug_allowed(tmp_path: Path) -> None:
-    policy = {"tee_types": ["sev-snp"], "measurements": {"snp_measurement": [SNP_MEASUREMENT]},
-              "allow_debug": True}
+    policy = {"tee_types": ["sev-snp"], "measurements": {"snp_measurement": [SNP_MEASUREMENT],
+                                                         "snp_host_data": ["00" * 32]},
+              "allow_debug": True, "snp_vmpls": [0]}
     result = cli("attest", REL / "snp" / "attestation.bin", "--at", "2025-06-19T12:00:00Z",
                         "--policy", policy_file(tmp_path, policy), "--json")
     assert result.returncode == 0, result.stdout + result.stderr

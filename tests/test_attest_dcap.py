@@ -57,8 +57,18 @@ def sgx_policy(**overrides: object) -> Policy:
     return Policy(**fields)  # type: ignore[arg-type]
 
 
+# RTMR0-3 of the sample TDX quote (a TDX policy must pin them besides MRTD).
+TDX_RTMRS = {
+    "rtmr0": "44c0197b39157fdd7a4dcc44767f9d6b0bb3977c7a8e347b8492f827fe9d9e5c48aca29b220b80b6a540cf994b9bc9c0",
+    "rtmr1": "0084452c01668329d4bc06acdf58a7205c26743304509973949e5619bf81a6a7aea8c323c173019b3093d54e579e9378",
+    "rtmr2": "d833feef2cd945148aa38ead2c53e9b7f138190aaaebfc551dccd829fc207aa3ba80b70870d7330733642e01d48c3132",
+    "rtmr3": "00" * 48,
+}
+
+
 def tdx_policy() -> Policy:
-    return Policy(tee_types=("tdx",), measurements=Measurements(mrtd=(TDX_MRTD,)))
+    return Policy(tee_types=("tdx",),
+                  measurements=Measurements(mrtd=(TDX_MRTD,), **{k: (v,) for k, v in TDX_RTMRS.items()}))
 
 
 def flipped(data: bytes, offset: int, bit: int = 0) -> bytes:
@@ -239,10 +249,10 @@ def test_quote_without_collateral_never_accepted(quote: Path, now: datetime) -> 
     evidence = load_evidence_file(quote)
     claims = verify(evidence, None, expected_report_data=None, now=now)
     assert claims.tcb_status is None
-    kind = "mrenclave" if claims.tee == "sgx" else "mrtd"
+    kinds = ["mrenclave"] if claims.tee == "sgx" else ["mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3"]
     policy = Policy(
         tee_types=(claims.tee,),
-        measurements=Measurements(**{kind: (claims.measurements[kind],)}),
+        measurements=Measurements(**{kind: (claims.measurements[kind],) for kind in kinds}),
         tcb_statuses=("UpToDate", "ConfigurationAndSWHardeningNeeded", "OutOfDate"),
     )
     with pytest.raises(PolicyRefusal, match="no collateral"):

@@ -40,8 +40,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::cryptography.utils.Cryptography
 def snp_policy(measurement: str = MEASUREMENT, allow_debug: bool = True) -> Policy:
     return Policy(
         tee_types=("sev-snp",),
-        measurements=Measurements(snp_measurement=(measurement,)),
+        measurements=Measurements(snp_measurement=(measurement,), snp_host_data=("00" * 32,)),
         allow_debug=allow_debug,
+        snp_vmpls=(0,),
     )
 
 
@@ -55,7 +56,7 @@ def evidence() -> Evidence:
 def test_snp_accepted_with_right_measurement(evidence: Evidence) -> None:
     claims = verify(evidence, snp_policy(), expected_report_data=REPORT_DATA, now=NOW)
     assert claims.tee == "sev-snp"
-    assert claims.measurements == {"measurement": MEASUREMENT}
+    assert claims.measurements == {"measurement": MEASUREMENT, "host_data": "00" * 32, "vmpl": "0"}
     assert claims.report_data == REPORT_DATA
     assert claims.debug is True
     assert claims.tcb_status is None

@@ -46,7 +46,9 @@ from infenclave.errors import VerificationError
 
 __all__ = [
     "SNP_REPORT_BYTES",
+    "SNP_CERT_GUIDS",
     "SnpCertificates",
+    "certificates_from_table",
     "UnverifiedSnpReport",
     "looks_like_snp_report",
     "parse_snp_certificates",
@@ -182,6 +184,47 @@ def parse_snp_certificates(data: bytes) -> SnpCertificates:
     return SnpCertificates(vcek=vcek, ask=ask, ark=ark)
 
 
+#: GUIDs of the SNP certificate table (GHCB spec, "SNP Extended Guest Request"; the table
+#: configfs-tsm returns as ``auxblob``), in RFC 4122 byte order as go-sev-guest reads them.
+SNP_CERT_GUIDS = {
+    "vcek": "63da758d-e664-4564-adc5-f4b93be8accd",
+    "ask": "4ab7b379-bbac-4fe4-a02f-05aef327c782",
+    "ark": "c0b406a4-a803-4952-9743-3fb6014cd0ae",
+}
+_CERT_ENTRY = struct.Struct("<16sII")  # guid, offset (from the table's start), length
+
+
+def certificates_from_table(table: bytes) -> bytes:
+    """Turn an SNP certificate table (entries ended by an all-zero one, DER certificates) into
+    the PEM bundle VCEK, ASK, ARK that `parse_snp_certificates` reads. Structure only: the
+    chain is verified by `verify_snp` like any other."""
+    import uuid
+
+    if len(table) > _MAX_CERTIFICATES_BYTES:
+        raise VerificationError("SEV-SNP certificate table: over the size limit")
+    by_guid: dict[str, bytes] = {}
+    for index in range(64):
+        start = index * _CERT_ENTRY.size
+        if start + _CERT_ENTRY.size > len(table):
+            raise VerificationError("SEV-SNP certificate table: no terminating entry")
+        guid, offset, length = _CERT_ENTRY.unpack_from(table, start)
+        if guid == bytes(16):
+            break
+        if offset + length > len(table) or length == 0:
+            raise VerificationError("SEV-SNP certificate table: an entry points outside the table")
+        by_guid[str(uuid.UUID(bytes=guid))] = table[offset : offset + length]
+    pem = b""
+    for name, guid in SNP_CERT_GUIDS.items():
+        if guid not in by_guid:
+            raise VerificationError(f"SEV-SNP certificate table: no {name.upper()} certificate")
+        try:
+            certificate = x509.load_der_x509_certificate(by_guid[guid])
+        except ValueError as exc:
+            raise VerificationError(f"SEV-SNP certificate table: the {name.upper()} is not DER") from exc
+        pem += certificate.public_bytes(Encoding.PEM)
+    return pem
+
+
 def verify_snp(report: UnverifiedSnpReport, certificates: SnpCertificates, now: datetime) -> None:
     """Run steps S1-S6 above; raise `VerificationError` naming the first that fails."""
     step = _STEP
@@ -232,7 +275,8 @@ def snp_claims(report: UnverifiedSnpReport) -> Claims:
     tcb = report.reported_tcb
     return Claims(
         tee="sev-snp",
-        measurements={"measurement": report.measurement.hex()},
+        measurements={"measurement": report.measurement.hex(), "host_data": report.host_data.hex(),
+                      "vmpl": str(report.vmpl)},
         debug=bool(report.policy & POLICY_DEBUG_BIT),
         tcb_status=None,
         advisory_ids=(),

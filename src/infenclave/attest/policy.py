@@ -18,8 +18,17 @@ File format (JSON, or YAML with the same keys)::
       "sim_signers": null,
       "model_ids": ["<64 hex: SHA-256 of the bundle manifest>"],
       "model_signers": ["<64 hex: the owner's Ed25519 public key>"],
-      "allow_unverified_backnet": false
+      "allow_unverified_backnet": false,
+      "snp_vmpls": null
     }
+
+Confidential VMs are pinned by what covers the program, not only by the firmware: a policy
+accepting ``tdx`` must list ``mrtd`` *and* ``rtmr0``..``rtmr3`` (the measured-boot chain:
+firmware configuration, boot loader and kernel, command line and initrd, run time); one
+accepting ``sev-snp`` must list ``snp_measurement`` (the launch digest), ``snp_host_data``
+(the 32 bytes the host fixed at launch) and ``snp_vmpls`` (the VM privilege levels the
+report may come from, 0..3). Only a measured-boot image whose initrd or root holds the
+enclave program makes these values cover it (docs/serving.md).
 
 Which *model* the enclave serves is part of what a client trusts: evidence binds the model id
 (`infenclave.protocol.binding`), and a client (SDK and CLI) refuses a policy that names
@@ -56,8 +65,8 @@ TEE_TYPES: tuple[str, ...] = ("sgx", "tdx", "sev-snp", "simulated")
 #: Which measurement lists apply to which TEE type.
 MEASUREMENTS_FOR_TEE: Mapping[str, tuple[str, ...]] = {
     "sgx": ("mrenclave", "mrsigner"),
-    "tdx": ("mrtd",),
-    "sev-snp": ("snp_measurement",),
+    "tdx": ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3"),
+    "sev-snp": ("snp_measurement", "snp_host_data"),
     "simulated": ("sim",),
 }
 
@@ -66,7 +75,12 @@ MEASUREMENT_BYTES: Mapping[str, int] = {
     "mrenclave": 32,
     "mrsigner": 32,
     "mrtd": 48,
+    "rtmr0": 48,
+    "rtmr1": 48,
+    "rtmr2": 48,
+    "rtmr3": 48,
     "snp_measurement": 48,
+    "snp_host_data": 32,
     "sim": 32,
 }
 
@@ -97,6 +111,7 @@ _TOP_LEVEL_KEYS = frozenset(
         "model_ids",
         "model_signers",
         "allow_unverified_backnet",
+        "snp_vmpls",
     }
 )
 _HEX = re.compile(r"[0-9a-f]+")
@@ -109,7 +124,12 @@ class Measurements:
     mrenclave: tuple[str, ...] = ()
     mrsigner: tuple[str, ...] = ()
     mrtd: tuple[str, ...] = ()
+    rtmr0: tuple[str, ...] = ()
+    rtmr1: tuple[str, ...] = ()
+    rtmr2: tuple[str, ...] = ()
+    rtmr3: tuple[str, ...] = ()
     snp_measurement: tuple[str, ...] = ()
+    snp_host_data: tuple[str, ...] = ()
     sim: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -148,6 +168,7 @@ class Policy:
     model_ids: tuple[str, ...] = ()
     model_signers: tuple[str, ...] = ()
     allow_unverified_backnet: bool = False
+    snp_vmpls: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         # Types first, so that the consistency checks below read well-formed values.
@@ -168,6 +189,11 @@ class Policy:
         object.__setattr__(self, "model_ids", _hex_tuple("model_ids", self.model_ids, 32))
         object.__setattr__(self, "model_signers", _hex_tuple("model_signers", self.model_signers, 32))
         _require_bool("allow_unverified_backnet", self.allow_unverified_backnet)
+        if self.snp_vmpls is not None:
+            vmpls = tuple(self.snp_vmpls) if isinstance(self.snp_vmpls, (list, tuple)) else None
+            if not vmpls or any(isinstance(v, bool) or v not in (0, 1, 2, 3) for v in vmpls):
+                raise PolicyError("snp_vmpls: expected a non-empty list of VMPLs 0..3")
+            object.__setattr__(self, "snp_vmpls", vmpls)
 
         # Values and consistency.
         if not self.tee_types:
@@ -193,6 +219,17 @@ class Policy:
                     raise PolicyError(
                         f"measurements.{kind}: listed, but tee_types does not accept {tee!r}"
                     )
+        # A confidential VM's firmware digest alone says nothing about the program it runs.
+        for tee in ("tdx", "sev-snp"):
+            missing = [k for k in MEASUREMENTS_FOR_TEE[tee] if not self.measurements.for_kind(k)]
+            if tee in self.tee_types and missing:
+                raise PolicyError(
+                    f"measurements: tee_types accepts {tee!r}, which must pin every one of "
+                    f"{', '.join(MEASUREMENTS_FOR_TEE[tee])} (missing: {', '.join(missing)}): "
+                    "the firmware's digest alone does not cover the program"
+                )
+        if ("sev-snp" in self.tee_types) != (self.snp_vmpls is not None):
+            raise PolicyError("snp_vmpls: required exactly when tee_types accepts 'sev-snp'")
         if not self.tcb_statuses:
             raise PolicyError("tcb_statuses: at least one TCB status must be accepted")
         for status in self.tcb_statuses:
@@ -269,6 +306,8 @@ class Policy:
             model_ids=_list_field("model_ids", document.get("model_ids") or []),
             model_signers=_list_field("model_signers", document.get("model_signers") or []),
             allow_unverified_backnet=document.get("allow_unverified_backnet", False),
+            snp_vmpls=None if document.get("snp_vmpls") is None
+            else _list_field("snp_vmpls", document["snp_vmpls"]),
         )
 
     def to_mapping(self) -> dict[str, Any]:
@@ -288,6 +327,7 @@ class Policy:
             "model_ids": list(self.model_ids),
             "model_signers": list(self.model_signers),
             "allow_unverified_backnet": self.allow_unverified_backnet,
+            "snp_vmpls": None if self.snp_vmpls is None else list(self.snp_vmpls),
         }
 
     def to_json(self) -> str:

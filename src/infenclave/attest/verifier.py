@@ -25,7 +25,7 @@ Steps, in order; every refusal names its step and keeps the third-party cause (`
       SEV-SNP has no status, its reported TCB is accepted once step 2 bound the VCEK to
       it; simulated evidence has none;
    e. each measurement kind the policy lists for this TEE matches one listed value; a
-      policy that lists none for this TEE refuses.
+      policy that lists none for this TEE refuses; SEV-SNP: the VMPL is in ``snp_vmpls``.
 4. Report data equals `expected_report_data`, compared in constant time, when given.
 """
 
@@ -56,7 +56,12 @@ _CLAIM_FOR_KIND = {
     "mrenclave": "mrenclave",
     "mrsigner": "mrsigner",
     "mrtd": "mrtd",
+    "rtmr0": "rtmr0",
+    "rtmr1": "rtmr1",
+    "rtmr2": "rtmr2",
+    "rtmr3": "rtmr3",
     "snp_measurement": "measurement",
+    "snp_host_data": "host_data",
     "sim": "measurement",
 }
 
@@ -218,3 +223,9 @@ def _apply_policy(claims: Claims, policy: Policy, now: datetime) -> None:
                 f"step 3e (measurement): {kind} {actual} is not one the policy accepts",
                 claims,
             )
+    if claims.tee == "sev-snp" and int(claims.measurements["vmpl"]) not in (policy.snp_vmpls or ()):
+        raise PolicyRefusal(
+            f"step 3e (measurement): the SNP report comes from VMPL {claims.measurements['vmpl']}, "
+            "which the policy's snp_vmpls does not list",
+            claims,
+        )

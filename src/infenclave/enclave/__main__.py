@@ -46,7 +46,10 @@ from pathlib import Path
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m infenclave.enclave",
                                      description="infenclave enclave program (started by the host)")
-    parser.add_argument("--tee", choices=("sim", "gramine-sgx"), default="sim")
+    parser.add_argument("--tee", choices=("sim", "gramine-sgx", "tdx", "sev-snp"), default="sim")
+    parser.add_argument("--tsm-root", type=Path, default=None,
+                        help="--tee tdx/sev-snp: the configfs-tsm report directory")
+    parser.add_argument("--privlevel", type=int, default=None, help="--tee sev-snp: the VMPL to report")
     parser.add_argument("--channel", choices=("stdio",), default="stdio")
     parser.add_argument("--bundles", type=Path)
     parser.add_argument("--state", type=Path)
@@ -120,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     from infenclave.enclave.evidence import GramineEvidenceProducer, SimEvidenceProducer
     from infenclave.enclave.program import EnclaveProgram, log
     from infenclave.enclave.sealing import GramineSealer, SimSealer
+    from infenclave.enclave.tsm import DEFAULT_TSM_ROOT, ConfigfsTsmEvidenceProducer, NoSealer
     from infenclave.errors import EnclaveError
 
     try:
@@ -144,6 +148,14 @@ def main(argv: list[str] | None = None) -> int:
         except EnclaveError as exc:
             log(f"refusing to start: {exc}")
             return 3
+    elif args.tee in ("tdx", "sev-snp"):  # the confidential VM is the wall (docs/serving.md)
+        try:
+            producer = ConfigfsTsmEvidenceProducer(args.tee, args.tsm_root or DEFAULT_TSM_ROOT,
+                                                   privlevel=args.privlevel)
+        except EnclaveError as exc:
+            log(f"refusing to start: {exc}")
+            return 3
+        sealer, measured = NoSealer(args.tee), None
     else:
         producer, sealer, measured = GramineEvidenceProducer(), GramineSealer(), None
 

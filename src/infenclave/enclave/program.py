@@ -287,8 +287,12 @@ class EnclaveProgram:
             raise _Refused("bad_nonce", "evidence: nonce length out of range")
         manifest = self._need_manifest()  # evidence names the model: no model, no evidence
         report_data = expected_report_data(self.public_key, nonce, manifest.model_id)
-        evidence = self._producer.evidence(report_data)
-        self._send(MsgType.EVIDENCE_OK, frame.tag, {"tee": self._producer.tee}, evidence)
+        # A confidential VM's evidence comes with auxiliary data (the SNP certificate table):
+        # the body is raw evidence followed by aux_bytes of it.
+        parts = getattr(self._producer, "evidence_parts", None)
+        evidence, aux = parts(report_data) if parts else (self._producer.evidence(report_data), b"")
+        self._send(MsgType.EVIDENCE_OK, frame.tag, {"tee": self._producer.tee, "aux_bytes": len(aux)},
+                   evidence + aux)
 
     def _on_load(self, frame: Frame) -> None:
         if self._manifest is not None:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from infenclave.errors import EnclaveError, ServerError, WorkerLost
+from infenclave.errors import EnclaveError, ServerError, VerificationError, WorkerLost
 from infenclave.host.channel import ChannelClosed, ChannelTap, EnclaveChannel, EnclaveRefused
 from infenclave.host.metrics import Metrics
 from infenclave.protocol.bundle_format import BundleManifest
@@ -323,18 +323,19 @@ class EnclavePool:
             "no running enclave holds this key (the worker restarted?): attest again"
         )
 
-    async def evidence(self, nonce: bytes) -> list[tuple[Worker, str, bytes]]:
-        """Evidence from every live worker for *nonce*: (worker, tee, raw evidence)."""
+    async def evidence(self, nonce: bytes) -> list[tuple[Worker, str, bytes, bytes | None]]:
+        """Evidence from every live worker for *nonce*: (worker, tee, raw evidence, SEV-SNP
+        certificates as PEM or None)."""
         workers = [w for w in self.workers if not w.channel.closed]
 
-        async def one(worker: Worker) -> tuple[Worker, str, bytes] | None:
+        async def one(worker: Worker) -> tuple[Worker, str, bytes, bytes | None] | None:
             try:
                 frame = await worker.channel.call(MsgType.EVIDENCE, {"nonce": nonce.hex()},
                                                   timeout=self._timeout)
             except (EnclaveError, asyncio.TimeoutError) as exc:
                 logger.warning("worker %d: evidence failed (%s)", worker.slot, type(exc).__name__)
                 return None
-            return worker, str(frame.meta.get("tee")), bytes(frame.body)
+            return (worker, *split_evidence(frame))
 
         results = await asyncio.gather(*(one(w) for w in workers))
         return [r for r in results if r is not None]
@@ -419,6 +420,23 @@ class EnclavePool:
             for name, ms in stages.items():
                 if isinstance(ms, (int, float)) and name.endswith("_ms"):
                     self._metrics.observe_stage(name[:-3], float(ms) / 1e3)
+
+
+def split_evidence(frame: Frame) -> tuple[str, bytes, bytes | None]:
+    """An EVIDENCE_OK frame as (tee, raw evidence, certificates): a confidential VM's body
+    ends with ``aux_bytes`` of auxiliary data, for SEV-SNP the certificate table, which the
+    host turns into the PEM chain the verifier reads (untrusted: the verifier checks it)."""
+    from infenclave.attest._snp import certificates_from_table
+
+    tee, body = str(frame.meta.get("tee")), bytes(frame.body)
+    aux_bytes = frame.meta.get("aux_bytes", 0)
+    if not isinstance(aux_bytes, int) or not 0 <= aux_bytes <= len(body):
+        raise EnclaveError("evidence: aux_bytes out of range")
+    raw, aux = body[: len(body) - aux_bytes], body[len(body) - aux_bytes :]
+    try:
+        return tee, raw, certificates_from_table(aux) if tee == "sev-snp" and aux else None
+    except VerificationError as exc:
+        raise EnclaveError("evidence: the SEV-SNP certificate table is malformed") from exc
 
 
 def _make_host_undumpable() -> None:

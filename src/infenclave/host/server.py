@@ -205,9 +205,9 @@ def create_app(config: ServerConfig) -> FastAPI:
                     "key_id": worker.key_id,
                     "public_key": worker.public_key.hex(),
                     "provisioned": worker.provisioned,
-                    "evidence": encode_envelope(tee, raw).decode("utf-8"),
+                    "evidence": encode_envelope(tee, raw, certificates=certificates).decode("utf-8"),
                 }
-                for worker, tee, raw in found
+                for worker, tee, raw, certificates in found
             ],
         }
 
