@@ -180,17 +180,96 @@ def budget_curves(net: Any, images: dict[str, np.ndarray], judge: Any, training:
     return out
 
 
+EVIDENCE_CUTS = ["_blocks.3", "_blocks.11", "_blocks.15"]  # the review's two cases and the deepest candidate
+CONVERGENCE_CUT = "_blocks.15"  # the deepest candidate: where a knows-weights "safe" would have to hold
+CONVERGENCE_PHOTOS = 8
+
+
+def evidence_run(model: Any, net: Any, quick: bool) -> dict[str, Any]:
+    """Per cut: k of n evaluation photos recovered (white-box at the default budget, decoder at
+    `_blocks.3`), the bound and its verdict, re-identification and recognition counts, seconds."""
+    from infenclave.assess.adversary import build_gallery
+    from infenclave.assess.attacks import Budgets, run_attacks, training_photos
+    from infenclave.assess.attacks.metrics import JudgePanel
+    from infenclave.assess.photosets import offline_sets
+
+    sets = offline_sets()
+    panel = JudgePanel.for_model(model)
+    evaluation = sets["evaluation"].images()
+    if quick:
+        evaluation = dict(list(evaluation.items())[:4])
+    gallery = build_gallery(model, panel, evaluation, sets)
+    budgets = Budgets(whitebox_steps=5, whitebox_restarts=1, decoder_epochs=1) if quick else Budgets()
+    out: dict[str, Any] = {"photos": len(evaluation), "gallery": len(gallery),
+                           "chance_per_photo": round(gallery.chance, 4), "budgets": budgets.to_dict(),
+                           "photo_sets": {k: {"photos": len(v.photos), "by_source": v.by_source()}
+                                          for k, v in sets.items()}, "cuts": []}
+    plan = [("decoder", "chosen-inputs", ["_blocks.3"])] + [("whitebox", "knows-weights", EVIDENCE_CUTS)]
+    for attack, adversary, cuts in plan:
+        training = training_photos(exclude=evaluation) if attack == "decoder" else None
+        for cut in cuts:
+            t0 = time.perf_counter()
+            res = run_attacks(model, net, [cut], evaluation, adversary, budgets, panel, seed=0,
+                              gallery=gallery, training=training)
+            (c,) = res.cuts
+            ev = c.evidence
+            out["cuts"].append({
+                "attack": attack, "cut": cut, "photos_attacked": len(c.images),
+                "photos_planned": c.photos_planned, "recovered": c.recovered_count,
+                "reidentified": c.reidentified_count, "recognised": c.recognised_count,
+                "unclassifiable": sum(not r.classifiable for r in c.images),
+                "upper_bound": round(ev.bound, 4), "verdict": ev.verdict,
+                "structural_ranks": [r.reid.structural_rank for r in c.images if r.reid],
+                "deep_ranks": [r.reid.deep_rank for r in c.images if r.reid],
+                "attack_seconds": round(c.attack_seconds, 1),
+                "wall_seconds": round(time.perf_counter() - t0, 1)})
+            print(json.dumps(out["cuts"][-1]), flush=True)
+    return out
+
+
+def convergence_run(model: Any, net: Any, quick: bool) -> dict[str, Any]:
+    """At the deepest candidate cut: the default cap vs twice the cap, same photos and seeds.
+
+    The claim to check: doubling the white-box budget does not raise the recovery rate there.
+    """
+    from infenclave.assess.adversary import build_gallery
+    from infenclave.assess.attacks import Budgets, run_attacks
+    from infenclave.assess.attacks.metrics import JudgePanel
+    from infenclave.assess.attacks.whitebox import DEFAULT_STEPS
+    from infenclave.assess.photosets import offline_sets
+
+    sets = offline_sets()
+    panel = JudgePanel.for_model(model)
+    evaluation = dict(list(sets["evaluation"].images().items())[8:8 + (2 if quick else CONVERGENCE_PHOTOS)])
+    gallery = build_gallery(model, panel, evaluation, sets)
+    rows = []
+    for cap in ([5, 10] if quick else [DEFAULT_STEPS, 2 * DEFAULT_STEPS]):
+        t0 = time.perf_counter()
+        res = run_attacks(model, net, [CONVERGENCE_CUT], evaluation, "knows-weights",
+                          Budgets(whitebox_steps=cap), panel, seed=0, gallery=gallery,
+                          stop_when_unsafe=False)
+        (c,) = res.cuts
+        rows.append({"cap": cap, "restarts": c.extra.get("restarts"),
+                     "recovered": c.recovered_count, "reidentified": c.reidentified_count,
+                     "recognised": c.recognised_count, "photos": len(c.images),
+                     "mean_ir_error": round(float(np.mean([r.ir_error for r in c.images])), 4),
+                     "seconds": round(time.perf_counter() - t0, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    return {"cut": CONVERGENCE_CUT, "photos": [*evaluation], "runs": rows}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "attacks.json")
     ap.add_argument("--figure", type=Path, default=ROOT / "docs" / "img" / "inversion-example.png")
     ap.add_argument("--quick", action="store_true", help="tiny budgets and few cuts (a smoke run)")
     ap.add_argument("--parts", default="cost,default,curves,figure",
-                    help="comma-separated sections to run: cost, default, curves, figure")
+                    help="comma-separated sections to run: cost, default, curves, figure, "
+                    "evidence, convergence")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
-    if not parts or parts - {"cost", "default", "curves", "figure"}:
-        ap.error("--parts takes cost, default, curves and/or figure")
+    if not parts or parts - {"cost", "default", "curves", "figure", "evidence", "convergence"}:
+        ap.error("--parts takes cost, default, curves, figure, evidence and/or convergence")
 
     from infenclave.assess.attacks import Judge, load_eval_images, training_photos
     from infenclave.assess.attacks.runner import torch_threads
@@ -227,6 +306,14 @@ def main() -> int:
             print("budget curves", flush=True)
             report["budget_curves"] = budget_curves(net, images, judge, training, args.quick)
             report["load_average_after_curves"] = [round(v, 2) for v in os.getloadavg()]
+        if "evidence" in parts:
+            print("evidence per cut (evaluation set)", flush=True)
+            report["evidence"] = evidence_run(model, net, args.quick)
+            report["load_average_after_evidence"] = [round(v, 2) for v in os.getloadavg()]
+        if "convergence" in parts:
+            print("convergence at the deepest candidate cut", flush=True)
+            report["convergence"] = convergence_run(model, net, args.quick)
+            report["load_average_after_convergence"] = [round(v, 2) for v in os.getloadavg()]
         if "figure" in parts and not args.quick:
             print("figure", flush=True)
             draw_figure(model, net, images, judge, args.figure)

@@ -9,6 +9,7 @@ from infenclave.errors import AssessmentError
 
 PHOTOS = ("chelsea", "coffee")
 EARLY, DEEP = "_conv_stem", "_conv_head"
+STEPS = 100  # = whitebox.MIN_STEPS: no plateau stop before, so the step count is exact
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +28,13 @@ def judge(lite0):
 
 @pytest.fixture(scope="module")
 def whitebox_run(lite0, lite0_net, eval_images, judge):
-    """One white-box assessment at the default budget: the first cut and a deep one."""
-    from infenclave.assess.attacks import run_attacks
+    """One white-box assessment, both formulations at 100 steps each: the first cut and a deep one."""
+    from infenclave.assess.attacks import Budgets, run_attacks
 
     events = []
     results = run_attacks(lite0, lite0_net, [EARLY, DEEP], eval_images, "knows-weights",
-                          judge=judge, seed=0, progress=events.append)
+                          budgets=Budgets(whitebox_steps=STEPS, whitebox_restarts=2),
+                          judge=judge, seed=0, progress=events.append, threads=1)
     return results, events
 
 
@@ -63,9 +65,12 @@ def test_results_record_and_progress(whitebox_run) -> None:
     import json
 
     results, events = whitebox_run
-    steps = results.budgets.whitebox_steps
-    assert len(events) == 2 * steps
-    assert events[-1].cut == DEEP and events[-1].done == events[-1].total == steps
+    total = results.budgets.whitebox_steps * results.budgets.whitebox_restarts
+    assert len(events) == 2 * (total + 1)  # every step of both restarts, then "done"
+    assert events[-1].cut == DEEP and events[-1].done == events[-1].total == total
+    kept = results.result("whitebox", EARLY).extra
+    assert [r["formulation"] for r in kept["restarts"]] == ["relative-mse", "channel-normalised"]
+    assert len(kept["kept"]) == len(PHOTOS)
     assert events[0].cuts_total == 2 and events[0].cut_number == 1
     doc = json.loads(json.dumps(results.to_dict()))  # JSON-ready, no pixels
     assert doc["adversary"] == "knows-weights" and doc["attacks"] == ["whitebox"]
@@ -148,6 +153,13 @@ def test_verdict_rule() -> None:
     assert attack_verdict(record(True, 0.05, 0.6))  # recognised, however low the SSIM
     assert attack_verdict(record(False, 0.7, 0.6))  # as close as the photo's 32 px version
     assert not attack_verdict(record(False, 0.4, 0.6))
+    from infenclave.assess.attacks.reident import Reidentification
+
+    found = record(False, 0.1, 0.6)
+    found.reid = Reidentification(structural_rank=1, deep_rank=40, gallery=100)
+    assert attack_verdict(found)  # the host can tell which photo it was
+    found.reid = Reidentification(structural_rank=2, deep_rank=40, gallery=100)
+    assert not attack_verdict(found)
     x = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
     assert tiny_image(x, 32).shape == x.shape
 

@@ -105,7 +105,7 @@ def build_gallery(model: LoadedModel, panel: JudgePanel, eval_images: dict[str, 
 def assess_adversary(model: LoadedModel, net: Network, result: ScanResult, oracle: Oracle,
                      eval_images: dict[str, np.ndarray] | None, *, adversary: str, tail: CutPoint,
                      full: bool, budgets: Budgets, judge: str | None, seed: int,
-                     max_recovery: float = DEFAULT_MAX_RECOVERY,
+                     max_recovery: float = DEFAULT_MAX_RECOVERY, surrogate: Network | None = None,
                      progress: AttackProgressFn | None = None,
                      say: Callable[[str], None] = lambda _m: None) -> AdversaryVerdict:
     """Run the adversary's attacks where they can change the answer; merge KL results.
@@ -145,7 +145,8 @@ def assess_adversary(model: LoadedModel, net: Network, result: ScanResult, oracl
     def attack(cuts: list[CutPoint], *, stop_when_unsafe: bool = True) -> AttackResults:
         return run_attacks(model, net, [c.name for c in cuts], eval_images, adversary, budgets,
                            panel, seed, progress=progress, training=training, gallery=gallery,
-                           max_recovery=max_recovery, stop_when_unsafe=stop_when_unsafe)
+                           max_recovery=max_recovery, stop_when_unsafe=stop_when_unsafe,
+                           surrogate=surrogate)
 
     # the input-side cut as a reference point: what the host would see at the very start
     merged = attack(maps[:1]) if maps and maps[0] not in candidates else None
@@ -172,6 +173,26 @@ def assess_adversary(model: LoadedModel, net: Network, result: ScanResult, oracl
                             attacked=[c.cut for c in merged.cuts] if merged else [],
                             max_recovery=max_recovery, verdict=verdict, photo_sets=sets_doc,
                             eval_photos=dict(eval_images), training_photos=sets["training"].images())
+
+
+def public_surrogate(model: LoadedModel, net: Network, name: str | None = None) -> Network:
+    """The public network `model` was fine-tuned from: `name`, or the first zoo model whose
+    cut points have the same names and shapes (a fine-tune keeps the architecture)."""
+    from infenclave.errors import AssessmentError
+    from infenclave.models import load_model, zoo
+    from infenclave.network import analyse
+
+    names = [name] if name else list(zoo.ZOO)
+    for n in names:
+        cand = analyse(load_model(n))
+        if [(c.name, c.shape) for c in cand.cuts] == [(c.name, c.shape) for c in net.cuts]:
+            if cand.model.weights_sha256 == model.weights_sha256:
+                raise AssessmentError(f"{model.name} has exactly the public weights of {n}: "
+                                      "use --adversary knows-weights")
+            return cand
+    raise AssessmentError(f"no public zoo model has {model.name}'s architecture"
+                          + (f" ({name} differs)" if name else "")
+                          + "; the surrogate-weights adversary needs the public starting point")
 
 
 def _kl_safe(net: Network, result: ScanResult, oracle: Oracle, cut: CutPoint, seed: int) -> bool:

@@ -161,11 +161,16 @@ def run_assess(opts: AssessOptions, *, progress: ProgressFn | None = None,
         if not result.partial:
             from infenclave.assess.adversary import assess_adversary
 
+            from infenclave.assess.adversary import public_surrogate
+
+            surrogate = (public_surrogate(model, net) if opts.adversary == "surrogate-weights"
+                         else None)
             verdict = assess_adversary(
                 model, net, result, oracle,
                 {d.name: d.rgb for d in attack_decoded} if attack_decoded else None,
                 adversary=opts.adversary, tail=tail, full=opts.full, budgets=budgets,
                 judge=opts.judge, seed=opts.seed, say=say, max_recovery=opts.max_recovery,
+                surrogate=surrogate,
                 progress=(lambda ev: progress(ev.done, ev.total,
                                               f"{ev.attack} @ {ev.cut} ({ev.cut_number}/{ev.cuts_total})"))
                 if progress else None)
@@ -178,7 +183,8 @@ def run_assess(opts: AssessOptions, *, progress: ProgressFn | None = None,
             starts = list(dict.fromkeys([*maps[-label_leakage.CANDIDATE_TAIL_STARTS:], tail.name]))
             leakage = label_leakage.measure(
                 net, verdict.eval_photos, verdict.training_photos, tail_starts=starts,
-                public_head=opts.adversary == "knows-weights", seed=opts.seed)
+                public_head=opts.adversary in ("knows-weights", "surrogate-weights"),
+                seed=opts.seed)
         plan = build_plan(result, net, oracle, tail_start=tail, tail_start_source=tail_source,
                           adversary=verdict, label_leakage=leakage)
         say("writing plan, CSV and report")

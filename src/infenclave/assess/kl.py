@@ -164,6 +164,10 @@ class Oracle:
     model: LoadedModel
     onnx_bytes: bytes
     same_as_model: bool
+    # True when the oracle has other classes than the model (an ImageNet oracle for a model
+    # with few classes): p is then the oracle's own prediction on the original photo.
+    own_reference: bool = False
+    note: str | None = None  # which oracle and why, for the plan
 
     @property
     def preprocess(self) -> Preprocess:
@@ -177,14 +181,33 @@ class Oracle:
         return {**self.model.identity(), "same_as_model": self.same_as_model}
 
 
+# With K classes delta = KL(p || uniform) <= log K: 0.69 nats for K = 2, so nearly any projected
+# map that the model puts in the photo's class comes within delta and the method calls every
+# cut unsafe (an independent review saw exactly that on a 2-class ONNX ResNet-50). Below
+# FEW_CLASSES an ImageNet oracle of the same input size judges instead, against its *own*
+# prediction on the original photo: it asks "does this map still show what the photo shows?"
+# over 1000 classes, where delta is up to log 1000 = 6.9 nats.
+FEW_CLASSES = 10
+IMAGENET_ORACLES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
+
+
 def make_oracle(model: LoadedModel, oracle: LoadedModel | None) -> Oracle:
-    """The oracle for `model`: itself, or `oracle` after checking it can judge this model.
+    """The oracle for `model`: itself, `oracle` after checking it can judge this model, or for a
+    model with fewer than FEW_CLASSES classes an ImageNet zoo model of the same input size.
 
     KL(p || q) needs p and q over the same classes, and the projection is made at the model's
-    input size, so both must match; anything else is refused rather than silently resized.
+    input size, so the size must match; a different class set is accepted only from an oracle
+    with more classes, which then judges against its own prediction on the photo.
     """
     from infenclave.network import analyse
 
+    if oracle is None and model.num_classes < FEW_CLASSES:
+        oracle = _imagenet_oracle(model)
+        if oracle is None:
+            return Oracle(model=model, onnx_bytes=analyse(model).onnx_bytes(), same_as_model=True,
+                          note=f"{model.name} has {model.num_classes} classes and no ImageNet zoo "
+                               "model takes its input size: the model judges itself, and the KL "
+                               "method is weak here (delta <= log K)")
     if oracle is None:
         return Oracle(model=model, onnx_bytes=analyse(model).onnx_bytes(), same_as_model=True)
     try:
@@ -195,9 +218,28 @@ def make_oracle(model: LoadedModel, oracle: LoadedModel | None) -> Oracle:
         raise AssessmentError(
             f"oracle {oracle.name} takes {got_hw[0]}x{got_hw[1]} inputs but {model.name} takes "
             f"{want_hw[0]}x{want_hw[1]}: the oracle must have the same input size")
-    if oracle.num_classes != model.num_classes:
+    own = oracle.num_classes != model.num_classes
+    if own and oracle.num_classes < model.num_classes:
         raise AssessmentError(
             f"oracle {oracle.name} has {oracle.num_classes} labels but {model.name} has "
-            f"{model.num_classes}: KL needs both predictions over the same classes")
+            f"{model.num_classes}: an oracle with other classes must have more (it then judges "
+            "against its own prediction on each photo)")
     same = (oracle.name, oracle.weights_sha256) == (model.name, model.weights_sha256)
-    return Oracle(model=oracle, onnx_bytes=analyse(oracle).onnx_bytes(), same_as_model=same)
+    note = (f"{model.name} has {model.num_classes} classes, so KL(p || uniform) is at most "
+            f"{np.log(model.num_classes):.2f} nats and nearly every map would look revealing; "
+            f"the ImageNet model {oracle.name} ({oracle.num_classes} classes) judges each "
+            "projected map against its own prediction on the original photo instead."
+            if own else None)
+    return Oracle(model=oracle, onnx_bytes=analyse(oracle).onnx_bytes(), same_as_model=same,
+                  own_reference=own, note=note)
+
+
+def _imagenet_oracle(model: LoadedModel) -> LoadedModel | None:
+    """The first ImageNet zoo model with `model`'s input size (None when none has it)."""
+    from infenclave.models import load_model, zoo
+
+    for name in IMAGENET_ORACLES:
+        cand = load_model(name)
+        if cand.preprocess.input_hw == model.preprocess.input_hw and name in zoo.ZOO:
+            return cand
+    return None

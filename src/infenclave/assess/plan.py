@@ -171,7 +171,8 @@ def build_plan(result: ScanResult, net: Network, oracle: Oracle, *, tail_start: 
     warnings: list[str] = []
     images = []
     for i, im in enumerate(result.images):
-        top = top_k(result.log_p[i], model.labels, 1, already_probabilities=False)[0]
+        labels = oracle.model.labels if oracle.own_reference else model.labels  # whose p it is
+        top = top_k(result.log_p[i], labels, 1, already_probabilities=False)[0]
         images.append({"name": im.name, "source": im.source, "sha256": im.sha256,
                        "top1": {"index": top.index, "label": top.label, "prob": _f(top.prob)},
                        "delta": _f(float(result.delta[i]))})
@@ -200,6 +201,15 @@ def build_plan(result: ScanResult, net: Network, oracle: Oracle, *, tail_start: 
             warnings.append(f"Attack budgets below the defaults ({used.label()}; defaults: "
                             f"{full.label()}): this assumes a weaker attacker, so any 'safe' here "
                             "is weaker than the default assessment's.")
+    if attacked and adversary.results is not None and adversary.results.training is not None:
+        from infenclave.assess.attacks.decoder import DATA_FLOOR
+
+        n_train = adversary.results.training["distinct_photos"]
+        if n_train < DATA_FLOOR:
+            warnings.append(f"The inverse network trained on {n_train} distinct photos (fewer than "
+                            f"{DATA_FLOOR}): its results are a lower bound on what an attacker "
+                            "with a large photo collection recovers; treat a chosen-inputs 'safe' "
+                            "as weaker than it reads.")
     if result.partial:
         warnings.append("The scan was interrupted: cut points marked 'incomplete' or "
                         "'not-scanned' were not decided; run again for a complete plan.")
@@ -295,7 +305,8 @@ def build_plan(result: ScanResult, net: Network, oracle: Oracle, *, tail_start: 
                   "num_classes": model.num_classes, "input_shape": list(net.input_shape[1:])},
         "preprocess": model.preprocess.to_dict(),
         "oracle": {"name": oracle.model.name, "source": oracle.model.source or oracle.model.name,
-                   "weights_sha256": oracle.model.weights_sha256, "same_as_model": oracle.same_as_model},
+                   "weights_sha256": oracle.model.weights_sha256, "same_as_model": oracle.same_as_model,
+                   **({"note": oracle.note} if oracle.note else {})},
         "method": {"name": "kl-oracle", "projection": PROJECTION_TEXT, "safe_rule": SAFE_TEXT,
                    "recommendation_rule": RECOMMEND_TEXT},
         "images": images,

@@ -197,8 +197,24 @@ def scan(net: Network, oracle: Oracle, images: list[AssessImage], *, mode: Mode 
         raise AssessmentError(f"{net.model.name}: no cut point has a (C, H, W) feature map; "
                               "the KL-oracle method cannot assess this model")
     result = _forward_irs(net, images, mode, seed)
+    if oracle.own_reference:
+        _rebase_on_oracle(result, oracle)
     _Scanner(result, oracle, runtime, progress, set(only) if only is not None else None).run()
     return result
+
+
+def _rebase_on_oracle(result: ScanResult, oracle: Oracle) -> None:
+    """p and delta from the oracle's own prediction on each photo (an oracle with other classes)."""
+    from infenclave.enclave.onnx_runner import OnnxPart
+
+    part = OnnxPart(oracle.onnx_bytes, threads=cpu_count())
+    x = normalise(np.stack([im.pixels for im in result.images]), oracle.preprocess)
+    result.log_p = log_probs(np.concatenate([part(x[i:i + IR_CHUNK]) for i in range(0, len(x), IR_CHUNK)]),
+                             oracle.output)  # (N, K_oracle)
+    result.delta = kl_to_uniform(result.log_p)
+    for cr in result.cuts:
+        for res, d in zip(cr.images or [], result.delta):
+            res.delta = float(d)
 
 
 def _forward_irs(net: Network, images: list[AssessImage], mode: Mode, seed: int) -> ScanResult:

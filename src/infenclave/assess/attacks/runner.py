@@ -47,17 +47,21 @@ from infenclave.errors import AssessmentError
 from infenclave.models.spec import LoadedModel
 from infenclave.network import Network
 
-ADVERSARIES = ("knows-weights", "chosen-inputs", "passive")
+ADVERSARIES = ("knows-weights", "surrogate-weights", "chosen-inputs", "passive")
 DEFAULT_ADVERSARY = "knows-weights"
 ATTACKS = ("whitebox", "decoder")
+# surrogate-weights: the FrontNet is secret but fine-tuned from public weights; the attacker
+# inverts the observed IR through the *public* weights (a fine-tuned model is not a secret model)
 ATTACKS_FOR: dict[str, tuple[str, ...]] = {
     "knows-weights": ("whitebox",),
+    "surrogate-weights": ("whitebox",),
     "chosen-inputs": ("decoder",),
     "passive": (),
 }
 # Which attacks each adversary is able to mount at all (a superset of the defaults above).
 ALLOWED_FOR: dict[str, tuple[str, ...]] = {
     "knows-weights": ("whitebox", "decoder"),
+    "surrogate-weights": ("whitebox", "decoder"),
     "chosen-inputs": ("decoder",),
     "passive": (),
 }
@@ -325,7 +329,7 @@ def run_attacks(model: LoadedModel, net: Network, cut_names: Sequence[str],
                 progress: ProgressFn | None = None, threads: int | None = None,
                 stop_after_safe: int | None = None, training: TrainingSet | None = None,
                 gallery: Gallery | None = None, max_recovery: float = DEFAULT_MAX_RECOVERY,
-                stop_when_unsafe: bool = True) -> AttackResults:
+                stop_when_unsafe: bool = True, surrogate: Network | None = None) -> AttackResults:
     """Attack every cut in `cut_names` with what `adversary` can mount; judge each photo.
 
     `eval_images` are decoded photos ((H, W, 3) uint8, any size, e.g. `load_eval_images()`):
@@ -336,6 +340,9 @@ def run_attacks(model: LoadedModel, net: Network, cut_names: Sequence[str],
     is not run (and the plan says so). `stop_after_safe=k` stops an attack after k consecutive
     safe cuts; `stop_when_unsafe` stops a cut's white-box attack once enough photos are
     recovered that the cut cannot be safe (the rest would not change the verdict).
+    `surrogate` (required for the surrogate-weights adversary): the public network the
+    white-box attack differentiates through, while the observed IRs come from `net`, the
+    deployed (fine-tuned) one.
     """
     start = time.perf_counter()
     chosen = attacks_for(adversary, attacks)
@@ -343,6 +350,14 @@ def run_attacks(model: LoadedModel, net: Network, cut_names: Sequence[str],
     if not eval_images:
         raise AssessmentError("the attacks need at least one evaluation photo")
     points = [net.cut(c) for c in cut_names]
+    if adversary == "surrogate-weights":
+        if surrogate is None:
+            raise AssessmentError("the surrogate-weights adversary needs the public weights the "
+                                  "model was fine-tuned from")
+        for p in points:
+            if surrogate.cut(p.name).shape != p.shape:
+                raise AssessmentError(f"the public model {surrogate.model.name} has another shape "
+                                      f"at {p.name}: it is not what {model.name} was fine-tuned from")
     pre = model.preprocess
     names = list(eval_images)
     originals = {n: resize_and_crop(np.asarray(eval_images[n], dtype=np.uint8), pre) for n in names}
@@ -394,7 +409,7 @@ def run_attacks(model: LoadedModel, net: Network, cut_names: Sequence[str],
                     sl = slice(lo, lo + chunk)
                     observed = front(batch[sl])  # (b, *cut shape): what the host sees
                     recon, budget, seconds, extra = _attack_one_cut(
-                        attack, net, point.name, front, observed, budgets, training,
+                        attack, surrogate or net, point.name, front, observed, budgets, training,
                         derive_seed(seed, attack, point.name) + lo, tick)
                     cut_result.budget = max(cut_result.budget, budget)
                     cut_result.attack_seconds += seconds
