@@ -84,32 +84,32 @@ def test_human_output_crypto_only() -> None:
     assert "not acceptance" in result.stdout.replace("\n", " ")
 
 
-def test_expired_collateral_today_exit_1() -> None:
+def test_expired_collateral_today_exit_3() -> None:
     result = cli(*sgx_args("--json"))
-    assert result.returncode == 1
+    assert result.returncode == 3  # ExitCode.REFUSED
     document = json.loads(result.stdout)
     assert document["verdict"] == "refused" and document["claims"] is None
     assert "expired" in document["reason"]
 
 
-def test_tcb_status_refused_exit_1_with_reason(tmp_path: Path) -> None:
+def test_tcb_status_refused_exit_3_with_reason(tmp_path: Path) -> None:
     strict = dict(SGX_POLICY, tcb_statuses=["UpToDate"])
     result = cli(*sgx_args("--at", SGX_AT, "--policy", policy_file(tmp_path, strict)))
-    assert result.returncode == 1
+    assert result.returncode == 3  # ExitCode.REFUSED
     text = " ".join(result.stdout.split())
     assert "REFUSED" in text
     assert "TCB status ConfigurationAndSWHardeningNeeded is not accepted by the policy (accepted: UpToDate" in text
     assert "tcb_status" in text  # the claims are shown beside the refusal
 
 
-def test_debug_enclave_refused_exit_1(tmp_path: Path) -> None:
+def test_debug_enclave_refused_exit_3(tmp_path: Path) -> None:
     policy = {"tee_types": ["sgx"], "measurements": {"mrenclave": [
         "4000659c8f1c3094f9eefa7fb9ccc5bdb21b6f2893cdb5081f179e737d0c7247"]}}
     result = cli(
         "attest", REL / "sgx" / "sgx_quote_debug_enclave.bin", "--at", SGX_AT,
         "--policy", policy_file(tmp_path, policy), "--json",
     )
-    assert result.returncode == 1
+    assert result.returncode == 3  # ExitCode.REFUSED
     document = json.loads(result.stdout)
     assert "step 3c (debug)" in document["reason"]
     assert document["claims"]["debug"] is True
@@ -145,7 +145,7 @@ def test_simulated_evidence_file(tmp_path: Path) -> None:
     assert "SIMULATED" in result.stderr  # the unsafe switch warns at run time
     refusing = {"tee_types": ["sgx"], "measurements": {"mrenclave": [SGX_MRENCLAVE]}}
     result = cli("attest", evidence, "--policy", policy_file(tmp_path, refusing), "--json")
-    assert result.returncode == 1
+    assert result.returncode == 3  # ExitCode.REFUSED
     assert "does not allow simulation" in json.loads(result.stdout)["reason"]
 
 

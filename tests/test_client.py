@@ -150,7 +150,9 @@ def test_classify_cli_json_matches_predict_shape(server, bundle, photos) -> None
     )
     assert out.returncode == 0, out.stderr
     assert "SIMULATED" in out.stderr  # the warning, on every run
-    (predictions,) = json.loads(out.stdout)
+    (result,) = json.loads(out.stdout)
+    assert result["file"] == str(image)
+    predictions = result["predictions"]
     plain = plain_predictor(MODEL).predict(image.read_bytes(), 5)
     assert [p["index"] for p in predictions] == [p.index for p in plain]
     assert set(predictions[0]) == {"index", "label", "prob"}
@@ -160,8 +162,50 @@ def test_classify_cli_json_matches_predict_shape(server, bundle, photos) -> None
          str(bundle.policy), str(image)],
         capture_output=True, text=True, timeout=120,
     )
-    assert refused.returncode == 2 and "simulation is not allowed" in refused.stderr
+    assert refused.returncode == 3 and "simulation is not allowed" in refused.stderr  # REFUSED
     assert refused.stdout == ""
+
+
+def test_classify_cli_names_a_bad_file_and_classifies_the_rest(server, bundle, photos, tmp_path) -> None:
+    bad = tmp_path / "notimage.jpg"
+    bad.write_bytes(b"GIF89a" + b"\0" * 100)
+    missing = tmp_path / "missing.png"
+    files = [photos["coffee"], bad, missing, photos["chelsea"]]
+    out = subprocess.run(
+        [sys.executable, "-m", "infenclave.cli", "classify", "--url", server.url, "--policy",
+         str(bundle.policy), "--allow-simulation", "--json", "-k", "1", *map(str, files)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 2, out.stderr  # ExitCode.USAGE, after the good ones were classified
+    assert f"error: {bad}: image refused" in out.stderr
+    assert f"cannot read image file {missing}" in out.stderr
+    assert "2 of 4 images could not be classified" in out.stderr
+    doc = json.loads(out.stdout)
+    assert [r["file"] for r in doc] == [str(f) for f in files]
+    assert doc[0]["predictions"][0]["label"] == "espresso" and "predictions" in doc[3]
+    assert "error" in doc[1] and "error" in doc[2]
+
+
+def test_exit_codes_say_which_kind_of_failure(server, bundle, photos, tmp_path) -> None:
+    """One table for every command: 2 usage, 3 refused, 5 server or network."""
+    from test_serving_support import free_port
+
+    def classify(url: str, policy, *extra: str) -> subprocess.CompletedProcess[str]:  # noqa: ANN001
+        return subprocess.run(
+            [sys.executable, "-m", "infenclave.cli", "classify", "--url", url, "--policy",
+             str(policy), "--allow-simulation", *extra, str(photos["coffee"])],
+            capture_output=True, text=True, timeout=120)
+
+    nobody = classify(f"http://127.0.0.1:{free_port()}", bundle.policy)
+    assert nobody.returncode == 5 and "cannot reach" in nobody.stderr  # ExitCode.SERVER
+    doc = _policy_doc(bundle)
+    doc["model_ids"], doc["model_signers"] = ["cd" * 32], []  # the policy names another model
+    other = tmp_path / "other-model.json"
+    other.write_text(json.dumps(doc))
+    mismatch = classify(server.url, other)
+    assert mismatch.returncode == 3 and "does not name" in mismatch.stderr  # ExitCode.REFUSED
+    usage = classify(server.url, bundle.policy, "--top", "0")
+    assert usage.returncode == 2  # ExitCode.USAGE
 
 
 def test_provisioning_twice_is_harmless(server, bundle) -> None:
@@ -190,3 +234,49 @@ def test_serve_refuses_bad_options(bundle, tmp_path) -> None:
     out = subprocess.run([sys.executable, "-m", "infenclave.cli", "serve", str(tmp_path)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "not a bundle" in out.stderr
+
+
+def test_classify_takes_a_path_or_bytes_and_a_batch(server, bundle, photos, tmp_path) -> None:
+    from infenclave.errors import ImageError
+
+    client = sim_client(server.url, bundle.policy)
+    coffee = photos["coffee"]
+    answers = [client.classify(x, k=3) for x in (coffee, str(coffee), coffee.read_bytes())]
+    assert [[p.index for p in a] for a in answers] == [[p.index for p in answers[0]]] * 3
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"GIF89a" + b"\0" * 100)
+    results = client.classify_batch([coffee, bad, photos["chelsea"].read_bytes()], k=1,
+                                    return_image_errors=True)
+    assert results[0][0].label == "espresso" and isinstance(results[2], list)
+    assert isinstance(results[1], ImageError) and str(bad) in str(results[1])
+    with pytest.raises(ImageError, match="bad.png"):
+        client.classify_batch([coffee, bad])
+    with pytest.raises(ImageError, match="empty"):
+        client.classify(b"")
+    client.close()
+
+
+def test_attest_reads_a_saved_attestation_answer(server, bundle, tmp_path) -> None:
+    nonce = os.urandom(32).hex()
+    answer = tmp_path / "attestation.json"
+    answer.write_bytes(httpx.get(f"{server.url}/v1/attestation", params={"nonce": nonce}).content)
+    doc = _policy_doc(bundle)
+    doc.update(allow_simulation=True,
+               tee_types=sorted({*doc.get("tee_types", []), "simulated"}))
+    policy = tmp_path / "sim-allowed.json"
+    policy.write_text(json.dumps(doc))
+
+    def attest(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "infenclave.cli", "attest", str(answer),
+                               "--policy", str(policy), "--json", *extra],
+                              capture_output=True, text=True, timeout=120)
+
+    accepted = attest("--nonce", nonce)
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+    result = json.loads(accepted.stdout)
+    assert result["verdict"] == "accepted" and result["model_id"] == bundle.model_id
+    assert len(result["enclaves"]) == 2 and all(e["report_data_checked"] for e in result["enclaves"])
+    stale = attest("--nonce", os.urandom(32).hex())  # another nonce: the binding does not hold
+    assert stale.returncode == 3 and "refused" in json.loads(stale.stdout)["verdict"]
+    bad_nonce = attest("--nonce", "xyz")
+    assert bad_nonce.returncode == 2 and "--nonce" in bad_nonce.stderr

@@ -34,6 +34,23 @@ def test_predict_cli_json(photos) -> None:
                   "--json", "--top", "3")
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
-    assert len(doc) == 2 and all(len(r) == 3 for r in doc)
-    assert doc[0][0] == {"index": ESPRESSO, "label": "espresso", "prob": pytest.approx(doc[0][0]["prob"])}
-    assert set(doc[1][0]) == {"index", "label", "prob"}
+    assert [r["file"] for r in doc] == [str(photos["coffee"]), str(photos["chelsea"])]
+    assert all(len(r["predictions"]) == 3 for r in doc)
+    first = doc[0]["predictions"][0]
+    assert first == {"index": ESPRESSO, "label": "espresso", "prob": pytest.approx(first["prob"])}
+    assert set(doc[1]["predictions"][0]) == {"index", "label", "prob"}
+
+
+def test_predict_names_a_bad_file_and_classifies_the_rest(photos, tmp_path) -> None:
+    bad = tmp_path / "notimage.jpg"
+    bad.write_text("not an image")
+    res = run_cli("predict", "efficientnet-lite0", str(photos["coffee"]), str(bad),
+                  str(photos["chelsea"]), "--json", "--top", "1")
+    assert res.returncode == 2  # ExitCode.USAGE, at the end
+    assert f"error: {bad}: not a recognised image file" in res.stderr
+    doc = json.loads(res.stdout)
+    assert [r["file"] for r in doc] == [str(photos["coffee"]), str(bad), str(photos["chelsea"])]
+    assert doc[0]["predictions"][0]["index"] == ESPRESSO and "predictions" in doc[2]
+    assert doc[1] == {"file": str(bad), "error": "not a recognised image file"}
+    human = run_cli("predict", "efficientnet-lite0", str(bad), str(photos["coffee"]), "-k", "1")
+    assert human.returncode == 2 and "espresso" in human.stdout and str(bad) in human.stderr

@@ -439,11 +439,6 @@ def _remove(out: Path, *files: Path) -> None:
 
 
 def _read(path: Path, limit: int, what: str) -> bytes:
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read(limit + 1)
-    except OSError as exc:
-        raise BundleError(f"cannot read the {what} {path}: {exc.strerror}") from exc
-    if len(data) > limit:
-        raise BundleError(f"the {what} {path} is larger than {limit} bytes")
-    return data
+    from infenclave.protocol.files import read_bounded
+
+    return read_bounded(path, limit, f"the {what}", BundleError)

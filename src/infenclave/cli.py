@@ -1,25 +1,53 @@
 """The `infenclave` command line: parse arguments, call the library, map errors in one place.
 
 Every deliberate failure is an `InfenclaveError`: `main()` prints it as one line on stderr and
-exits 2. Anything else is a bug and keeps its traceback.
+exits with the code `infenclave.errors.exit_code_for` gives it, the same table for every
+command (README.md, "Exit codes"). Anything else is a bug and keeps its traceback (exit 1).
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from infenclave.errors import InfenclaveError
+from infenclave.errors import ExitCode, InfenclaveError, exit_code_for
+
+if TYPE_CHECKING:
+    from infenclave.enclave.topk import Prediction
 
 app = typer.Typer(
     name="infenclave",
-    help="Confidential image classification by ternary model partitioning.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help, as the CLI library renders it: a flag reads `--json`, not `--json <bool>`.
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from infenclave import __version__
+
+        print(f"infenclave {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Confidential image classification by ternary model partitioning.
+
+    Exit codes (every command): 0 ok; 1 internal error (a bug); 2 usage or bad input;
+    3 verification refused; 4 unsafe verdict or not enough evidence; 5 server or network
+    error; 130 interrupted.
+    """
 
 # --- commands are registered below; each parses options and calls the library ------------
 
@@ -31,8 +59,8 @@ def attest(
         metavar="EVIDENCE",
         show_default=False,
         help="Evidence file: a raw SGX v3 / TDX v4-v5 DCAP quote, a 1184-byte SEV-SNP report "
-        "(vcek.der and ask_ark_milan.pem are looked up beside it), simulated evidence, or the "
-        "JSON envelope a server returns.",
+        "(vcek.der and ask_ark_milan.pem are looked up beside it), simulated evidence, one "
+        "evidence envelope, or a server's whole /v1/attestation answer (every worker checked).",
     ),
     collateral: Path | None = typer.Option(
         None,
@@ -54,15 +82,19 @@ def attest(
         "the claims are printed: nothing is accepted.",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the verdict and claims as JSON."),
+    nonce: str | None = typer.Option(
+        None, "--nonce", help="For a saved /v1/attestation answer: the hex nonce it was asked "
+        "with (`curl URL/v1/attestation?nonce=HEX`); each worker's report data must then bind "
+        "its key, the model id and this nonce."),
 ) -> None:
     """Verify attestation evidence: signatures and chains, then the policy; say why if refused.
 
     Exit code 0: accepted by the policy (or, without --policy, the cryptographic checks
-    passed); 1: refused; 2: bad input (missing file, malformed policy or evidence).
+    passed); 3: refused; 2: bad input (missing file, malformed policy, bad --nonce).
     """
     from infenclave.attest.command import attest_command
 
-    code = attest_command(evidence, collateral, at, policy, as_json)
+    code = attest_command(evidence, collateral, at, policy, as_json, nonce)
     # Not `raise typer.Exit(code)`: main() runs click with standalone_mode=False, where an
     # Exit's code is returned by app() and dropped, so a refusal would exit 0. SystemExit
     # passes through click and carries the code to the shell.
@@ -70,6 +102,8 @@ def attest(
 
 
 MODEL_HELP = "Zoo name (efficientnet-lite0, -lite1, -lite2) or path to a model spec YAML."
+JSON_RESULTS_HELP = ("Print JSON: a list with one {file, predictions: [{index, label, prob}]} "
+                     "per image, or {file, error} for one that failed.")
 
 
 @app.command()
@@ -117,22 +151,51 @@ def predict(
     model: str = typer.Argument(..., help=MODEL_HELP),
     images: list[Path] = typer.Argument(..., help="Image files (JPEG, PNG, ...).", show_default=False),
     top: int = typer.Option(5, "--top", "-k", min=1, max=1000, help="How many classes to show."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON list per image of {index, label, prob}."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_RESULTS_HELP),
 ) -> None:
-    """Plain, non-confidential prediction: the baseline every confidential result is compared to."""
+    """Plain, non-confidential prediction: the baseline every confidential result is compared to.
+
+    A file that cannot be read or decoded is named on stderr and the others are still
+    classified; the exit code is then 2."""
+    from infenclave.errors import ImageError
+    from infenclave.models import load_model
+    from infenclave.predict import Predictor, read_image_file
+
+    predictor = Predictor(load_model(model))
+    results: list[list[Prediction] | ImageError] = []
+    for path in images:
+        try:
+            results.append(predictor.predict(read_image_file(path), top))
+        except ImageError as exc:
+            results.append(exc)
+    sys.exit(_print_results(images, results, as_json))
+
+
+def _print_results(paths: list[Path], results: list[list[Prediction] | ImageError],
+                   as_json: bool) -> int:
+    """Print per-file results (failures on stderr too); the exit code: 2 if any file failed."""
     import json
 
-    from infenclave.models import load_model
-    from infenclave.predict import predict_files
-
-    results = predict_files(load_model(model), list(images), top)
+    docs: list[dict[str, Any]] = []
+    for path, result in zip(paths, results):
+        if isinstance(result, InfenclaveError):
+            message = str(result) if str(path) in str(result) else f"{path}: {result}"
+            print(f"error: {message}", file=sys.stderr)
+            docs.append({"file": str(path), "error": str(result)})
+        else:
+            docs.append({"file": str(path), "predictions": [p.to_dict() for p in result]})
     if as_json:
-        print(json.dumps([[p.to_dict() for p in r] for r in results], indent=2))
-        return
-    for path, preds in zip(images, results):
-        print(f"{path}")
-        for p in preds:
-            print(f"  {p.prob:7.2%}  {p.label}  [{p.index}]")
+        print(json.dumps(docs, indent=2))
+    else:
+        for doc in docs:
+            if "predictions" in doc:
+                print(doc["file"])
+                for p in doc["predictions"]:
+                    print(f"  {p['prob']:7.2%}  {p['label']}  [{p['index']}]")
+    failed = sum(1 for doc in docs if "error" in doc)
+    if failed and len(docs) > 1:
+        print(f"error: {failed} of {len(docs)} images could not be classified", file=sys.stderr)
+    return ExitCode.USAGE if failed else ExitCode.OK
 
 
 @app.command(context_settings={"allow_extra_args": True})
@@ -351,8 +414,8 @@ def classify(
     allow_simulation: bool = typer.Option(False, "--allow-simulation", help="Accept the sim "
                                           "backend (NO hardware protection; development only)."),
     top: int = typer.Option(5, "--top", "-k", min=1, max=100, help="How many classes to show."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON list per image of "
-                                 "{index, label, prob} (the shape of `predict --json`)."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_RESULTS_HELP + " The shape of "
+                                 "`predict --json`."),
     cacert: Path | None = typer.Option(None, "--cacert", help="CA bundle to check the server's "
                                        "TLS certificate (https URLs)."),
 ) -> None:
@@ -360,14 +423,13 @@ def classify(
 
     Verifies every enclave's evidence against POLICY first and refuses, with the reason,
     before sending anything; optionally provisions the model key (--provision); then sends
-    each image sealed to an attested enclave and prints its top-k."""
-    import json
+    each image sealed to an attested enclave and prints its top-k. A file that cannot be read
+    or that the enclave refuses is named on stderr and the others are still classified; the
+    exit code is then 2."""
     import warnings
 
     from infenclave.client import Client, SimulationWarning
-    from infenclave.predict import read_image_file
 
-    data = [read_image_file(p) for p in images]
     if allow_simulation:
         print("warning: --allow-simulation: accepting a SIMULATED enclave, which has no hardware "
               "protection; for development only", file=sys.stderr)
@@ -382,14 +444,8 @@ def classify(
         if provision is not None:
             ready = client.provision(provision)
             print(f"model key provisioned; {ready} worker(s) hold it", file=sys.stderr)
-        results = [client.classify(d, k=top) for d in data]
-    if as_json:
-        print(json.dumps([[p.to_dict() for p in r] for r in results], indent=2))
-        return
-    for path, preds in zip(images, results):
-        print(f"{path}")
-        for p in preds:
-            print(f"  {p.prob:7.2%}  {p.label}  [{p.index}]")
+        results = client.classify_batch(images, k=top, return_image_errors=True)
+    sys.exit(_print_results(images, results, as_json))
 
 
 @app.command()
@@ -412,23 +468,41 @@ def demo(
 
 
 def main() -> None:
-    """Console-script entry point: one clear line and exit 2 for every deliberate error."""
+    """Console-script entry point: one clear line and the table's exit code for every
+    deliberate error (`infenclave.errors.ExitCode`)."""
     from typer._click.exceptions import ClickException  # typer vendors its own click
 
+    _warnings_as_lines()
     try:
         code = app(standalone_mode=False)
     except InfenclaveError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(exit_code_for(exc))
     except (KeyboardInterrupt, typer.Abort):
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(ExitCode.INTERRUPTED)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except ClickException as exc:  # usage errors: unknown option, missing argument, bad value
         exc.show()
-        sys.exit(2)
-    sys.exit(code if isinstance(code, int) else 0)
+        sys.exit(ExitCode.USAGE)
+    sys.exit(code if isinstance(code, int) else ExitCode.OK)
+
+
+def _warnings_as_lines() -> None:
+    """Our own warnings print as `warning: ...`, one line, without a source location."""
+    import warnings
+
+    default = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: object = None, line: str | None = None) -> None:
+        if category.__module__.startswith("infenclave"):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)  # type: ignore[arg-type]
+
+    warnings.showwarning = show
 
 
 if __name__ == "__main__":

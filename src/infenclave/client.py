@@ -3,8 +3,9 @@
     import infenclave
     client = infenclave.Client("http://127.0.0.1:8443", "model.policy.json")
     client.provision("model.key")            # the model owner, once
-    for p in client.classify(open("cat.jpg", "rb").read(), k=5):
+    for p in client.classify("cat.jpg", k=5):  # a path, or the encoded image's bytes
         print(p.label, p.prob)
+    results = client.classify_batch(["a.jpg", "b.png"])  # one list of predictions per image
 
 What it guarantees, in order:
 
@@ -19,8 +20,13 @@ What it guarantees, in order:
    context (model id, request id, "response"). The host relays ciphertext only.
 
 A worker that restarted has a new key: the server answers ``unknown_enclave_key`` and the SDK
-attests again (a full verification) and retries once; a worker that died while handling a
-request fails that request with `WorkerLost`, and the next call re-attests.
+attests again (a full verification) and retries once. A request lost because its worker was
+killed (``worker_lost``) is retried once on another attested worker: sealed again to that
+worker's key under a fresh request id, never the same ciphertext; once fewer workers are
+known than were attested, the SDK attests again to find their replacements. Nothing else is
+retried: not a verification or policy failure, not a request the enclave refused, and not
+one whose worker crashed or ran out of memory while holding it (``worker_crashed``: the
+image may be the cause, and a retry would let it take down a second worker).
 
 ``allow_simulation=True`` accepts the ``sim`` backend (no hardware protection) when the
 policy lists its measurement; it warns on every use, and never skips the measurement check.
@@ -34,7 +40,10 @@ import json
 import logging
 import os
 import threading
+import time
 import warnings
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,6 +62,7 @@ from infenclave.errors import (
     ServerError,
     UsageError,
     VerificationError,
+    WorkerCrashed,
     WorkerLost,
 )
 from infenclave.protocol.http import (
@@ -76,8 +86,14 @@ __all__ = ["AttestedEnclave", "Client", "SimulationWarning", "WorkerLost", "reso
 logger = logging.getLogger("infenclave.client")
 
 NONCE_BYTES = 32
+#: Requests `classify_batch` keeps in flight at most (also bounded by the attested workers).
+BATCH_CONCURRENCY = 8
+#: What `Client.classify` takes: a path to an image file, or the encoded image's bytes.
+ImageInput = str | os.PathLike[str] | bytes | bytearray | memoryview
 #: Answers are a short JSON list sealed; a megabyte is far beyond any honest one.
 MAX_RESPONSE_BYTES = 1024 * 1024
+#: Seconds between attestations made to find the replacement of a lost worker.
+REATTEST_INTERVAL_S = 1.0
 
 
 class SimulationWarning(UserWarning):
@@ -172,6 +188,9 @@ class Client:
         self._enclaves: list[AttestedEnclave] = []
         self._cycle: Any = iter(())
         self.model_id: str | None = None
+        self._attested_count = 0  # workers the last attestation listed
+        self._attested_at = 0.0
+        self._reattesting = False
 
     # --- context manager -------------------------------------------------------------------
 
@@ -196,16 +215,14 @@ class Client:
 
     def attest(self) -> list[AttestedEnclave]:
         """Fetch and verify evidence from every enclave worker; refuse all on any failure."""
-        from infenclave.attest import parse_evidence_envelope, verify
+        from infenclave.attest import verify
+        from infenclave.attest.evidence import parse_attestation_answer
         from infenclave.protocol.binding import expected_report_data
 
         nonce = os.urandom(NONCE_BYTES)
         response = self._get(ATTESTATION_PATH, params={"nonce": nonce.hex()})
-        document = _json(response, "attestation")
-        model_id = document.get("model_id")
-        enclaves_doc = document.get("enclaves")
-        if not isinstance(model_id, str) or not isinstance(enclaves_doc, list) or not enclaves_doc:
-            raise VerificationError("the server's attestation answer is malformed or lists no enclave")
+        answer = parse_attestation_answer(_json(response, "attestation"))
+        model_id = answer.model_id
         if self._expected_model_id is not None and model_id != self._expected_model_id:
             raise VerificationError(
                 f"the server serves model {model_id[:16]}..., not the expected {self._expected_model_id[:16]}..."
@@ -213,25 +230,20 @@ class Client:
         self._check_model(model_id)
         now = datetime.now(timezone.utc)
         verified = []
-        for index, entry in enumerate(enclaves_doc):
+        for index, entry in enumerate(answer.enclaves):
             try:
-                public_key = bytes.fromhex(entry["public_key"])
-                if entry.get("key_id") != public_key.hex() or len(public_key) != 32:
-                    raise ValueError("key id")
-                evidence = parse_evidence_envelope(str(entry["evidence"]).encode("utf-8"))
-            except (KeyError, TypeError, ValueError) as exc:
-                raise VerificationError(f"enclave {index}: malformed attestation entry") from exc
-            try:
-                claims = verify(evidence, self.policy,
-                                expected_report_data=expected_report_data(public_key, nonce, model_id),
+                claims = verify(entry.evidence, self.policy,
+                                expected_report_data=expected_report_data(entry.public_key, nonce, model_id),
                                 now=now)
             except VerificationError as exc:
                 raise VerificationError(f"enclave {index} refused: {exc}") from exc
-            verified.append(AttestedEnclave(public_key, claims, bool(entry.get("provisioned"))))
+            verified.append(AttestedEnclave(entry.public_key, claims, entry.provisioned))
         with self._lock:
             self._enclaves = verified
             self._cycle = itertools.cycle(verified)
             self.model_id = model_id
+            self._attested_count = len(verified)
+            self._attested_at = time.monotonic()
         return list(verified)
 
     def _check_model(self, model_id: str) -> None:
@@ -268,9 +280,19 @@ class Client:
 
     def _next_enclave(self) -> tuple[AttestedEnclave, str]:
         with self._lock:
-            if self._enclaves and self.model_id is not None:
+            # Workers were lost since the last attestation: one thread attests again (at most
+            # once a second) to find their replacements; the others go on with those known.
+            refresh = (bool(self._enclaves) and len(self._enclaves) < self._attested_count
+                       and not self._reattesting
+                       and time.monotonic() - self._attested_at >= REATTEST_INTERVAL_S)
+            if self._enclaves and self.model_id is not None and not refresh:
                 return next(self._cycle), self.model_id
-        self.attest()
+            self._reattesting = True
+        try:
+            self.attest()
+        finally:
+            with self._lock:
+                self._reattesting = False
         with self._lock:
             if not self._enclaves or self.model_id is None:
                 raise VerificationError("no attested enclave")
@@ -306,22 +328,70 @@ class Client:
 
     # --- inference ---------------------------------------------------------------------------------
 
-    def classify(self, image_bytes: bytes, k: int = 5) -> list[Prediction]:
-        """Top-k predictions for one encoded image, computed confidentially."""
-        if not isinstance(image_bytes, (bytes, bytearray)) or not image_bytes:
-            raise ImageError("the image is empty")
-        for attempt in range(2):
+    def classify(self, image: ImageInput, k: int = 5) -> list[Prediction]:
+        """Top-k predictions for one image, computed confidentially.
+
+        *image* is a path (`str` or `os.PathLike`) to an image file, or the encoded image's
+        bytes (JPEG, PNG, WebP). A file that cannot be read, or an image the enclave refuses,
+        raises `ImageError` naming it.
+        """
+        image_bytes = _image_bytes(image)
+        try:
+            return self._classify_bytes(image_bytes, k)
+        except ImageError as exc:
+            if isinstance(image, (str, os.PathLike)):
+                raise ImageError(f"{os.fspath(image)}: {exc}") from exc
+            raise
+
+    def classify_batch(self, images: Iterable[ImageInput], k: int = 5, *,
+                       return_image_errors: bool = False) -> list[Any]:
+        """`classify` for each image, several at a time; results in the order given.
+
+        With *return_image_errors*, an image that cannot be read or that the enclave refuses
+        gives its `ImageError` in its place instead of raising, and the others are still
+        classified. Any other error (refused attestation, server unreachable) raises at once.
+        """
+        items = list(images)
+        if not items:
+            return []
+        self._next_enclave()  # attest once, before the threads start
+        width = max(1, min(len(items), len(self.enclaves), BATCH_CONCURRENCY))
+
+        def one(item: ImageInput) -> list[Prediction] | ImageError:
+            try:
+                return self.classify(item, k)
+            except ImageError as exc:
+                if return_image_errors:
+                    return exc
+                raise
+
+        with ThreadPoolExecutor(max_workers=width, thread_name_prefix="classify") as pool:
+            return list(pool.map(one, items))
+
+    def _classify_bytes(self, image_bytes: bytes, k: int) -> list[Prediction]:
+        stale_retried = lost_retried = False
+        while True:
             enclave, model_id = self._next_enclave()
             try:
+                # Sealed afresh on every attempt: a new request id and one-time key.
                 return self._classify_once(enclave, model_id, bytes(image_bytes), k)
             except _StaleEnclave:
                 # The worker restarted before this request reached it: nothing was opened.
                 # Attest again (full verification) and retry once.
                 self._forget(enclave)
-                if attempt == 1:
+                if stale_retried:
                     raise EnclaveError("no attested enclave holds a key the server knows") from None
+                stale_retried = True
                 self.attest()
-        raise EnclaveError("unreachable")  # pragma: no cover
+            except WorkerCrashed:
+                raise
+            except WorkerLost:
+                # Killed from outside while it held this request: once more, on another
+                # attested worker (the lost one is forgotten), sealed to that worker's key.
+                if lost_retried:
+                    raise
+                lost_retried = True
+                logger.info("worker lost mid-request; retrying once on another attested worker")
 
     def _classify_once(self, enclave: AttestedEnclave, model_id: str, image: bytes, k: int) -> list[Prediction]:
         request_id = os.urandom(16).hex()
@@ -336,6 +406,10 @@ class Client:
             self._forget(enclave)
             raise WorkerLost("the enclave worker handling this request stopped before answering; "
                              "the next call attests again")
+        if response.status_code == 503 and _error_code(response) == "worker_crashed":
+            self._forget(enclave)
+            raise WorkerCrashed("the enclave worker crashed or ran out of memory while it held this "
+                                "request (the image may be the cause); not retried")
         _raise_for(response, "classify")
         if len(response.content) > MAX_RESPONSE_BYTES:
             raise ServerError("the answer is larger than any honest answer")
@@ -369,6 +443,23 @@ class Client:
 
 class _StaleEnclave(Exception):
     pass
+
+
+def _image_bytes(image: ImageInput) -> bytes:
+    """The encoded image: read from a path (size-limited), or given as bytes."""
+    if isinstance(image, (str, os.PathLike)):
+        from infenclave.enclave.imaging import MAX_ENCODED_BYTES  # what an enclave accepts
+        from infenclave.protocol.files import read_bounded
+
+        data = read_bounded(Path(image), MAX_ENCODED_BYTES, "image file", ImageError)
+    elif isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+    else:
+        raise UsageError(f"an image is a path or bytes, not {type(image).__name__}")
+    if not data:
+        raise ImageError(f"{image} is empty" if isinstance(image, (str, os.PathLike))
+                         else "the image is empty")
+    return data
 
 
 def _error_code(response: httpx.Response) -> str:

@@ -1,11 +1,33 @@
 """One exception root for everything infenclave raises on purpose.
 
-The CLI maps `InfenclaveError` (and only it) to one clear line on stderr and exit code 2;
-anything else is a bug and keeps its traceback. Subclasses say which layer refused, and
-wrap third-party errors with `raise ... from exc` so that the cause is never lost.
+The CLI maps `InfenclaveError` (and only it) to one clear line on stderr and the exit code
+of `exit_code_for`; anything else is a bug and keeps its traceback (exit 1). Subclasses say
+which layer refused, and wrap third-party errors with `raise ... from exc` so that the cause
+is never lost.
 """
 
 from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """The exit codes of every `infenclave` command (the table in README.md)."""
+
+    OK = 0
+    #: An unexpected error: a bug, reported with its traceback.
+    INTERNAL = 1
+    #: Usage or bad input: an unknown option, a missing or malformed file, an undecodable image.
+    USAGE = 2
+    #: Verification refused: evidence or policy, a model the policy does not name, a part or
+    #: an answer that fails its integrity check.
+    REFUSED = 3
+    #: The assessment's verdict: no safe cut point, or not enough evidence to call one safe.
+    UNSAFE = 4
+    #: The server answered with an error or could not be reached.
+    SERVER = 5
+    #: Interrupted (Ctrl-C); what was done is kept where the command says so.
+    INTERRUPTED = 130
 
 
 class InfenclaveError(Exception):
@@ -32,8 +54,16 @@ class AssessmentError(InfenclaveError):
     """The exposure assessment cannot run or cannot reach a recommendation."""
 
 
+class UnsafeVerdict(AssessmentError):
+    """The assessment ran to the end: no cut point is safe, or the evidence is too thin to say."""
+
+
 class BundleError(InfenclaveError):
     """A partitioned bundle is malformed, tampered with, or does not match its manifest."""
+
+
+class IntegrityError(BundleError):
+    """A part does not match the hash its manifest records: tampered with, or mixed up."""
 
 
 class CryptoError(InfenclaveError):
@@ -62,3 +92,19 @@ class WorkerLost(ServerError):
     One definition for both sides: the host raises it when a worker dies mid-request, the
     client when the server answers ``worker_lost``.
     """
+
+
+class WorkerCrashed(WorkerLost):
+    """The worker died of a crash or of its memory limit while it held the request, which may
+    be the cause: never retried, so that one hostile image cannot take down a second worker."""
+
+
+def exit_code_for(exc: InfenclaveError) -> ExitCode:
+    """The exit code for a deliberate error (one table for every command)."""
+    if isinstance(exc, (VerificationError, CryptoError, IntegrityError)):
+        return ExitCode.REFUSED
+    if isinstance(exc, UnsafeVerdict):
+        return ExitCode.UNSAFE
+    if isinstance(exc, (ServerError, EnclaveError)):
+        return ExitCode.SERVER
+    return ExitCode.USAGE

@@ -13,22 +13,14 @@ from infenclave.enclave.topk import Prediction, top_k
 from infenclave.errors import ImageError
 from infenclave.models.spec import LoadedModel
 from infenclave.network import analyse
+from infenclave.protocol.files import read_bounded
 
 MAX_IMAGE_FILE_BYTES = 32 * 1024 * 1024
 
 
 def read_image_file(path: Path) -> bytes:
     """Read an image file with a size limit, turning OS errors into one clear ImageError."""
-    try:
-        if path.is_dir():
-            raise ImageError(f"{path} is a directory, not an image")
-        with path.open("rb") as f:
-            data = f.read(MAX_IMAGE_FILE_BYTES + 1)
-    except OSError as exc:
-        raise ImageError(f"cannot read {str(path)!r}: {exc.strerror}") from exc
-    if len(data) > MAX_IMAGE_FILE_BYTES:
-        raise ImageError(f"{path} is larger than {MAX_IMAGE_FILE_BYTES} bytes")
-    return data
+    return read_bounded(path, MAX_IMAGE_FILE_BYTES, "image file", ImageError)
 
 
 @dataclass

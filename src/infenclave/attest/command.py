@@ -1,9 +1,13 @@
 """`infenclave attest`: verify an evidence file and say exactly why it is accepted or refused.
 
-Exit codes: 0 accepted by the policy (or, without `--policy`, the cryptographic checks
-passed); 1 refused (a signature, chain, collateral or policy check failed); bad input (a
-missing or unreadable file, a malformed policy, evidence that is not evidence) raises an
-`InfenclaveError`, which the CLI turns into one line and exit 2.
+EVIDENCE is one evidence file, or a server's saved ``GET /v1/attestation`` answer: then every
+enclave worker's evidence is verified, and with ``--nonce`` (the nonce that answer was asked
+with) each worker's report data must bind its public key, the model id and that nonce.
+
+Exit codes (`infenclave.errors.ExitCode`): 0 accepted by the policy (or, without `--policy`,
+the cryptographic checks passed); 3 refused (a signature, chain, collateral, binding or
+policy check failed); bad input (a missing or unreadable file, a malformed policy, a bad
+``--nonce``) raises an `InfenclaveError`, which the CLI turns into one line and exit 2.
 """
 
 from __future__ import annotations
@@ -17,15 +21,15 @@ from rich.console import Console
 from rich.table import Table
 
 from infenclave.attest.claims import Claims
-from infenclave.attest.evidence import load_evidence_file
-from infenclave.attest.policy import load_policy
+from infenclave.attest.evidence import Evidence, load_evidence_file, read_attestation_answer
+from infenclave.attest.policy import Policy, load_policy
 from infenclave.attest.verifier import PolicyRefusal, verify
-from infenclave.errors import UsageError, VerificationError
+from infenclave.errors import ExitCode, UsageError, VerificationError
 
 __all__ = ["attest_command", "parse_at"]
 
-EXIT_ACCEPTED = 0
-EXIT_REFUSED = 1
+EXIT_ACCEPTED = ExitCode.OK
+EXIT_REFUSED = ExitCode.REFUSED
 
 
 def parse_at(at: str | None) -> datetime:
@@ -44,17 +48,69 @@ def parse_at(at: str | None) -> datetime:
 
 
 def attest_command(
-    evidence: Path, collateral: Path | None, at: str | None, policy: Path | None, as_json: bool
+    evidence: Path, collateral: Path | None, at: str | None, policy: Path | None, as_json: bool,
+    nonce: str | None = None,
 ) -> int:
-    """Load, verify and report; return the exit code (0 accepted, 1 refused)."""
+    """Load, verify and report; return the exit code (0 accepted, 3 refused)."""
     now = parse_at(at)
     loaded_policy = load_policy(policy) if policy is not None else None
-    loaded = load_evidence_file(evidence, collateral)
+    try:  # a file that is not evidence is bad input; refusals come from verifying it
+        answer = read_attestation_answer(evidence)
+        loaded = load_evidence_file(evidence, collateral) if answer is None else None
+    except VerificationError as exc:
+        raise UsageError(str(exc)) from exc
+    if loaded is not None:
+        if nonce is not None:
+            raise UsageError("--nonce checks a saved /v1/attestation answer; EVIDENCE is a "
+                             "single evidence file")
+        result, claims = _verify_one(str(evidence), loaded, loaded_policy, policy, None, now)
+        if as_json:
+            print(json.dumps(result, indent=2))
+        else:
+            _print_human(result, claims)
+        return EXIT_REFUSED if result["reason"] is not None else EXIT_ACCEPTED
+    assert answer is not None  # typing only: one of the two was read
 
+    from infenclave.protocol.binding import expected_report_data
+
+    if collateral is not None:
+        raise UsageError("an attestation answer carries each worker's collateral in its envelope")
+    nonce_bytes = _parse_nonce(nonce)
+    model_refusal = _model_refusal(answer.model_id, loaded_policy)
+    results = []
+    for index, entry in enumerate(answer.enclaves):
+        expected = (None if nonce_bytes is None
+                    else expected_report_data(entry.public_key, nonce_bytes, answer.model_id))
+        result, claims = _verify_one(f"{evidence} enclave {index} (key {entry.key_id[:16]}...)",
+                                     entry.evidence, loaded_policy, policy, expected, now)
+        if model_refusal is not None and result["reason"] is None:
+            result.update(verdict="refused", reason=model_refusal)
+        result["public_key"] = entry.key_id
+        result["report_data_checked"] = nonce_bytes is not None
+        results.append((result, claims))
+    refused = any(r["reason"] is not None for r, _ in results)
+    verdict = "refused" if refused else results[0][0]["verdict"]
+    if as_json:
+        print(json.dumps({"verdict": verdict, "model_id": answer.model_id,
+                          "enclaves": [r for r, _ in results]}, indent=2))
+    else:
+        for result, claims in results:
+            _print_human(result, claims)
+        if nonce_bytes is None:
+            print("note: without --nonce the report data (worker key, model id, nonce) was not "
+                  "checked: this shows what the workers are, not that they answered you")
+    return EXIT_REFUSED if refused else EXIT_ACCEPTED
+
+
+def _verify_one(
+    name: str, loaded: Evidence, loaded_policy: Policy | None, policy: Path | None,
+    expected: bytes | None, now: datetime,
+) -> tuple[dict[str, Any], Claims | None]:
+    """Verify one evidence; the result document and the claims (None if unreadable)."""
     claims: Claims | None
     reason: str | None = None
     try:
-        claims = verify(loaded, loaded_policy, expected_report_data=None, now=now)
+        claims = verify(loaded, loaded_policy, expected_report_data=expected, now=now)
     except PolicyRefusal as exc:
         claims, reason = exc.claims, _reason(exc)
     except VerificationError as exc:
@@ -69,16 +125,35 @@ def attest_command(
     result: dict[str, Any] = {
         "verdict": verdict,
         "reason": reason,
-        "evidence": str(evidence),
+        "evidence": name,
         "policy": None if policy is None else str(policy),
         "verified_at": now.isoformat().replace("+00:00", "Z"),
         "claims": None if claims is None else claims.to_json_dict(),
     }
-    if as_json:
-        print(json.dumps(result, indent=2))
-    else:
-        _print_human(result, claims)
-    return EXIT_REFUSED if reason is not None else EXIT_ACCEPTED
+    return result, claims
+
+
+def _parse_nonce(nonce: str | None) -> bytes | None:
+    if nonce is None:
+        return None
+    from infenclave.protocol.binding import MAX_NONCE_BYTES, MIN_NONCE_BYTES
+
+    try:
+        value = bytes.fromhex(nonce)
+    except ValueError as exc:
+        raise UsageError("--nonce must be hex") from exc
+    if not MIN_NONCE_BYTES <= len(value) <= MAX_NONCE_BYTES:
+        raise UsageError(f"--nonce must be {MIN_NONCE_BYTES}-{MAX_NONCE_BYTES} bytes")
+    return value
+
+
+def _model_refusal(model_id: str, policy: Policy | None) -> str | None:
+    """A refusal when the policy names models by id only and not this one."""
+    if policy is None or not policy.model_ids or policy.model_signers:
+        return None
+    if model_id in policy.model_ids:
+        return None
+    return f"the server serves model {model_id[:16]}..., which the policy does not name"
 
 
 def _reason(exc: VerificationError) -> str:

@@ -13,13 +13,15 @@ refuses garbage with a `VerificationError`; signatures, chains and policy are ch
 by `infenclave.attest.verifier.verify`.
 
 On the wire (what the host server returns) evidence travels in the envelope of
-`infenclave.protocol.envelope`.
+`infenclave.protocol.envelope`, one per enclave worker in the server's ``/v1/attestation``
+answer (`AttestationAnswer`, read by the client SDK and by ``infenclave attest`` alike).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -41,18 +43,24 @@ from infenclave.protocol.envelope import (
     decode_envelope_object,
     encode_envelope,
 )
+from infenclave.protocol.files import read_bounded
 from infenclave.protocol.sim_evidence import MAX_SIM_EVIDENCE_BYTES, SIM_EVIDENCE_FORMAT
 from infenclave.protocol.strict_json import loads_object
 
 __all__ = [
     "ENVELOPE_FORMAT",
+    "MAX_ATTESTATION_ANSWER_BYTES",
     "MAX_CERTIFICATES_BYTES",
     "MAX_COLLATERAL_BYTES",
     "MAX_ENVELOPE_BYTES",
     "MAX_QUOTE_BYTES",
+    "AttestationAnswer",
+    "EnclaveEvidence",
     "Evidence",
     "load_evidence_file",
+    "parse_attestation_answer",
     "parse_evidence_envelope",
+    "read_attestation_answer",
 ]
 
 #: A DCAP quote with its embedded PCK chain is about 5 KiB.
@@ -61,6 +69,9 @@ MAX_QUOTE_BYTES = 64 * 1024
 MAX_COLLATERAL_BYTES = 1024 * 1024
 #: VCEK + ASK + ARK in PEM is about 6 KiB.
 MAX_CERTIFICATES_BYTES = 64 * 1024
+#: A ``/v1/attestation`` answer: one envelope per worker; a sim or SNP envelope is a few KiB,
+#: an SGX one with collateral ~60 KiB, and a server runs at most 64 workers.
+MAX_ATTESTATION_ANSWER_BYTES = 16 * 1024 * 1024
 # Where `load_evidence_file` looks for an SNP report's certificates, as the AMD KDS and
 # go-sev-guest name them.
 _VCEK_NAMES = ("vcek.der", "vcek.pem")
@@ -131,6 +142,67 @@ def parse_evidence_envelope(data: bytes) -> Evidence:
     """Parse the JSON envelope a server returns into `Evidence` (structure checked)."""
     tee, raw, collateral, certificates = decode_envelope(data)
     return Evidence(tee=tee, raw=raw, collateral=collateral, certificates=certificates)
+
+
+@dataclass(frozen=True)
+class EnclaveEvidence:
+    """One worker's entry in an attestation answer: its key and its (unverified) evidence."""
+
+    public_key: bytes
+    provisioned: bool
+    evidence: Evidence
+
+    @property
+    def key_id(self) -> str:
+        """How the server names this worker: the hex of its public key."""
+        return self.public_key.hex()
+
+
+@dataclass(frozen=True)
+class AttestationAnswer:
+    """A server's ``GET /v1/attestation`` answer, structure checked, nothing verified.
+
+    ``{"model_id": HEX, "enclaves": [{"key_id": HEX, "public_key": HEX, "provisioned": bool,
+    "evidence": ENVELOPE-AS-STRING}, ...]}`` (docs/protocol.md).
+    """
+
+    model_id: str
+    enclaves: tuple[EnclaveEvidence, ...]
+
+
+def parse_attestation_answer(document: dict[str, Any]) -> AttestationAnswer:
+    """Check an attestation answer's structure and parse every worker's evidence envelope."""
+    model_id = document.get("model_id")
+    entries = document.get("enclaves")
+    if not isinstance(model_id, str) or not isinstance(entries, list) or not entries:
+        raise VerificationError("the server's attestation answer is malformed or lists no enclave")
+    if len(model_id) != 64 or not all(c in "0123456789abcdef" for c in model_id):
+        raise VerificationError("the server's attestation answer: model_id is not 64 hex digits")
+    enclaves = []
+    for index, entry in enumerate(entries):
+        try:
+            public_key = bytes.fromhex(entry["public_key"])
+            if entry.get("key_id") != public_key.hex() or len(public_key) != 32:
+                raise ValueError("key id")
+            envelope = entry["evidence"]
+            if not isinstance(envelope, str):
+                raise TypeError("evidence")
+            evidence = parse_evidence_envelope(envelope.encode("utf-8"))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise VerificationError(f"enclave {index}: malformed attestation entry") from exc
+        enclaves.append(EnclaveEvidence(public_key, entry.get("provisioned") is True, evidence))
+    return AttestationAnswer(model_id, tuple(enclaves))
+
+
+def read_attestation_answer(path: Path) -> AttestationAnswer | None:
+    """A saved ``/v1/attestation`` answer in *path*, or None when the file is something else."""
+    data = _read(path, MAX_ATTESTATION_ANSWER_BYTES, "evidence")
+    if data.lstrip()[:1] != b"{":
+        return None
+    document = loads_object(data, f"evidence file {path}", VerificationError)
+    if "enclaves" not in document or "format" in document:
+        return None
+    return parse_attestation_answer(document)
 
 
 def load_evidence_file(path: Path, collateral_path: Path | None = None) -> Evidence:
@@ -221,14 +293,7 @@ def _discover_snp_certificates(directory: Path) -> bytes | None:
 
 def _read(path: Path, limit: int, what: str) -> bytes:
     """Read at most `limit` bytes; a missing file is a usage error, a huge one is refused."""
-    try:
-        with path.open("rb") as handle:
-            data = handle.read(limit + 1)
-    except OSError as exc:
-        raise UsageError(f"cannot read {what} file {path}: {exc.strerror or exc}") from exc
-    if len(data) > limit:
-        raise VerificationError(f"{what} file {path} is larger than the {limit}-byte limit")
-    return data
+    return read_bounded(path, limit, f"{what} file", UsageError, VerificationError)
 
 
 def _check_limit(name: str, value: bytes | None, limit: int) -> None:

@@ -198,11 +198,6 @@ def _sha256_file(path: Path) -> str:
 
 
 def _read_bounded(path: Path, limit: int, what: str) -> bytes:
-    try:
-        with path.open("rb") as f:
-            data = f.read(limit + 1)
-    except OSError as exc:
-        raise ModelError(f"cannot read {what} {str(path)!r}: {exc.strerror}") from exc
-    if len(data) > limit:
-        raise ModelError(f"{what} {path} is larger than {limit} bytes")
-    return data
+    from infenclave.protocol.files import read_bounded
+
+    return read_bounded(path, limit, what, ModelError)

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from infenclave.crypto import aead_decrypt, context
-from infenclave.errors import BundleError, CryptoError
+from infenclave.errors import BundleError, CryptoError, IntegrityError
 from infenclave.protocol.backnet_verify import BackNetPolicy, parse_backnet_section
 from infenclave.protocol.strict_json import loads_object
 
@@ -212,7 +212,7 @@ def check_part(manifest: BundleManifest, part: str, plaintext: bytes) -> None:
     info = manifest.parts[part]
     digest = hashlib.sha256(plaintext).hexdigest()
     if len(plaintext) != info.size or not hmac.compare_digest(digest, info.sha256):
-        raise BundleError(f"{part}: does not match the manifest's SHA-256 (tampered or mixed up)")
+        raise IntegrityError(f"{part}: does not match the manifest's SHA-256 (tampered or mixed up)")
 
 
 def encode_tail(onnx_bytes: bytes, labels: list[str]) -> bytes:
