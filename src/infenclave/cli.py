@@ -376,6 +376,9 @@ def serve(
     worker_start_timeout: float | None = typer.Option(
         None, "--worker-start-timeout", min=1.0,
         help="Seconds an enclave worker may take to start (default: 60 sim, 300 gramine-sgx)."),
+    keyserver: str | None = typer.Option(
+        None, "--keyserver", help="URL of the owner's key-release service (`infenclave "
+        "keyserver`): workers that start without the model key get it from there, attested."),
 ) -> None:
     """Serve BUNDLE: N enclave workers behind an HTTP API; the host runs the BackNet.
 
@@ -399,7 +402,7 @@ def serve(
                           device=device, enclave_threads=enclave_threads,
                           backnet_threads=backnet_threads, max_batch=max_batch,
                           request_timeout=timeout, gramine_dir=gramine_dir,
-                          worker_start_timeout=worker_start_timeout)
+                          worker_start_timeout=worker_start_timeout, keyserver=keyserver)
     run_server(config, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, log_level=log_level)
 
 
@@ -446,6 +449,41 @@ def classify(
             print(f"model key provisioned; {ready} worker(s) hold it", file=sys.stderr)
         results = client.classify_batch(images, k=top, return_image_errors=True)
     sys.exit(_print_results(images, results, as_json))
+
+
+@app.command()
+def keyserver(
+    key_file: Path = typer.Argument(..., help="The owner's model key file (BUNDLE.key)."),
+    policy: Path = typer.Option(..., "--policy", help="Policy an enclave must satisfy (the "
+                                "client policy format; it must name the model)."),
+    listen: str = typer.Option("127.0.0.1:8444", "--listen", help="HOST:PORT to listen on."),
+    audit_log: Path | None = typer.Option(None, "--audit-log", help="Append one JSON line per "
+                                          "release and refusal to this file."),
+    allow_simulation: bool = typer.Option(False, "--allow-simulation", help="Release to the sim "
+                                          "backend (NO hardware protection; development only)."),
+    nonce_ttl: float = typer.Option(60.0, "--nonce-ttl", min=0.1, help="Seconds a challenge "
+                                    "nonce stays valid (single use)."),
+    rate_burst: int = typer.Option(10, "--rate-burst", min=1, help="Requests a peer may make "
+                                   "at once (token bucket)."),
+    rate_per_s: float = typer.Option(1.0, "--rate", min=0.001, help="Requests per second a "
+                                     "peer's bucket refills."),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+) -> None:
+    """Attested key release: hand the model key, HPKE-sealed, to enclaves whose evidence passes
+    POLICY (challenge nonce, evidence binding the enclave key, the nonce and the model)."""
+    from infenclave.errors import UsageError
+    from infenclave.keyserver import KeyServerConfig, run_keyserver
+
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--listen must be HOST:PORT, not {listen!r}")
+    if allow_simulation:
+        print("warning: --allow-simulation: releasing the model key to SIMULATED enclaves, which "
+              "have no hardware protection; for development only", file=sys.stderr)
+    config = KeyServerConfig(key_file=key_file, policy=policy, allow_simulation=allow_simulation,
+                             audit_log=audit_log, nonce_ttl_s=nonce_ttl, rate_burst=rate_burst,
+                             rate_per_s=rate_per_s)
+    run_keyserver(config, host=host.strip("[]"), port=int(port), log_level=log_level)
 
 
 @app.command()

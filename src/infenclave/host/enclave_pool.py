@@ -116,6 +116,7 @@ class EnclavePool:
         request_timeout: float = 30.0,
         gramine_dir: Path | None = None,
         start_timeout: float | None = None,
+        keyserver: str | None = None,
     ) -> None:
         if tee not in _TEE_FLAG:
             raise ServerError(f"unknown TEE backend {tee!r}")
@@ -143,6 +144,9 @@ class EnclavePool:
         #: Why the owner must provision again (a stored sealed key that no longer opens), or
         #: None. Shown by /healthz; cleared by the next successful provisioning.
         self.reprovision_needed: str | None = None
+        #: The owner's key-release service (`infenclave keyserver`), or None.
+        self._keyserver = keyserver
+        self._releases: set[asyncio.Task[None]] = set()
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -161,9 +165,10 @@ class EnclavePool:
         self._stopping = True
         for worker in list(self._workers.values()):
             worker.channel.close()
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._releases]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         for worker in list(self._workers.values()):
             await _reap(worker.process)
         self._workers.clear()
@@ -191,6 +196,10 @@ class EnclavePool:
                 worker = None
             if worker is not None:
                 self._workers[slot] = worker
+                if self._keyserver and not worker.provisioned:
+                    task = asyncio.create_task(self._release_key(worker))
+                    self._releases.add(task)
+                    task.add_done_callback(self._releases.discard)
                 self._update_ready()
                 if not started.done():
                     started.set_result(None)
@@ -348,12 +357,13 @@ class EnclavePool:
         async with self._provision_lock:
             worker = self._worker_for(key_id)
             frame = await worker.channel.call(MsgType.PROVISION, body=sealed_key, timeout=self._timeout)
-            _write_atomic(self.sealed_key_path, bytes(frame.body))
+            blob = bytes(frame.body)
+            if blob:  # empty: the TEE has no sealing key (a CVM); nothing to store or share
+                _write_atomic(self.sealed_key_path, blob)
             worker.provisioned = True
             self.reprovision_needed = None
-            blob = bytes(frame.body)
             for other in self.workers:
-                if other is not worker and not other.provisioned:
+                if blob and other is not worker and not other.provisioned:
                     try:
                         await other.channel.call(MsgType.UNSEAL, body=blob, timeout=self._timeout)
                         other.provisioned = True
@@ -361,6 +371,35 @@ class EnclavePool:
                         logger.error("worker %d: unseal failed (%s)", other.slot, type(exc).__name__)
             self._update_ready()
             return sum(1 for w in self.workers if w.provisioned)
+
+    async def _release_key(self, worker: Worker, attempts: int = 6) -> None:
+        """Get the model key for an unprovisioned *worker* from the key server (attested key
+        release, `host.keyrelease`), retrying with back-off; the worker stays unprovisioned
+        (and /healthz says so) if the key server keeps refusing."""
+        from infenclave.host.keyrelease import fetch_sealed_model_key
+
+        started = time.perf_counter()
+        for attempt in range(attempts):
+            if worker.provisioned or worker.channel.closed or self._stopping:
+                return
+            try:
+                if self.sealed_key_path.exists():  # another worker got it meanwhile
+                    await worker.channel.call(MsgType.UNSEAL, body=self.sealed_key_path.read_bytes(),
+                                              timeout=self._timeout)
+                    worker.provisioned = True
+                    self._update_ready()
+                    return
+                sealed = await fetch_sealed_model_key(self._keyserver or "", worker.channel, worker.public_key,
+                                                      self.manifest.model_id, timeout=self._timeout)
+                ready = await self.provision(worker.key_id, sealed)
+                logger.info("worker %d: model key released by the key server in %.0f ms (%d worker(s) ready)",
+                            worker.slot, (time.perf_counter() - started) * 1e3, ready)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - logged, retried, never fatal to the pool
+                logger.error("worker %d: key release failed (%s: %s)", worker.slot, type(exc).__name__, exc)
+            await asyncio.sleep(min(0.5 * 2 ** attempt, 10.0))
 
     async def classify(self, key_id: str, request_id: str, sealed: bytes, batcher: Any) -> bytes:
         """Relay one sealed request through FrontNet (enclave), BackNet (here), Tail (enclave).

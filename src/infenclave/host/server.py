@@ -82,6 +82,8 @@ class ServerConfig:
     gramine_dir: Path | None = None
     #: Seconds a worker may take to start (None: 60 under sim, 300 under gramine-sgx).
     worker_start_timeout: float | None = None
+    #: URL of the owner's key-release service: unprovisioned workers get the key from it.
+    keyserver: str | None = None
 
 
 OCTET_STREAM = "application/octet-stream"
@@ -116,7 +118,8 @@ def create_app(config: ServerConfig) -> FastAPI:
                            enclave_threads=config.enclave_threads,
                            request_timeout=config.request_timeout,
                            gramine_dir=config.gramine_dir,
-                           start_timeout=config.worker_start_timeout)
+                           start_timeout=config.worker_start_timeout,
+                           keyserver=config.keyserver)
         await pool.start()
         state.update(pool=pool, batcher=batcher, backnet=backnet)
         logger.info("serving model %s (%s) with %d %s enclave worker(s), BackNet on %s",
