@@ -182,7 +182,7 @@ def budget_curves(net: Any, images: dict[str, np.ndarray], judge: Any, training:
 
 EVIDENCE_CUTS = ["_blocks.3", "_blocks.11", "_blocks.15"]  # the review's two cases and the deepest candidate
 CONVERGENCE_CUT = "_blocks.15"  # the deepest candidate: where a knows-weights "safe" would have to hold
-CONVERGENCE_PHOTOS = 8
+CONVERGENCE_PHOTOS = 4  # a time compromise on 2 shared cores (each cap runs both restarts)
 
 
 def evidence_run(model: Any, net: Any, quick: bool) -> dict[str, Any]:

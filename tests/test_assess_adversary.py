@@ -67,7 +67,12 @@ def test_banner_states_adversary_budget_photos_bound_and_enclave_share(two_runs)
     assert 'id="attack-evidence"' in html
     passive_plan, passive_html = two_runs["passive"]
     share = passive_plan["enclave"]["flops_share_in_enclave"]
-    assert 0.5 < share < 1.0  # FrontNet + Tail of Lite0 at the KL cut
+    part = passive_plan["partition"]
+    total = sum(part[k]["cost"]["flops"] for k in ("frontnet", "backnet", "tail"))
+    assert 0.0 < share < 1.0  # FrontNet + Tail of Lite0 at the KL cut, BackNet on the host
+    assert share == pytest.approx((part["frontnet"]["cost"]["flops"] + part["tail"]["cost"]["flops"]) / total,
+                                  abs=0.01)
+    assert f"{share * 100:.1f}% of the model" in passive_html
 
 
 def test_attack_figures_are_recorded_per_cut_and_photo(two_runs) -> None:

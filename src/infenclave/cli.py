@@ -222,7 +222,9 @@ def assess(
     adversary: str = typer.Option(
         "knows-weights", "--adversary",
         help="Who you defend against. knows-weights: the FrontNet weights are known (public or "
-        "fine-tuned from public weights): white-box inversion. chosen-inputs: weights secret, "
+        "fine-tuned from public weights): white-box inversion. surrogate-weights: the FrontNet is "
+        "secret but fine-tuned from a public zoo model: white-box inversion through the public "
+        "weights. chosen-inputs: weights secret, "
         "but the attacker can submit its own images and see the IRs: a trained inverse network. "
         "passive: weights secret, no queries: the KL method alone."),
     judge: str | None = typer.Option(None, "--judge", help="Independent network that judges "
