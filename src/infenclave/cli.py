@@ -381,6 +381,9 @@ def serve(
     keyserver: str | None = typer.Option(
         None, "--keyserver", help="URL of the owner's key-release service (`infenclave "
         "keyserver`): workers that start without the model key get it from there, attested."),
+    enclaves: list[str] | None = typer.Option(
+        None, "--enclave", help="HOST:PORT of an enclave started elsewhere with `python -m "
+        "infenclave.enclave --listen HOST:PORT` (repeatable): served besides the local workers."),
 ) -> None:
     """Serve BUNDLE: N enclave workers behind an HTTP API; the host runs the BackNet.
 
@@ -404,7 +407,8 @@ def serve(
                           device=device, enclave_threads=enclave_threads,
                           backnet_threads=backnet_threads, max_batch=max_batch,
                           request_timeout=timeout, gramine_dir=gramine_dir,
-                          worker_start_timeout=worker_start_timeout, keyserver=keyserver)
+                          worker_start_timeout=worker_start_timeout, keyserver=keyserver,
+                          remote_enclaves=tuple(enclaves or ()))
     run_server(config, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, log_level=log_level)
 
 

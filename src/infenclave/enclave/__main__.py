@@ -24,6 +24,12 @@ Start-up order matters, and is the reason this file exists:
    bundles, and no longer is the user that owns the state files. Nothing from the channel
    has been read yet.
 
+``--listen HOST:PORT`` (instead of stdio): step 0 creates the listening TCP socket (fd 0 to
+``/dev/null``, fd 1 to stderr), before the walls, which then allow ``accept`` on that one
+socket and nothing else of the network (`sandbox`): the enclave never opens a connection.
+It serves one host connection at a time with the same frames, each with a fresh program
+(a fresh key pair: a reconnecting host attests again, as after a worker restart).
+
 ``--measure`` runs steps 2-4 without a sandbox or a channel and prints the measurement and
 the measured files as JSON: how `infenclave partition` learns the value for its starter
 policy, from the same code path.
@@ -39,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -51,6 +58,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="--tee tdx/sev-snp: the configfs-tsm report directory")
     parser.add_argument("--privlevel", type=int, default=None, help="--tee sev-snp: the VMPL to report")
     parser.add_argument("--channel", choices=("stdio",), default="stdio")
+    parser.add_argument("--listen", default=None, metavar="HOST:PORT",
+                        help="serve hosts over TCP instead of stdio (one connection at a time)")
     parser.add_argument("--bundles", type=Path)
     parser.add_argument("--state", type=Path)
     parser.add_argument("--threads", type=int, default=1)
@@ -86,6 +95,23 @@ def _take_stdio_channel(tee: str) -> tuple[int, int]:
     return in_fd, out_fd
 
 
+def _listen(address: str, tee: str) -> socket.socket:
+    """Step 0 for ``--listen``: fd 0 to /dev/null, fd 1 to stderr (/dev/null too under
+    Gramine), and the listening socket, made now so that the walls can refuse all others."""
+    host, _, port = address.rpartition(":")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull if tee == "gramine-sgx" else 2, 1)
+    os.close(devnull)
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it
+    listener.bind((host.strip("[]"), int(port)))
+    listener.listen(1)
+    return listener
+
+
 def _measure_loaded() -> tuple[list[str], bytes]:
     """Steps 3-4: refuse untrusted modules, then measure every loaded project module."""
     from infenclave.errors import EnclaveError
@@ -109,7 +135,8 @@ def _measure_loaded() -> tuple[list[str], bytes]:
 def main(argv: list[str] | None = None) -> int:
     """Run the enclave program; the exit code says how it ended (0: the host closed it)."""
     args = _parse(argv)
-    channel = None if args.measure else _take_stdio_channel(args.tee)  # step 0
+    listener = _listen(args.listen, args.tee) if args.listen and not args.measure else None
+    channel = None if args.measure or listener else _take_stdio_channel(args.tee)  # step 0
     sandbox_report = None
     if args.tee == "sim" and not args.measure:
         from infenclave.enclave.sandbox import prepare_environment
@@ -144,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         from infenclave.enclave.sandbox import apply_sandbox
 
         try:
-            sandbox_report = asdict(apply_sandbox(args.bundles))  # step 4b
+            sandbox_report = asdict(apply_sandbox(  # step 4b
+                args.bundles, listen_fd=None if listener is None else listener.fileno()))
         except EnclaveError as exc:
             log(f"refusing to start: {exc}")
             return 3
@@ -159,23 +187,26 @@ def main(argv: list[str] | None = None) -> int:
     else:
         producer, sealer, measured = GramineEvidenceProducer(), GramineSealer(), None
 
-    if channel is None:  # unreachable: only --measure has no channel, and it returned
-        return 3
-    in_fd, out_fd = channel
-    program = EnclaveProgram(
-        in_fd=in_fd,
-        out_fd=out_fd,
-        bundles_dir=args.bundles,
-        producer=producer,  # type: ignore[arg-type]
-        sealer=sealer,  # type: ignore[arg-type]
-        measurement=measured,
-        sandbox=sandbox_report,
-        threads=max(0, args.threads),
-    )
     if sandbox_report is not None:
         log("sandbox: " + ", ".join(f"{k}={v}" for k, v in sandbox_report.items()
                                     if k in ("uid", "network_namespace", "user_namespace", "landlock_abi", "seccomp_filter")))
-    return program.run()
+
+    def serve(in_fd: int, out_fd: int) -> int:
+        return EnclaveProgram(in_fd=in_fd, out_fd=out_fd, bundles_dir=args.bundles,
+                              producer=producer,  # type: ignore[arg-type]
+                              sealer=sealer,  # type: ignore[arg-type]
+                              measurement=measured, sandbox=sandbox_report,
+                              threads=max(0, args.threads)).run()
+
+    if listener is not None:
+        log(f"listening on {args.listen}")
+        while True:  # one host at a time; the next one gets a fresh program and key
+            connection, _ = listener.accept()
+            with connection:
+                serve(connection.fileno(), connection.fileno())
+    if channel is None:  # unreachable: only --measure has no channel, and it returned
+        return 3
+    return serve(*channel)
 
 
 if __name__ == "__main__":

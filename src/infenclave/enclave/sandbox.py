@@ -53,8 +53,8 @@ Steps (each read back where the kernel lets us; a step that fails refuses the st
 8. A seccomp allow-list (`ALLOWED_SYSCALLS`, measured with ``strace -f`` on workers
    serving the test suite), synchronised to every thread, default EPERM: no socket
    creation of any family and no ``connect``/``bind``/``listen``/``accept`` (the channel is
-   inherited; a future TCP channel would create its listening socket before this step and
-   allow only ``accept4``); no ``execve``, ``ptrace``, ``process_vm_*``, ``mount``,
+   inherited; with ``--listen`` the listening socket is created before the walls and
+   ``accept4``/``accept`` are allowed on that one descriptor only); no ``execve``, ``ptrace``, ``process_vm_*``, ``mount``,
    ``unshare``, ``setns``, io_uring, ``memfd_create``; ``clone3`` answers ENOSYS (glibc then
    uses ``clone``) and ``clone`` is allowed for threads only (`CLONE_THREAD_FLAGS` set, no
    ``CLONE_NEW*``); ``prctl``, ``ioctl`` and ``prlimit64`` only with the arguments listed;
@@ -300,7 +300,7 @@ def _landlock(paths: list[str]) -> int:
     return abi
 
 
-def _seccomp(seccomp: object) -> tuple[str, ...]:
+def _seccomp(seccomp: object, listen_fd: int | None = None) -> tuple[str, ...]:
     """Step 8; returns the syscalls allowed without conditions."""
     sc = seccomp
     flt = sc.SyscallFilter(sc.ERRNO(errno.EPERM))  # type: ignore[attr-defined]
@@ -323,14 +323,21 @@ def _seccomp(seccomp: object) -> tuple[str, ...]:
     flt.add_rule(allow, "clone", arg(0, sc.MASKED_EQ, CLONE_THREAD_FLAGS | _CLONE_FORBIDDEN,  # type: ignore[attr-defined]
                                      CLONE_THREAD_FLAGS))
     flt.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")  # type: ignore[attr-defined]
+    for name in ("accept4", "accept") if listen_fd is not None else ():
+        try:  # the host's connections, on the listening socket made before the walls only
+            flt.add_rule(allow, name, arg(0, sc.EQ, listen_fd))  # type: ignore[attr-defined]
+        except (OSError, ValueError, RuntimeError):
+            continue  # accept: absent on aarch64
+        allowed.append(f"{name}(fd {listen_fd})")
     flt.load()
     return tuple(allowed)
 
 
-def apply_sandbox(bundles_dir: Path) -> SandboxReport:
+def apply_sandbox(bundles_dir: Path, listen_fd: int | None = None) -> SandboxReport:
     """Apply steps 1-8 to the calling process (irreversibly) and report what holds.
 
-    *bundles_dir* is the enclave's ``--bundles``. Raises `EnclaveError` (the enclave must
+    *bundles_dir* is the enclave's ``--bundles``; *listen_fd* the listening socket of
+    ``--listen``, on which alone ``accept`` stays allowed. Raises `EnclaveError` (the enclave must
     then not start) when any step cannot be applied or read back.
     """
     telemetry_off = "onnxruntime" not in sys.modules or os.environ.get("ORT_DISABLE_TELEMETRY") == "1"
@@ -342,13 +349,13 @@ def apply_sandbox(bundles_dir: Path) -> SandboxReport:
 
     status = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return _apply(bundles_dir, pyseccomp, machine, status, telemetry_off)
+        return _apply(bundles_dir, pyseccomp, machine, status, telemetry_off, listen_fd)
     finally:
         os.close(status)
 
 
 def _apply(bundles_dir: Path, pyseccomp: object, machine: str, status: int,
-           telemetry_off: bool) -> SandboxReport:
+           telemetry_off: bool, listen_fd: int | None = None) -> SandboxReport:
     # Step 1.
     if len(os.listdir("/proc/self/task")) != 1:
         raise EnclaveError("sandbox: the process already runs several threads")
@@ -368,7 +375,7 @@ def _apply(bundles_dir: Path, pyseccomp: object, machine: str, status: int,
         raise EnclaveError("sandbox: no_new_privs is not set")
     abi = _landlock(paths)  # step 7
     try:
-        allowed = _seccomp(pyseccomp)  # step 8
+        allowed = _seccomp(pyseccomp, listen_fd)  # step 8
     except (OSError, RuntimeError, ValueError) as exc:
         raise EnclaveError("sandbox: the seccomp filter could not be loaded") from exc
     if _status(status, "Seccomp") != ["2"]:

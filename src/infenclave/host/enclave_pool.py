@@ -37,6 +37,7 @@ from typing import Any
 from infenclave.errors import EnclaveError, ServerError, VerificationError, WorkerLost
 from infenclave.host.channel import ChannelClosed, ChannelTap, EnclaveChannel, EnclaveRefused
 from infenclave.host.metrics import Metrics
+from infenclave.host.remote import connect_remote, parse_address
 from infenclave.protocol.bundle_format import BundleManifest
 from infenclave.protocol.frames import (
     SEALED_STATE_UNOPENABLE,
@@ -117,6 +118,7 @@ class EnclavePool:
         gramine_dir: Path | None = None,
         start_timeout: float | None = None,
         keyserver: str | None = None,
+        remote_enclaves: tuple[str, ...] = (),
     ) -> None:
         if tee not in _TEE_FLAG:
             raise ServerError(f"unknown TEE backend {tee!r}")
@@ -146,6 +148,8 @@ class EnclavePool:
         self.reprovision_needed: str | None = None
         #: The owner's key-release service (`infenclave keyserver`), or None.
         self._keyserver = keyserver
+        #: Enclaves elsewhere (``--enclave HOST:PORT``, `host.remote`): slots after the local ones.
+        self._remote = [f"{h}:{p}" for h, p in map(parse_address, remote_enclaves)]
         self._releases: set[asyncio.Task[None]] = set()
 
     # --- lifecycle --------------------------------------------------------------------
@@ -154,8 +158,8 @@ class EnclavePool:
         """Start the supervisors; with *wait*, return once every worker has loaded the bundle."""
         _make_host_undumpable()
         self._state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        started = [asyncio.get_running_loop().create_future() for _ in range(self._n)]
-        for slot in range(self._n):
+        started = [asyncio.get_running_loop().create_future() for _ in range(self._n + len(self._remote))]
+        for slot in range(self._n + len(self._remote)):
             self._tasks.append(asyncio.create_task(self._supervise(slot, started[slot])))
         if wait:
             await asyncio.gather(*started)
@@ -221,6 +225,9 @@ class EnclavePool:
             await asyncio.sleep(min(0.2 * (2 ** min(failures, 6)), 10.0) if failures else 0.05)
 
     async def _spawn(self, slot: int) -> Worker:
+        if slot >= self._n:  # a remote enclave: connect to it, then the same handshake
+            remote, reader, writer = await connect_remote(self._remote[slot - self._n], self._start_timeout)
+            return await self._handshake(slot, remote, reader, writer)
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         for sock in (parent, child):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
@@ -234,6 +241,11 @@ class EnclavePool:
         finally:
             child.close()
         reader, writer = await asyncio.open_unix_connection(sock=parent, limit=2**20)
+        return await self._handshake(slot, process, reader, writer)
+
+    async def _handshake(self, slot: int, process: Any, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> Worker:
+        """HELLO, LOAD and (with a stored sealed key) UNSEAL, for a local or a remote enclave."""
         channel = EnclaveChannel(reader, writer, ChannelTap.from_env(f"worker{slot}"))
         try:
             hello = await channel.hello(self._start_timeout)

@@ -84,6 +84,8 @@ class ServerConfig:
     worker_start_timeout: float | None = None
     #: URL of the owner's key-release service: unprovisioned workers get the key from it.
     keyserver: str | None = None
+    #: Enclaves elsewhere (``--enclave HOST:PORT``), served besides the local workers.
+    remote_enclaves: tuple[str, ...] = ()
 
 
 OCTET_STREAM = "application/octet-stream"
@@ -119,7 +121,8 @@ def create_app(config: ServerConfig) -> FastAPI:
                            request_timeout=config.request_timeout,
                            gramine_dir=config.gramine_dir,
                            start_timeout=config.worker_start_timeout,
-                           keyserver=config.keyserver)
+                           keyserver=config.keyserver,
+                           remote_enclaves=config.remote_enclaves)
         await pool.start()
         state.update(pool=pool, batcher=batcher, backnet=backnet)
         logger.info("serving model %s (%s) with %d %s enclave worker(s), BackNet on %s",
