@@ -2,8 +2,9 @@
 
 Real `python -m infenclave.enclave` workers over real socketpairs, a real Lite0 bundle and the
 real BackNet on ONNX Runtime. Forged IR2s (zeros, a channel permutation, noise, an edited
-intermediate, another live request's tensors) are each refused, the worker then refuses
-everything, and honest requests before that pass with the top-5 of `infenclave predict`.
+element, one channel replaced by N(0, 1) noise, another live request's tensors) are each
+refused, the worker then refuses everything, and honest requests before that pass with the
+top-5 of `infenclave predict`.
 A coverage test compiles the widest BackNet of every zoo model and of a plain-torch ResNet-50.
 """
 
@@ -92,11 +93,20 @@ def _forge_edit(outs, other):  # noqa: ANN001, ANN202
     return edited
 
 
+def _forge_channel(outs, other):  # noqa: ANN001, ANN202
+    rng = np.random.default_rng(3)  # one channel of a middle intermediate replaced by N(0, 1) noise
+    edited = [y.copy() for y in outs]
+    y = edited[len(edited) // 2]
+    y[:, y.shape[1] // 3] = rng.normal(0, 1, y[:, 0].shape).astype(np.float32)
+    return edited
+
+
 def _forge_swap(outs, other):  # noqa: ANN001, ANN202
     return other  # the other live request's honest tensors
 
 
-@pytest.mark.parametrize("forge", [_forge_zeros, _forge_permutation, _forge_noise, _forge_edit, _forge_swap])
+@pytest.mark.parametrize("forge", [_forge_zeros, _forge_permutation, _forge_noise, _forge_edit, _forge_channel,
+                                   _forge_swap])
 def test_forged_backnet_output_is_refused_then_everything(forge, bundle, backnet, state, photos) -> None:
     enclave = _ready(bundle, state)
     try:
