@@ -200,3 +200,41 @@ def test_plain_torch_resnet50_backnet_is_fully_covered(tmp_path) -> None:
         _widest_backnet_ops(load_model(str(tmp_path / "r50.yaml")))
     finally:
         sys.path.remove(str(tmp_path))
+
+
+def test_dense_strided_grouped_and_gemm_checks_accept_honest_and_refuse_edits() -> None:
+    """The paths Lite0 does not take: a dense 3x3 conv with stride and pads, a grouped conv with
+    dilation, global average pool and Gemm (in-process: the verifier against ONNX Runtime)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from infenclave.enclave.verify import BackNetVerifier, CheckFailed
+    from infenclave.verify_build import build_verification
+
+    rng = np.random.default_rng(0)
+    init = [numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name) for name, shape in
+            [("w1", (6, 4, 3, 3)), ("b1", (6,)), ("w2", (6, 3, 3, 3)), ("w3", (5, 6)), ("b3", (5,))]]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], group=2, pads=[1, 0, 1, 0], dilations=[1, 2]),
+             helper.make_node("GlobalAveragePool", ["c2"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "small", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 9, 9])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    raw, back = build_verification(model, (4, 9, 9))
+    spec = parse_verify_file(raw)
+    assert [op.op for op in spec.ops] == ["conv", "clip", "conv", "gap", "reshape", "linear"]
+    session = ort.InferenceSession(back.SerializeToString(), providers=["CPUExecutionProvider"])
+    verifier = BackNetVerifier(spec)
+    for _ in range(20):
+        x = rng.normal(0, 1, (1, 4, 9, 9)).astype(np.float32)
+        outs = session.run(None, {"x": x})
+        verifier.check(x, outs[0], outs[1:])
+    assert verifier.last_margin < 0.5
+    for t in range(len(outs)):  # one element of any tensor, edited by far less than its scale
+        edited = [y.copy() for y in outs]
+        edited[t].flat[int(rng.integers(edited[t].size))] += 0.05
+        with pytest.raises(CheckFailed):
+            verifier.check(x, edited[0], edited[1:])
