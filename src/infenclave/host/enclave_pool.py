@@ -396,11 +396,15 @@ class EnclavePool:
                 return
             try:
                 if self.sealed_key_path.exists():  # another worker got it meanwhile
-                    await worker.channel.call(MsgType.UNSEAL, body=self.sealed_key_path.read_bytes(),
-                                              timeout=self._timeout)
-                    worker.provisioned = True
-                    self._update_ready()
-                    return
+                    try:
+                        await worker.channel.call(MsgType.UNSEAL, body=self.sealed_key_path.read_bytes(),
+                                                  timeout=self._timeout)
+                        worker.provisioned = True
+                        self._update_ready()
+                        return
+                    except EnclaveRefused as exc:  # another sealing key (a remote enclave): release
+                        if exc.code != SEALED_STATE_UNOPENABLE:
+                            raise
                 sealed = await fetch_sealed_model_key(self._keyserver or "", worker.channel, worker.public_key,
                                                       self.manifest.model_id, timeout=self._timeout)
                 ready = await self.provision(worker.key_id, sealed)
