@@ -12,11 +12,15 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+#: The public surface, documented in docs/python-api.md (one example each).
 _EXPORTS = {
     "Client": "infenclave.client",
     "load_model": "infenclave.models",
     "analyse": "infenclave.network",
     "ternary_split": "infenclave.split",
+    "AssessOptions": "infenclave.assess.command",
+    "run_assess": "infenclave.assess.command",
+    "partition": "infenclave.bundle",
     "InfenclaveError": "infenclave.errors",
 }
 __all__ = ["__version__", *_EXPORTS]

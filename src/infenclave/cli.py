@@ -255,11 +255,13 @@ def assess(
     safe only when, in addition, no inversion attack recovers a photo that an independent judge
     network recognises. Ctrl-C stops cleanly and writes what is done, marked partial.
 
-    Exit code 0: plan written; 2: bad input, or no usable partition (the plan and report are
-    still written in that case); 130: interrupted (a partial plan is written).
+    Exit code 0: plan written with a safe partition; 2: bad input; 4: no cut point is safe, or
+    the evidence is too thin to call one safe (the plan and report are still written);
+    130: interrupted (a partial plan is written).
     """
     from infenclave.assess.command import AssessOptions, outcome_error, rich_progress, run_assess
-    from infenclave.errors import UsageError
+    from infenclave.assess.plan import VERDICT_NO_SAFE_CUT, VERDICT_NOT_ENOUGH
+    from infenclave.errors import UnsafeVerdict, UsageError
 
     extra = [Path(a) for a in ctx.args]
     if extra and not images:
@@ -282,7 +284,10 @@ def assess(
           f"({outcome.seconds:.0f} s)")
     if outcome.partial:
         print("interrupted: the plan and report are PARTIAL", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(ExitCode.INTERRUPTED)
+    if rec["verdict"] in (VERDICT_NO_SAFE_CUT, VERDICT_NOT_ENOUGH):
+        raise UnsafeVerdict(f"{rec['verdict']}: {rec['reason']} The plan and report are in "
+                            f"{outcome.out}.")
     error = outcome_error(outcome)
     if error is not None:
         raise error
@@ -372,6 +377,8 @@ def serve(
                                         help="ONNX Runtime threads of the BackNet (0: all cores)."),
     timeout: float = typer.Option(60.0, "--timeout", help="Per-request deadline, seconds."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+    log_format: str = typer.Option("text", "--log-format", help="text (one line per record) or "
+                                   "json (one object per line: time, level, logger, message)."),
     gramine_dir: Path | None = typer.Option(None, "--gramine-dir", help="--tee gramine-sgx: the "
                                             "folder with the signed manifest (deploy/gramine); "
                                             "the bundle must be visible there as bundles/NAME."),
@@ -397,6 +404,14 @@ def serve(
         raise UsageError(f"--tee must be sim or gramine-sgx, not {tee!r}")
     if device not in ("cpu", "cuda"):
         raise UsageError(f"--device must be cpu or cuda, not {device!r}")
+    from infenclave.host.backnet import check_device
+    from infenclave.host.logs import LOG_FORMATS, LOG_LEVELS
+
+    check_device(device)  # before anything starts: a CPU-only build refuses cuda here
+    if log_level not in LOG_LEVELS:
+        raise UsageError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {log_level!r}")
+    if log_format not in LOG_FORMATS:
+        raise UsageError(f"--log-format must be text or json, not {log_format!r}")
     if tee == "gramine-sgx" and gramine_dir is None:
         raise UsageError("--tee gramine-sgx needs --gramine-dir (the folder with the signed "
                          "infenclave-enclave manifest; see deploy/gramine)")
@@ -409,7 +424,8 @@ def serve(
                           request_timeout=timeout, gramine_dir=gramine_dir,
                           worker_start_timeout=worker_start_timeout, keyserver=keyserver,
                           remote_enclaves=tuple(enclaves or ()))
-    run_server(config, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, log_level=log_level)
+    run_server(config, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, log_level=log_level,
+               log_format=log_format)
 
 
 @app.command()

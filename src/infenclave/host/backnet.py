@@ -21,7 +21,19 @@ import onnxruntime as ort
 
 from infenclave.errors import ServerError, UsageError
 
-__all__ = ["BackNet", "BackNetBatcher"]
+__all__ = ["BackNet", "BackNetBatcher", "check_device"]
+
+
+def check_device(device: str) -> list[str]:
+    """The ONNX Runtime providers for *device*, or a `UsageError` when this build lacks it."""
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise UsageError("--device cuda: this onnxruntime build has no CUDA provider "
+                             "(install onnxruntime-gpu, or use --device cpu)")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    raise UsageError(f"unknown device {device!r} (cpu or cuda)")
 
 
 class BackNet:
@@ -33,15 +45,7 @@ class BackNet:
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        if device == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise UsageError("--device cuda: this onnxruntime build has no CUDA provider "
-                                 "(install onnxruntime-gpu)")
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        elif device == "cpu":
-            providers = ["CPUExecutionProvider"]
-        else:
-            raise UsageError(f"unknown device {device!r} (cpu or cuda)")
+        providers = check_device(device)
         self.device = device
         self._session = ort.InferenceSession(model_bytes, opts, providers=providers)
         (inp,) = self._session.get_inputs()

@@ -1,12 +1,21 @@
-"""Prometheus text-format metrics: request counters and per-stage latency histograms.
+"""Prometheus text-format metrics: requests, in-flight gauge, latency histograms, build info.
 
-Why our own ~80 lines instead of a client library: the set is small and fixed, and the
+Why our own ~150 lines instead of a client library: the set is small and fixed, and the
 host already has enough dependencies. Output follows the Prometheus text exposition format
 version 0.0.4 (``# HELP``/``# TYPE`` lines, cumulative ``_bucket{le=...}``, ``_sum``,
-``_count``). Stages: ``open`` (HPKE open + request parse, enclave), ``decode`` (image decode
-+ preprocess, enclave), ``frontnet`` and ``tail`` (enclave), ``seal`` (enclave),
-``backnet_batch`` (one BackNet batch on the host), ``enclave_in`` / ``enclave_out`` (host
-wait for IR1 / for the result, channel included), ``total`` (whole request at the host).
+``_count``).
+
+- ``infenclave_requests_total{endpoint, outcome, code}``: every HTTP request, by route
+  (``classify``, ``attestation``, ...; ``other`` for paths the API does not have), outcome
+  (``ok`` or the error code of the JSON answer) and HTTP status code.
+- ``infenclave_request_seconds{endpoint}``: whole requests at the host, end to end.
+- ``infenclave_requests_in_flight``: requests being served now.
+- ``infenclave_stage_seconds{stage}``: the *parts* of one classification, never the whole
+  (so that a ``sum()`` over stages means something): ``open`` (HPKE open + request parse,
+  enclave), ``decode`` (image decode + preprocess, enclave), ``frontnet`` and ``tail``
+  (enclave), ``seal`` (enclave), ``backnet_batch`` (one BackNet batch on the host),
+  ``enclave_in`` / ``enclave_out`` (host wait for IR1 / for the result, channel included).
+- ``infenclave_info{version, model_id, tee}``: always 1; which build serves which model.
 """
 
 from __future__ import annotations
@@ -41,17 +50,35 @@ class Metrics:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._requests: dict[tuple[str, str], int] = defaultdict(int)
+        self._requests: dict[tuple[str, str, int], int] = defaultdict(int)
+        self._request_seconds: dict[str, _Histogram] = {}
+        self._in_flight = 0
+        self._info: dict[str, str] = {}
         self._stages: dict[str, _Histogram] = {}
         self._batch = _Histogram(tuple(float(b) for b in BATCH_BUCKETS))
         self._restarts = 0
         self._workers_ready = 0
         self._backnet_check_failures = 0
 
-    def count_request(self, endpoint: str, outcome: str) -> None:
-        """One request to *endpoint* ended with *outcome* (``ok`` or an error class)."""
+    def set_info(self, **labels: str) -> None:
+        """The labels of ``infenclave_info`` (version, model id, TEE)."""
         with self._lock:
-            self._requests[(endpoint, outcome)] += 1
+            self._info = dict(labels)
+
+    def request_started(self) -> None:
+        """A request is being served (the in-flight gauge goes up)."""
+        with self._lock:
+            self._in_flight += 1
+
+    def request_finished(self, endpoint: str, outcome: str, code: int, seconds: float) -> None:
+        """A request to *endpoint* ended with *outcome* (``ok`` or an error code) and *code*."""
+        with self._lock:
+            self._in_flight -= 1
+            self._requests[(endpoint, outcome, code)] += 1
+            hist = self._request_seconds.get(endpoint)
+            if hist is None:
+                hist = self._request_seconds[endpoint] = _Histogram(LATENCY_BUCKETS_S)
+            hist.observe(seconds)
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         """Record the duration of one stage of one request."""
@@ -86,14 +113,28 @@ class Metrics:
         """The metrics in Prometheus text format."""
         lines: list[str] = []
         with self._lock:
-            lines += ["# HELP infenclave_requests_total Requests by endpoint and outcome.",
+            if self._info:
+                labels = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(self._info.items()))
+                lines += ["# HELP infenclave_info Which infenclave build serves which model.",
+                          "# TYPE infenclave_info gauge", f"infenclave_info{{{labels}}} 1"]
+            lines += ["# HELP infenclave_requests_total HTTP requests by endpoint, outcome and "
+                      "status code.",
                       "# TYPE infenclave_requests_total counter"]
-            for (endpoint, outcome), n in sorted(self._requests.items()):
-                lines.append(f'infenclave_requests_total{{endpoint="{endpoint}",outcome="{outcome}"}} {n}')
-            errors = sum(n for (_, outcome), n in self._requests.items() if outcome != "ok")
+            for (endpoint, outcome, code), n in sorted(self._requests.items()):
+                lines.append(f'infenclave_requests_total{{endpoint="{endpoint}",'
+                             f'outcome="{outcome}",code="{code}"}} {n}')
+            errors = sum(n for (_, outcome, _), n in self._requests.items() if outcome != "ok")
             lines += ["# HELP infenclave_errors_total Requests that did not end ok.",
                       "# TYPE infenclave_errors_total counter", f"infenclave_errors_total {errors}"]
-            lines += ["# HELP infenclave_stage_seconds Latency of each serving stage.",
+            lines += ["# HELP infenclave_requests_in_flight Requests being served now.",
+                      "# TYPE infenclave_requests_in_flight gauge",
+                      f"infenclave_requests_in_flight {self._in_flight}"]
+            lines += ["# HELP infenclave_request_seconds Whole requests at the host, by endpoint.",
+                      "# TYPE infenclave_request_seconds histogram"]
+            for endpoint, hist in sorted(self._request_seconds.items()):
+                lines += _hist_lines("infenclave_request_seconds", hist, f'endpoint="{endpoint}"')
+            lines += ["# HELP infenclave_stage_seconds Latency of each part of a classification "
+                      "(parts only; the whole is infenclave_request_seconds).",
                       "# TYPE infenclave_stage_seconds histogram"]
             for stage, hist in sorted(self._stages.items()):
                 lines += _hist_lines("infenclave_stage_seconds", hist, f'stage="{stage}"')
@@ -111,6 +152,11 @@ class Metrics:
                       "# TYPE infenclave_backnet_check_failures_total counter",
                       f"infenclave_backnet_check_failures_total {self._backnet_check_failures}"]
         return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    """A label value as the exposition format writes it."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _hist_lines(name: str, hist: _Histogram, labels: str) -> list[str]:

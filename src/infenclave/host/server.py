@@ -24,7 +24,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import os
 import re
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -35,10 +37,11 @@ from typing import Any
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from infenclave import __version__
 from infenclave.bundle import read_backnet, read_manifest, read_signature
 from infenclave.crypto import HPKE_OVERHEAD
 from infenclave.enclave.imaging import MAX_ENCODED_BYTES
-from infenclave.errors import EnclaveError, InfenclaveError, ServerError, WorkerLost
+from infenclave.errors import EnclaveError, ServerError, UsageError, WorkerCrashed, WorkerLost
 from infenclave.host.backnet import BackNet, BackNetBatcher
 from infenclave.host.channel import EnclaveRefused
 from infenclave.host.enclave_pool import EnclavePool, NotProvisioned, UnknownEnclaveKey
@@ -107,6 +110,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     manifest = read_manifest(config.bundle_dir)
     signature = read_signature(config.bundle_dir)
     metrics = Metrics()
+    metrics.set_info(version=__version__, model_id=manifest.model_id, tee=config.tee)
     state: dict[str, Any] = {}
 
     @asynccontextmanager
@@ -141,15 +145,35 @@ def create_app(config: ServerConfig) -> FastAPI:
         "IR1 and IR2 only.",
         lifespan=lifespan,
     )
+    app.add_middleware(_ObserveRequests, metrics=metrics)
 
     @app.exception_handler(_Error)
     async def _on_error(request: Request, exc: _Error) -> JSONResponse:
-        metrics.count_request(_endpoint(request), exc.code)
+        request.state.outcome = exc.code  # for the metrics: the error code, not just the status
         return JSONResponse({"error": exc.code, "detail": exc.detail}, status_code=exc.status)
+
+    @app.get("/livez")
+    @app.get("/v2/health/live")
+    async def livez() -> dict[str, Any]:
+        """Liveness: the process answers (it restarts dead workers itself). Always 200."""
+        return {"live": True}
+
+    @app.get("/readyz", responses={503: {"description": "No worker can serve yet."}})
+    @app.get("/v2/health/ready", responses={503: {"description": "No worker can serve yet."}})
+    async def readyz() -> JSONResponse:
+        """Readiness: 200 when at least one enclave worker holds the model key and can serve a
+        classification, else 503 (workers starting, not provisioned, or the stored sealed key
+        no longer opens: ``reprovision_needed``, the owner must provision again)."""
+        pool: EnclavePool = state["pool"]
+        ready = sum(1 for w in pool.workers if w.provisioned)
+        doc = {"ready": ready > 0, "workers": len(pool.workers), "workers_ready": ready,
+               "provisioned": pool.provisioned, "reprovision_needed": pool.reprovision_needed}
+        return JSONResponse(doc, status_code=200 if ready else 503)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        """Liveness and readiness: workers up, workers holding the model key."""
+        """Status report (always 200 while the process answers; not a readiness probe: use
+        ``/readyz``): workers up, workers holding the model key, state problems."""
         pool: EnclavePool = state["pool"]
         workers = pool.workers
         ready = sum(1 for w in workers if w.provisioned)
@@ -198,12 +222,9 @@ def create_app(config: ServerConfig) -> FastAPI:
         if len(nonce) % 2:
             raise _Error(422, "bad_nonce", "the nonce must be an even number of hex digits")
         pool: EnclavePool = state["pool"]
-        started = time.perf_counter()
         found = await pool.evidence(bytes.fromhex(nonce))
         if not found:
             raise _Error(503, "no_enclave", "no enclave worker is available")
-        metrics.observe_stage("attestation", time.perf_counter() - started)
-        metrics.count_request("attestation", "ok")
         return {
             "model_id": manifest.model_id,
             "enclaves": [
@@ -217,7 +238,10 @@ def create_app(config: ServerConfig) -> FastAPI:
             ],
         }
 
-    @app.post(PROVISION_PATH)
+    @app.post(PROVISION_PATH, openapi_extra=_sealed_operation(
+        "The owner's 32-byte model key, HPKE-sealed to the worker named in the header "
+        "(context: provision_context(model id); docs/protocol.md).", MAX_PROVISION_BODY,
+        request_id=False))
     async def provision(request: Request) -> dict[str, Any]:
         """The owner's model key, sealed to one attested worker (header names the key)."""
         pool: EnclavePool = state["pool"]
@@ -225,27 +249,23 @@ def create_app(config: ServerConfig) -> FastAPI:
         body = await _read_body(request, MAX_PROVISION_BODY)
         try:
             ready = await pool.provision(key_id, body)
-        except UnknownEnclaveKey as exc:
-            raise _Error(409, "unknown_enclave_key", str(exc)) from exc
-        except EnclaveRefused as exc:
-            known = {"already_provisioned": "this enclave already holds this model key",
-                     "other_key_provisioned": "this enclave already holds a different model key"}
-            if exc.code in known:
-                raise _Error(409, exc.code, known[exc.code]) from exc
-            raise _Error(400, "enclave_refused", "the enclave refused the model key") from exc
-        except (EnclaveError, asyncio.TimeoutError) as exc:
-            raise _Error(503, "worker_lost", "the enclave worker stopped during provisioning") from exc
-        metrics.count_request("provision", "ok")
+        except _POOL_ERRORS as exc:
+            raise _pool_error(exc, "the model key") from exc
         logger.info("model key provisioned; %d worker(s) hold it", ready)
         return {"status": "provisioned", "workers_ready": ready}
 
     @app.post(CLASSIFY_PATH, response_class=Response,
-              responses={200: {"content": {SEALED_MEDIA_TYPE: {}},
-                               "description": "The answer, HPKE-sealed to the client."}})
+              responses={200: {"content": {SEALED_MEDIA_TYPE: {"schema": _BINARY}},
+                               "description": "The answer, HPKE-sealed to the client's one-time "
+                               "key (context: response_context(model id, request id))."}},
+              openapi_extra=_sealed_operation(
+                  "The request plaintext (k, the client's one-time X25519 key, the encoded "
+                  "image), HPKE-sealed to the worker named in the header (context: "
+                  "request_context(model id, request id); docs/protocol.md).",
+                  MAX_CLASSIFY_BODY, request_id=True))
     async def classify(request: Request) -> Response:
         """Relay one sealed request: enclave FrontNet, host BackNet, enclave Tail."""
         pool: EnclavePool = state["pool"]
-        started = time.perf_counter()
         key_id = _key_header(request)
         request_id = request.headers.get(REQUEST_ID_HEADER, "")
         if REQUEST_ID_RE.fullmatch(request_id) is None:
@@ -255,28 +275,120 @@ def create_app(config: ServerConfig) -> FastAPI:
         body = await _read_body(request, MAX_CLASSIFY_BODY)
         try:
             sealed = await pool.classify(key_id, request_id, body, state["batcher"])
-        except UnknownEnclaveKey as exc:
-            raise _Error(409, "unknown_enclave_key", str(exc)) from exc
-        except NotProvisioned as exc:
-            raise _Error(409, "not_provisioned", str(exc)) from exc
-        except WorkerLost as exc:
-            raise _Error(503, "worker_lost", str(exc)) from exc
-        except EnclaveRefused as exc:
-            code = "not_provisioned" if exc.code == "not_provisioned" else "enclave_refused"
-            raise _Error(409 if code == "not_provisioned" else 400, code,
-                         "the enclave refused the request (it does not say why to the host)") from exc
-        except ServerError as exc:
-            raise _Error(503, "unavailable", str(exc)) from exc
-        metrics.observe_stage("total", time.perf_counter() - started)
-        metrics.count_request("classify", "ok")
+        except _POOL_ERRORS as exc:
+            raise _pool_error(exc, "the request") from exc
         return Response(sealed, media_type=SEALED_MEDIA_TYPE)
 
     return app
 
 
-def _endpoint(request: Request) -> str:
-    path = request.url.path
-    return path.rsplit("/", 1)[-1] or "root"
+_BINARY = {"type": "string", "format": "binary"}
+_ERROR_SCHEMA = {"type": "object", "required": ["error", "detail"],
+                 "properties": {"error": {"type": "string"}, "detail": {"type": "string"}}}
+
+
+def _sealed_operation(body: str, limit: int, *, request_id: bool) -> dict[str, Any]:
+    """OpenAPI for a sealed POST: its raw body, its headers, its JSON errors.
+
+    The handlers read the body and headers themselves (size-limited, checked before an
+    enclave sees them), so FastAPI cannot infer them: they are declared here.
+    """
+    hex_key = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+    headers = [{"name": KEY_HEADER, "in": "header", "required": True, "schema": hex_key,
+                "description": "The attested worker the body is sealed to: the hex of its "
+                "X25519 public key (key_id in /v1/attestation)."}]
+    if request_id:
+        headers += [
+            {"name": REQUEST_ID_HEADER, "in": "header", "required": True,
+             "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+             "description": "The client's fresh request id, also in the HPKE context."},
+            {"name": MODEL_HEADER, "in": "header", "required": False, "schema": hex_key,
+             "description": "The model id the client attested; another is refused (409)."},
+        ]
+    error = {"content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+    return {
+        "parameters": headers,
+        "requestBody": {"required": True, "description": body,
+                        "content": {SEALED_MEDIA_TYPE: {"schema": {**_BINARY, "maxLength": limit}}}},
+        "responses": {
+            "400": {"description": "bad_request or enclave_refused", **error},
+            "409": {"description": "unknown_enclave_key (attest again), not_provisioned, "
+                    "wrong_model, already_provisioned, other_key_provisioned", **error},
+            "413": {"description": "too_large", **error},
+            "415": {"description": "unsupported_media_type", **error},
+            "503": {"description": "worker_lost or worker_crashed (attest again, retry), "
+                    "unavailable", **error},
+        },
+    }
+
+
+#: What the enclave pool raises on purpose; `_pool_error` maps each to one HTTP answer.
+_POOL_ERRORS = (UnknownEnclaveKey, NotProvisioned, EnclaveRefused, EnclaveError, ServerError,
+                asyncio.TimeoutError)
+#: Refusals an enclave names to the host, because the client can act on them.
+_NAMED_REFUSALS = {
+    "already_provisioned": (409, "this enclave already holds this model key"),
+    "other_key_provisioned": (409, "this enclave already holds a different model key"),
+    "not_provisioned": (409, "this enclave does not hold the model key yet"),
+}
+
+
+def _pool_error(exc: BaseException, what: str) -> _Error:
+    """The one mapping from an enclave-pool failure to the HTTP error a client can act on.
+
+    *what* names what the enclave refused ("the model key", "the request"); any other
+    refusal stays opaque by design.
+    """
+    if isinstance(exc, UnknownEnclaveKey):
+        return _Error(409, "unknown_enclave_key", str(exc))
+    if isinstance(exc, NotProvisioned):
+        return _Error(409, "not_provisioned", str(exc))
+    if isinstance(exc, EnclaveRefused):
+        if exc.code in _NAMED_REFUSALS:
+            status, detail = _NAMED_REFUSALS[exc.code]
+            return _Error(status, exc.code, detail)
+        return _Error(400, "enclave_refused",
+                      f"the enclave refused {what} (it does not say why to the host)")
+    if isinstance(exc, WorkerCrashed):
+        return _Error(503, "worker_crashed", str(exc))
+    if isinstance(exc, (WorkerLost, EnclaveError, asyncio.TimeoutError)):
+        return _Error(503, "worker_lost", str(exc) or "the enclave worker stopped before answering")
+    return _Error(503, "unavailable", str(exc))
+
+
+def _endpoint(scope: dict[str, Any]) -> str:
+    """The metrics label of a request: its route's last segment, ``other`` for no route."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path.rsplit("/", 1)[-1] if isinstance(path, str) else "other"
+
+
+class _ObserveRequests:
+    """ASGI middleware: in-flight gauge, and every request counted with its status code."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_observed(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        started = time.perf_counter()
+        self.metrics.request_started()
+        try:
+            await self.app(scope, receive, send_observed)
+        finally:
+            outcome = scope.get("state", {}).get("outcome") or ("ok" if status < 400 else "error")
+            self.metrics.request_finished(_endpoint(scope), outcome, status,
+                                          time.perf_counter() - started)
 
 
 def _key_header(request: Request) -> str:
@@ -313,16 +425,35 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def run_server(config: ServerConfig, *, host: str, port: int, tls_cert: Path | None = None,
-               tls_key: Path | None = None, log_level: str = "info") -> None:
-    """Run the server with uvicorn until interrupted."""
+               tls_key: Path | None = None, log_level: str = "info", log_format: str = "text") -> None:
+    """Run the server with uvicorn until interrupted.
+
+    The port is bound first, before any enclave worker starts: a port in use is one clear
+    error, not a failure after the workers came up.
+    """
     import uvicorn
 
+    from infenclave.host.logs import configure_logging
+
     if (tls_cert is None) != (tls_key is None):
-        raise InfenclaveError("give both --tls-cert and --tls-key, or neither")
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        raise UsageError("give both --tls-cert and --tls-key, or neither")
+    listener = _listen(host, port)
+    configure_logging(log_level, log_format)
     app = create_app(config)
-    uvicorn.run(app, host=host, port=port, log_level=log_level,
-                ssl_certfile=str(tls_cert) if tls_cert else None,
-                ssl_keyfile=str(tls_key) if tls_key else None,
-                timeout_keep_alive=KEEP_ALIVE_S, limit_concurrency=MAX_CONNECTIONS)
+    server_config = uvicorn.Config(
+        app, log_level=log_level, log_config=None,
+        ssl_certfile=str(tls_cert) if tls_cert else None,
+        ssl_keyfile=str(tls_key) if tls_key else None,
+        timeout_keep_alive=KEEP_ALIVE_S, limit_concurrency=MAX_CONNECTIONS)
+    with listener:
+        uvicorn.Server(server_config).run(sockets=[listener])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on *host*:*port*, or a `UsageError` saying why not."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host.strip("[]"), port), family=family, backlog=2048)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise UsageError(f"cannot listen on {host}:{port}: {reason}") from exc
