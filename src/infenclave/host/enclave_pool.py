@@ -235,11 +235,13 @@ class EnclavePool:
         try:
             process = await asyncio.create_subprocess_exec(
                 *self._enclave_command(),
-                stdin=child, stdout=child, stderr=None,
+                stdin=child, stdout=child, stderr=asyncio.subprocess.PIPE,
                 env=_enclave_env(), close_fds=True, cwd=self._gramine_dir,
             )
         finally:
             child.close()
+        if process.stderr is not None:  # the worker's log lines, in the host's log format
+            asyncio.get_running_loop().create_task(_relay_log(process.stderr, slot, process.pid))
         reader, writer = await asyncio.open_unix_connection(sock=parent, limit=2**20)
         return await self._handshake(slot, process, reader, writer)
 
@@ -503,6 +505,26 @@ def _make_host_undumpable() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(4, 0, 0, 0, 0) != 0 or libc.prctl(3, 0, 0, 0, 0) != 0:  # PR_SET/GET_DUMPABLE
         raise ServerError("could not make the host process non-dumpable")
+
+
+_enclave_log = logging.getLogger("infenclave.enclave")
+#: An enclave log line is one short sentence; longer ones are cut (the host never needs more).
+_MAX_LOG_LINE = 2000
+
+
+async def _relay_log(stream: asyncio.StreamReader, slot: int, pid: int) -> None:
+    """Log what a worker writes to stderr, line by line, through the host's logging."""
+    prefix = f"enclave[{pid}]: "
+    while True:
+        try:
+            line = await stream.readline()
+        except ValueError:  # a line over the stream limit: asyncio has dropped it
+            continue
+        if not line:
+            return
+        text = line.decode("utf-8", errors="replace").rstrip()
+        _enclave_log.info("worker %d (pid %d): %s", slot, pid,
+                          text.removeprefix(prefix)[:_MAX_LOG_LINE])
 
 
 def _enclave_env() -> dict[str, str]:
