@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -111,3 +112,22 @@ def test_wrong_input_size_in_a_spec_is_refused(tmp_path: Path) -> None:
     (tmp_path / "s.yaml").write_text("name: t\nonnx: t.onnx\nlabels: labels.txt\n"
                                      "preprocess: {resize: 256, crop: 224, mean: [0,0,0], std: [1,1,1]}\n")
     _one_clear_line(run_cli("inspect", str(tmp_path / "s.yaml")), "takes input [3, 64, 64]")
+
+
+@pytest.mark.parametrize(("mean", "std", "warned"), [
+    ("[0.485, 0.456, 0.406]", "[0.229, 0.224, 0.225]", "look like 0-1 units"),
+    ("[123.675, 116.28, 103.53]", "[58.395, 57.12, 57.375]", None),
+    ("[0, 0, 0]", "[1, 1, 1]", None),
+    ("[-1, 0, 0]", "[300, 1, 1]", "outside 0-255"),
+])
+def test_spec_mean_std_in_other_units_warn(tmp_path: Path, mean: str, std: str, warned: str | None) -> None:
+    import warnings
+
+    from infenclave.models.spec import SpecWarning, _parse_preprocess
+
+    doc = {"resize": 256, "crop": 224, "mean": json.loads(mean), "std": json.loads(std)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _parse_preprocess(doc, tmp_path / "s.yaml")
+    messages = [str(w.message) for w in caught if issubclass(w.category, SpecWarning)]
+    assert (messages == []) if warned is None else (len(messages) == 1 and warned in messages[0])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -145,8 +146,38 @@ def _parse_preprocess(d: Any, path: Path) -> Preprocess:
         raise ModelError(f"{where}.channel_order must be RGB or BGR")
     if layout not in ("NCHW", "NHWC"):
         raise ModelError(f"{where}.layout must be NCHW or NHWC")
-    return Preprocess(resize=resize, crop=crop, mean=tuple(map(float, d["mean"])),  # type: ignore[arg-type]
-                      std=tuple(map(float, d["std"])), channel_order=order, layout=layout)  # type: ignore[arg-type]
+    mean, std = _three(d["mean"]), _three(d["std"])
+    _warn_unless_pixel_units(mean, std, where)
+    return Preprocess(resize=resize, crop=crop, mean=mean, std=std, channel_order=order,
+                      layout=layout)
+
+
+class SpecWarning(UserWarning):
+    """A model spec that loads but is probably not what its author meant."""
+
+
+def _three(values: list[int | float]) -> tuple[float, float, float]:
+    return float(values[0]), float(values[1]), float(values[2])
+
+
+def _warn_unless_pixel_units(mean: tuple[float, float, float], std: tuple[float, float, float],
+                             where: str) -> None:
+    """Warn when mean/std do not look like 0-255 pixel units (the spec's documented units).
+
+    The usual mistake is torchvision's habit, mean [0.485, 0.456, 0.406] and std [0.229,
+    0.224, 0.225] in 0-1 units: accepted silently, every input would be scaled ~255x too far
+    and the model would still answer, wrongly. Mean 0 and std 1 (raw pixels) is legitimate.
+    """
+    raw_pixels = mean == (0.0, 0.0, 0.0) and std == (1.0, 1.0, 1.0)
+    unit_range = all(0 <= m <= 1 for m in mean) and all(0 < s <= 1 for s in std)
+    if unit_range and not raw_pixels:
+        warnings.warn(f"{where}: mean {list(mean)} and std {list(std)} look like 0-1 units; "
+                      "infenclave reads them in 0-255 pixel units (multiply by 255, e.g. "
+                      "mean [123.675, 116.28, 103.53], std [58.395, 57.12, 57.375])",
+                      SpecWarning, stacklevel=2)
+    elif not all(0 <= m <= 255 for m in mean) or not all(0 < s <= 255 for s in std):
+        warnings.warn(f"{where}: mean {list(mean)} or std {list(std)} fall outside 0-255 "
+                      "pixel units", SpecWarning, stacklevel=2)
 
 
 def _load_labels(path: Path, spec: Path) -> list[str]:
