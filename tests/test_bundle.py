@@ -168,18 +168,36 @@ def test_key_file_readable_by_others_is_refused(copy: Path) -> None:
         read_key_file(key_file)
 
 
-def test_read_plan(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def assessed_plan(tmp_path_factory, photos) -> Path:
+    """A real plan: the KL method alone on one photo (about 10 s)."""
+    from infenclave.assess import AssessOptions, run_assess
+
+    out = tmp_path_factory.mktemp("plan") / "a"
+    run_assess(AssessOptions(model="efficientnet-lite0", images=[photos["flower"]], out=out,
+                             adversary="passive"))
+    return out / "plan.json"
+
+
+def test_read_plan_is_the_assessments_reader(assessed_plan: Path, tmp_path: Path) -> None:
+    doc = json.loads(assessed_plan.read_text())
+    chosen = (doc["partition"]["frontnet"]["end"], doc["partition"]["tail"]["start"])
+    assert read_plan(assessed_plan, doc["model"]["weights_sha256"]) == chosen
+    with pytest.raises(UsageError, match="other weights"):
+        read_plan(assessed_plan, "cd" * 32)
+    # The schema is the assessment's: a lenient look-alike is not a plan.
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"front_end": "_blocks.3", "tail_start": "_conv_head"}))
-    assert read_plan(plan) == ("_blocks.3", "_conv_head")
-    plan.write_text(json.dumps({"cut_points": []}))
-    with pytest.raises(UsageError, match="--front-end"):
+    with pytest.raises(UsageError, match="not an infenclave assessment plan"):
         read_plan(plan)
-    plan.write_text(json.dumps({"model": {"weights_sha256": "ab" * 32}, "partition": None,
-                                "recommendation": {"reason": "No cut point was safe."}}))
-    with pytest.raises(UsageError, match="No cut point was safe"):
+    broken = dict(doc, partition={"frontnet": {}})
+    plan.write_text(json.dumps(broken))
+    with pytest.raises(UsageError, match="schema"):
         read_plan(plan)
-    with pytest.raises(UsageError, match="other weights"):
-        read_plan(plan, "cd" * 32)
+    interrupted = json.loads(assessed_plan.read_text())
+    interrupted["scan"]["partial"] = True
+    plan.write_text(json.dumps(interrupted))
+    with pytest.raises(UsageError):
+        read_plan(plan)
 
 

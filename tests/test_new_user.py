@@ -88,6 +88,11 @@ def test_assess_unsafe_verdict_exits_4(photos, tmp_path) -> None:
     assert out.returncode == 4, out.stderr  # ExitCode.UNSAFE; plan and report still written
     assert "error: no-safe-cut:" in out.stderr
     assert (tmp_path / "a" / "plan.json").is_file() and (tmp_path / "a" / "report.html").is_file()
+    # partition reads that plan with the assessment's reader, and refuses it with its reason.
+    refused = run_cli("partition", MODEL, "--plan", str(tmp_path / "a" / "plan.json"),
+                      "--out", str(tmp_path / "b"))
+    assert refused.returncode == 2 and "recommends no partition" in refused.stderr
+    assert not (tmp_path / "b").exists()
 
 
 def test_liveness_and_readiness(server, bundle) -> None:

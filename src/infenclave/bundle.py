@@ -38,7 +38,7 @@ from infenclave.crypto import (
     generate_aead_key,
     load_or_create_key_file,
 )
-from infenclave.errors import BundleError, UsageError
+from infenclave.errors import AssessmentError, BundleError, UsageError
 from infenclave.protocol.backnet_verify import VERIFY_FILE, BackNetPolicy
 from infenclave.protocol.bundle_format import (
     BUNDLE_FORMAT,
@@ -369,45 +369,29 @@ def read_key_file(path: Path) -> ModelKey:
 def read_plan(path: Path, weights_sha256: str | None = None) -> tuple[str, str]:
     """The (FrontNet end, Tail start) cut names chosen in an assessment ``plan.json``.
 
-    The assessment's plan (``infenclave-plan``) holds them in ``partition.frontnet.end`` and
-    ``partition.tail.start``; ``partition`` is null when the assessment found no safe cut,
-    and that is refused with the plan's own reason. Simpler documents with ``front_end`` and
-    ``tail_start`` at the top level (or one level down) are accepted too. When
-    *weights_sha256* is given, a plan made for other weights is refused.
+    The plan is read by the assessment's own reader (`infenclave.assess.plan.Plan.parse`:
+    format, version and JSON schema), so there is one reader for the format. A partial plan,
+    a plan for other weights (when *weights_sha256* is given) and a plan that recommends no
+    partition (``partition`` null: no safe cut, or the whole model in the enclave) are
+    refused, the last with the plan's own reason.
     """
+    from infenclave.assess.plan import Plan
+
     raw = _read(Path(path), 64 * 1024 * 1024, "plan")
     try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise UsageError(f"{path} is not a JSON plan") from exc
-    if not isinstance(doc, dict):
-        raise UsageError(f"{path} is not a JSON plan")
-    planned = (doc.get("model") or {}).get("weights_sha256") if isinstance(doc.get("model"), dict) else None
-    if weights_sha256 is not None and planned is not None and planned != weights_sha256:
-        raise UsageError(f"{path} was made for other weights ({planned[:12]}...) than this model's "
-                         f"({weights_sha256[:12]}...)")
-    if "partition" in doc and "recommendation" in doc:
-        partition = doc["partition"]
-        if partition is None:
-            reason = (doc.get("recommendation") or {}).get("reason", "")
-            raise UsageError(f"{path} recommends no partition: {reason} "
-                             "(give --front-end and --tail-start to choose one anyway)")
-        try:
-            front, tail = partition["frontnet"]["end"], partition["tail"]["start"]
-        except (KeyError, TypeError) as exc:
-            raise UsageError(f"{path}: malformed partition section") from exc
-        if isinstance(front, str) and isinstance(tail, str):
-            return front, tail
-        raise UsageError(f"{path}: malformed partition section")
-    candidates = [doc, *[v for v in doc.values() if isinstance(v, dict)]]
-    for candidate in candidates:
-        front, tail = candidate.get("front_end"), candidate.get("tail_start")
-        front = front.get("name") if isinstance(front, dict) else front
-        tail = tail.get("name") if isinstance(tail, dict) else tail
-        if isinstance(front, str) and isinstance(tail, str):
-            return front, tail
-    raise UsageError(f"{path}: no chosen front_end/tail_start found in the plan "
-                     "(give --front-end and --tail-start)")
+        plan = Plan.parse(raw)
+    except AssessmentError as exc:
+        raise UsageError(f"{path}: {exc}") from exc
+    if weights_sha256 is not None and plan.weights_sha256 != weights_sha256:
+        raise UsageError(f"{path} was made for other weights ({plan.weights_sha256[:12]}...) "
+                         f"than this model's ({weights_sha256[:12]}...)")
+    if plan.partial:
+        raise UsageError(f"{path} is a partial (interrupted) assessment: run it to the end")
+    partition = plan.doc["partition"]
+    if partition is None:
+        raise UsageError(f"{path} recommends no partition: {plan.doc['recommendation']['reason']} "
+                         "(give --front-end and --tail-start to choose one anyway)")
+    return str(partition["frontnet"]["end"]), str(partition["tail"]["start"])
 
 
 def manifest_model_id(bundle_dir: Path) -> str:
