@@ -109,7 +109,7 @@ tcb_statuses: [UpToDate, SWHardeningNeeded]
         (minimal(max_evidence_age_s=0), "max_evidence_age_s: must be a positive"),
         (minimal(max_evidence_age_s=1.5), "max_evidence_age_s: expected an integer"),
         (minimal(sim_signers=["ab" * 32]), "sim_signers: listed, but tee_types"),
-        ([], "expected a mapping"),
+        ([], "expected a (mapping|JSON object)"),
     ],
 )
 def test_policy_errors_name_the_key(tmp_path: Path, document: Any, message: str) -> None:
@@ -141,7 +141,7 @@ def test_duplicate_keys_refused(tmp_path: Path) -> None:
 
 
 def test_unparseable_files(tmp_path: Path) -> None:
-    with pytest.raises(PolicyError, match="not valid JSON"):
+    with pytest.raises(PolicyError, match="not valid UTF-8 JSON"):
         load_policy(write(tmp_path, "{tee_types: "))
     with pytest.raises(PolicyError, match="not valid YAML"):
         load_policy(write(tmp_path, "a: [b\n", "policy.yaml"))

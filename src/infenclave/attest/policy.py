@@ -48,6 +48,8 @@ from typing import Any
 import yaml
 
 from infenclave.errors import PolicyError, UsageError
+from infenclave.protocol.files import read_bounded
+from infenclave.protocol.strict_json import loads_object
 
 __all__ = [
     "KNOWN_TCB_STATUSES",
@@ -337,42 +339,19 @@ class Policy:
 
 def load_policy(path: Path) -> Policy:
     """Load a policy from a `.json`, `.yaml` or `.yml` file (by extension; JSON otherwise)."""
-    try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_POLICY_FILE_BYTES + 1)
-    except OSError as exc:
-        raise UsageError(f"cannot read policy file {path}: {exc.strerror or exc}") from exc
-    if len(data) > MAX_POLICY_FILE_BYTES:
-        raise PolicyError(f"policy file {path} is larger than {MAX_POLICY_FILE_BYTES} bytes")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise PolicyError(f"policy file {path} is not UTF-8") from exc
+    data = read_bounded(path, MAX_POLICY_FILE_BYTES, "policy file", UsageError, PolicyError)
     if path.suffix.lower() in (".yaml", ".yml"):
-        document = _load_yaml(text, path)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PolicyError(f"policy file {path} is not UTF-8") from exc
+        document: Any = _load_yaml(text, path)
     else:
-        document = _load_json(text, path)
+        document = loads_object(data, f"policy file {path}", PolicyError)
     try:
         return Policy.from_mapping(document)
     except PolicyError as exc:
         raise PolicyError(f"policy file {path}: {exc}") from exc
-
-
-def _load_json(text: str, path: Path) -> Any:
-    """Parse JSON, refusing duplicate keys (a second value silently winning hides mistakes)."""
-
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in result:
-                raise PolicyError(f"policy file {path}: duplicate key {key!r}")
-            result[key] = value
-        return result
-
-    try:
-        return json.loads(text, object_pairs_hook=no_duplicates)
-    except ValueError as exc:
-        raise PolicyError(f"policy file {path} is not valid JSON: {exc}") from exc
 
 
 class _StrictYamlLoader(yaml.SafeLoader):
