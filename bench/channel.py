@@ -93,7 +93,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait(predicate, what: str, timeout: float = 120) -> None:  # noqa: ANN001
+def _wait(predicate, what: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:

@@ -29,9 +29,8 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from test_fuzz_parsers import Target, mutated, targets  # noqa: E402
-
 from infenclave.errors import InfenclaveError  # noqa: E402
+from test_fuzz_parsers import Target, mutated, targets  # noqa: E402
 
 #: An input slower than this is a finding (a parser must refuse fast).
 SLOW_S = 1.0

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from infenclave.assess import (PLAN_VERSION, Plan, build_plan, make_oracle, render_report, scan,
-                               schema, validate_plan)
+from infenclave.assess import PLAN_VERSION, Plan, build_plan, make_oracle, render_report, scan, schema, validate_plan
 from infenclave.assess.images import load_images
-from infenclave.assess.kl import (bilinear_matrix, minmax_normalise, normalise_grey, project,
-                                  resize_bilinear)
+from infenclave.assess.kl import bilinear_matrix, minmax_normalise, normalise_grey, project, resize_bilinear
 from infenclave.assess.plan import default_tail_start, exposure_csv
 from infenclave.assess.report import ReportInputs
 from infenclave.assess.runtime import RuntimeConfig, cpu_count

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 from scipy.stats import beta
 
-from infenclave.assess.attacks.evidence import (NOT_ENOUGH, SAFE, UNSAFE, judge_evidence,
-                                                photos_needed, upper_bound)
+from infenclave.assess.attacks.evidence import NOT_ENOUGH, SAFE, UNSAFE, judge_evidence, photos_needed, upper_bound
 from infenclave.errors import AssessmentError
 
 

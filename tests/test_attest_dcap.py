@@ -7,7 +7,7 @@ at its documented moment, and again at today's date where it must be refused.
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dcap_qvl
@@ -27,9 +27,9 @@ TDX_COLLATERAL = EVIDENCE / "tdx" / "tdx_quote_collateral.json"
 TDX_OUTDATED = EVIDENCE / "tdx" / "tdx_quote_outdated"
 TDX_OUTDATED_COLLATERAL = EVIDENCE / "tdx" / "tdx_quote_outdated_collateral.json"
 
-SGX_AT = datetime(2025, 6, 19, 11, 56, 11, tzinfo=timezone.utc)
-TDX_AT = datetime(2025, 6, 19, 11, 16, 3, tzinfo=timezone.utc)
-TDX_OUTDATED_AT = datetime(2026, 2, 18, 11, 58, 51, tzinfo=timezone.utc)
+SGX_AT = datetime(2025, 6, 19, 11, 56, 11, tzinfo=UTC)
+TDX_AT = datetime(2025, 6, 19, 11, 16, 3, tzinfo=UTC)
+TDX_OUTDATED_AT = datetime(2026, 2, 18, 11, 58, 51, tzinfo=UTC)
 
 SGX_MRENCLAVE = "33d8736db756ed4997e04ba358d27833188f1932ff7b1d156904d3f560452fbb"
 SGX_MRSIGNER = "815f42f11cf64430c30bab7816ba596a1da0130c3b028b673133a66cf9a3e0e6"
@@ -143,7 +143,7 @@ def test_sgx_one_flipped_bit_refused(offset: int, bit: int) -> None:
 def test_collateral_expired_today(quote: Path, collateral: Path, policy: object) -> None:
     evidence = load_evidence_file(quote, collateral)
     with pytest.raises(VerificationError, match=r"expired") as info:
-        verify(evidence, policy(), expected_report_data=None, now=datetime.now(timezone.utc))  # type: ignore[operator]
+        verify(evidence, policy(), expected_report_data=None, now=datetime.now(UTC))  # type: ignore[operator]
     assert "step 2" in str(info.value)
 
 

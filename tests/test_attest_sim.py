@@ -6,7 +6,7 @@ import base64
 import hashlib
 import json
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -26,7 +26,7 @@ from infenclave.attest._sim import parse_sim_evidence
 from infenclave.errors import PolicyError, VerificationError
 from infenclave.protocol.sim_evidence import sim_evidence_bytes
 
-NOW = datetime(2025, 6, 19, 12, 0, 0, tzinfo=timezone.utc)
+NOW = datetime(2025, 6, 19, 12, 0, 0, tzinfo=UTC)
 MEASUREMENT = hashlib.sha256(b"enclave program v1").hexdigest()
 ENCLAVE_PUBLIC_KEY = bytes(range(32))
 NONCE = b"n" * 32

@@ -7,7 +7,7 @@ refuses it and acceptance needs `allow_debug`.
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -29,7 +29,7 @@ MEASUREMENT = (
     "5131ea82705eaf5b6bdf8a9ece31a5a608eb0cf2e4872b01"
 )
 REPORT_DATA = bytes([1, 2, 3, 4, 5]).ljust(64, b"\x00")
-NOW = datetime(2025, 6, 19, 12, 0, 0, tzinfo=timezone.utc)  # within every certificate's validity
+NOW = datetime(2025, 6, 19, 12, 0, 0, tzinfo=UTC)  # within every certificate's validity
 SIGNED_END = 0x2A0
 PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
 
@@ -103,7 +103,7 @@ def test_snp_certificates_out_of_order_refused(evidence: Evidence) -> None:
 
 def test_snp_vcek_expired_refused(evidence: Evidence) -> None:
     with pytest.raises(VerificationError, match="VCEK certificate expired"):
-        verify(evidence, snp_policy(), expected_report_data=None, now=datetime(2030, 1, 1, tzinfo=timezone.utc))
+        verify(evidence, snp_policy(), expected_report_data=None, now=datetime(2030, 1, 1, tzinfo=UTC))
 
 
 def test_snp_missing_certificates_refused(evidence: Evidence) -> None:

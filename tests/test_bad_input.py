@@ -102,9 +102,8 @@ def test_wrong_input_size_in_a_spec_is_refused(tmp_path: Path) -> None:
     # a spec whose preprocessing produces 224x224 for a model that takes 64x64
     sys.path.insert(0, str(Path(__file__).parent / "assets"))
     (tmp_path / "tiny_resnet.py").write_text((Path(__file__).parent / "assets" / "tiny_resnet.py").read_text())
-    import torch
-
     import tiny_resnet
+    import torch
 
     torch.onnx.export(tiny_resnet.build(), (torch.zeros(1, 3, 64, 64),), str(tmp_path / "t.onnx"),
                       dynamo=False, opset_version=17)

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_serving_support import make_bundle
 
 from infenclave.bundle import (
     key_path_for,
@@ -35,6 +34,7 @@ from infenclave.protocol.bundle_format import (
     decrypt_part,
     parse_manifest,
 )
+from test_serving_support import make_bundle
 
 MODEL = "efficientnet-lite0"
 

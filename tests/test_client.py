@@ -14,12 +14,12 @@ import threading
 
 import httpx
 import pytest
-from test_serving_support import ServerProcess, make_bundle, plain_predictor, sim_client
 
 from infenclave.client import Client, resolve_policy
 from infenclave.crypto import generate_keypair, seal
 from infenclave.errors import PolicyError, UsageError, VerificationError
 from infenclave.protocol.messages import encode_request, request_context
+from test_serving_support import ServerProcess, make_bundle, plain_predictor, sim_client
 
 MODEL = "efficientnet-lite0"
 
@@ -54,7 +54,7 @@ def server(bundle):
     proc.stop()
 
 
-def _policy_doc(bundle) -> dict:  # noqa: ANN001
+def _policy_doc(bundle) -> dict:
     return json.loads(bundle.policy.read_text())
 
 
@@ -112,7 +112,7 @@ def test_key_for_another_model_is_not_sent(server, bundle, tmp_path) -> None:
     assert ("POST", "/v1/provision") not in requests.seen
 
 
-def _post(server, key_id: str, request_id: str, sealed: bytes) -> httpx.Response:  # noqa: ANN001
+def _post(server, key_id: str, request_id: str, sealed: bytes) -> httpx.Response:
     return httpx.post(server.url + "/v1/classify", content=sealed, timeout=60,
                       headers={"X-Infenclave-Enclave-Key": key_id, "X-Infenclave-Request-Id": request_id})
 
@@ -190,7 +190,7 @@ def test_exit_codes_say_which_kind_of_failure(server, bundle, photos, tmp_path) 
     """One table for every command: 2 usage, 3 refused, 5 server or network."""
     from test_serving_support import free_port
 
-    def classify(url: str, policy, *extra: str) -> subprocess.CompletedProcess[str]:  # noqa: ANN001
+    def classify(url: str, policy, *extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "infenclave.cli", "classify", "--url", url, "--policy",
              str(policy), "--allow-simulation", *extra, str(photos["coffee"])],

@@ -6,18 +6,17 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from conftest import run_cli
 
 sys.path.insert(0, str(Path(__file__).parent / "assets"))
-import tiny_resnet  # noqa: E402
+import tiny_resnet
 
-from infenclave.errors import GraphError  # noqa: E402
-from infenclave.models import load_model  # noqa: E402
-from infenclave.network import analyse  # noqa: E402
+from infenclave.errors import GraphError
+from infenclave.models import load_model
+from infenclave.network import analyse
 
 SPEC = """\
 name: {name}

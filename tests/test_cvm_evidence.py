@@ -17,7 +17,7 @@ import shutil
 import struct
 import threading
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -37,9 +37,9 @@ from infenclave.protocol.frames import Frame, MsgType
 EVIDENCE = Path(__file__).resolve().parent / "data" / "evidence"
 TDX_QUOTE = (EVIDENCE / "tdx" / "tdx_quote").read_bytes()
 TDX_COLLATERAL = (EVIDENCE / "tdx" / "tdx_quote_collateral.json").read_bytes()
-TDX_AT = datetime(2025, 6, 19, 11, 16, 3, tzinfo=timezone.utc)
+TDX_AT = datetime(2025, 6, 19, 11, 16, 3, tzinfo=UTC)
 SNP_REPORT = (EVIDENCE / "snp" / "attestation.bin").read_bytes()
-SNP_AT = datetime(2025, 6, 19, 12, 0, 0, tzinfo=timezone.utc)
+SNP_AT = datetime(2025, 6, 19, 12, 0, 0, tzinfo=UTC)
 TDX_RD = slice(568, 632)  # REPORTDATA in a TDX quote v4 (48-byte header + 520)
 SNP_RD = slice(0x50, 0x90)
 TDX_MEASUREMENTS = {

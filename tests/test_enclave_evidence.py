@@ -15,6 +15,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -76,7 +77,7 @@ def test_sim_evidence_format_and_signature(tmp_path: Path) -> None:
 
 def test_sim_evidence_accepted_by_the_client_verifier(tmp_path: Path) -> None:
     """Producer and verifier agree: the client's verifier accepts it under a sim policy."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from infenclave.attest import load_evidence_file, load_policy, verify
 
@@ -94,7 +95,7 @@ def test_sim_evidence_accepted_by_the_client_verifier(tmp_path: Path) -> None:
         load_evidence_file(tmp_path / "evidence.json"),
         load_policy(tmp_path / "policy.json"),
         expected_report_data=report_data,
-        now=datetime.now(timezone.utc),
+        now=datetime.now(UTC),
     )
     assert claims.tee == "simulated"
     assert claims.report_data == report_data

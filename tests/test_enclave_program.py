@@ -12,12 +12,11 @@ import os
 import socket
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_serving_support import make_bundle, plain_predictor
 
 from infenclave.bundle import read_key_file, sim_measurement
 from infenclave.crypto import generate_keypair, open_sealed, seal
@@ -37,6 +36,7 @@ from infenclave.protocol.messages import (
     request_context,
     response_context,
 )
+from test_serving_support import make_bundle, plain_predictor
 
 MODEL = "efficientnet-lite0"
 
@@ -110,7 +110,7 @@ def enclave_b(bundles, state):
     enclave.close()
 
 
-def _ready(bundle, state: Path) -> Enclave:  # noqa: ANN001
+def _ready(bundle, state: Path) -> Enclave:
     enclave = Enclave(bundle.bundle, state)
     loaded = enclave.call(MsgType.LOAD, {"bundle": bundle.bundle.name})
     assert loaded.type == MsgType.LOADED and loaded.meta["model_id"] == bundle.model_id
@@ -131,7 +131,7 @@ def _request(enclave: Enclave, model_id: str, image: bytes, *, k: int = 5,
     return request_id, reply_private, sealed
 
 
-def _classify(enclave: Enclave, bundle, image: bytes, backnet) -> list[dict]:  # noqa: ANN001
+def _classify(enclave: Enclave, bundle, image: bytes, backnet) -> list[dict]:
     request_id, reply_private, sealed = _request(enclave, bundle.model_id, image)
     ir1 = enclave.call(MsgType.REQUEST, {"request_id": request_id}, sealed)
     assert ir1.type == MsgType.IR1
@@ -172,7 +172,7 @@ def test_evidence_binds_key_and_nonce(enclave_a, bundles) -> None:
     assert frame.type == MsgType.EVIDENCE_OK
     evidence = Evidence(tee="simulated", raw=bytes(frame.body))
     policy = resolve_policy(bundles[0].policy, allow_simulation=True)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     model_id = bundles[0].model_id
     claims = verify(evidence, policy,
                     expected_report_data=expected_report_data(enclave_a.public_key, nonce, model_id), now=now)
@@ -290,7 +290,7 @@ def test_bundle_name_cannot_escape(bundles, tmp_path) -> None:
         enclave.close()
 
 
-def loaded_tail_shape(bundle) -> tuple[int, ...]:  # noqa: ANN001
+def loaded_tail_shape(bundle) -> tuple[int, ...]:
     from infenclave.bundle import read_manifest
 
     return read_manifest(bundle.bundle).tail_start.shape

@@ -23,7 +23,7 @@ from test_serving_support import make_bundle
 
 
 @pytest.fixture(scope="module")
-def gramine_dir(tmp_path_factory):  # noqa: ANN201
+def gramine_dir(tmp_path_factory):
     bundle = make_bundle("efficientnet-lite0")
     trusted = load_trusted_files_module()
     fragment = trusted.render(trusted.collect(trusted.Layout(ROOT / "src")))
@@ -34,14 +34,14 @@ def gramine_dir(tmp_path_factory):  # noqa: ANN201
     return directory, bundle
 
 
-def _pool(gramine_dir, bundle, threads: int, **kwargs) -> EnclavePool:  # noqa: ANN001, ANN003
+def _pool(gramine_dir, bundle, threads: int, **kwargs) -> EnclavePool:
     manifest = parse_manifest((bundle.bundle / "manifest.json").read_bytes())
     return EnclavePool(bundle_dir=bundle.bundle, manifest=manifest, state_dir=gramine_dir / "state",
                        tee="gramine-sgx", workers=1, metrics=Metrics(), enclave_threads=threads,
                        gramine_dir=gramine_dir, **kwargs)
 
 
-def test_enclave_threads_must_match_the_manifest(gramine_dir) -> None:  # noqa: ANN001
+def test_enclave_threads_must_match_the_manifest(gramine_dir) -> None:
     directory, bundle = gramine_dir
     pool = _pool(directory, bundle, 2)
     assert pool._start_timeout == GRAMINE_START_TIMEOUT_S > START_TIMEOUT_S
@@ -50,7 +50,7 @@ def test_enclave_threads_must_match_the_manifest(gramine_dir) -> None:  # noqa: 
         _pool(directory, bundle, 1)
 
 
-def test_gramine_needs_a_built_manifest(gramine_dir, tmp_path) -> None:  # noqa: ANN001
+def test_gramine_needs_a_built_manifest(gramine_dir, tmp_path) -> None:
     _, bundle = gramine_dir
     (tmp_path / "bundles").mkdir()
     (tmp_path / "bundles" / bundle.bundle.name).symlink_to(bundle.bundle)

@@ -60,7 +60,7 @@ TEMPLATE = GRAMINE_DIR / "infenclave-enclave.manifest.template"
 GRAMINE_PKGLIBDIR = "/usr/lib/x86_64-linux-gnu/gramine"
 
 
-def load_trusted_files_module():  # noqa: ANN201 - the deploy script as a module
+def load_trusted_files_module():
     spec = importlib.util.spec_from_file_location("trusted_files", GRAMINE_DIR / "trusted_files.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -196,7 +196,7 @@ def parse_size(value: str) -> int:
 # --- fixtures ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def trusted_module():  # noqa: ANN201
+def trusted_module():
     return load_trusted_files_module()
 
 
@@ -206,34 +206,34 @@ def defines() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def trusted_fragment(trusted_module) -> str:  # noqa: ANN001
+def trusted_fragment(trusted_module) -> str:
     layout = trusted_module.Layout(ROOT / "src")
     return trusted_module.render(trusted_module.collect(layout))
 
 
 @pytest.fixture(scope="module")
-def rendered(trusted_fragment, defines) -> str:  # noqa: ANN001
+def rendered(trusted_fragment, defines) -> str:
     return render(trusted_fragment, defines)
 
 
 @pytest.fixture(scope="module")
-def manifest(rendered) -> dict:  # noqa: ANN001
+def manifest(rendered) -> dict:
     return as_gramine_manifest_fills_it(tomllib.loads(rendered))
 
 
 # --- tests ------------------------------------------------------------------------------------
 
-def test_template_leaves_loader_entrypoint_to_gramine_manifest(rendered) -> None:  # noqa: ANN001
+def test_template_leaves_loader_entrypoint_to_gramine_manifest(rendered) -> None:
     """G1: a `loader.entrypoint` string is an error in Gramine 1.9."""
     assert "entrypoint" not in tomllib.loads(rendered).get("loader", {})
     assert re.search(r"^\s*loader\.entrypoint\s*=", TEMPLATE.read_text(), re.M) is None
 
 
-def test_rendered_manifest_validates_against_gramine_schema(manifest) -> None:  # noqa: ANN001
+def test_rendered_manifest_validates_against_gramine_schema(manifest) -> None:
     assert schema_errors(manifest) == []
 
 
-def test_schema_check_catches_pre_1_8_syntax(manifest) -> None:  # noqa: ANN001
+def test_schema_check_catches_pre_1_8_syntax(manifest) -> None:
     """The checker above is not vacuous: the old template's constructs fail it."""
     old = {**manifest, "loader": {**manifest["loader"], "entrypoint": "file:/x/libsysdb.so"}}
     old["sgx"] = {**manifest["sgx"], "thread_num": 16, "nonpie_binary": True}
@@ -247,7 +247,7 @@ def test_schema_check_catches_pre_1_8_syntax(manifest) -> None:  # noqa: ANN001
     assert any("not absolute" in e for e in schema_errors(relative))
 
 
-def test_trusted_files_exist_once_and_are_well_formed(manifest, trusted_module) -> None:  # noqa: ANN001
+def test_trusted_files_exist_once_and_are_well_formed(manifest, trusted_module) -> None:
     """G4 and no file hashed twice: by URI, by real file, or through a listed directory."""
     uris = [e if isinstance(e, str) else e["uri"] for e in manifest["sgx"]["trusted_files"]]
     assert len(uris) == len(set(uris)), "a trusted URI is listed twice"
@@ -267,7 +267,7 @@ def test_trusted_files_exist_once_and_are_well_formed(manifest, trusted_module) 
     assert f"file:{GRAMINE_PKGLIBDIR}/runtime/glibc/" in uris
 
 
-def test_no_glibc_newer_than_gramines(manifest, trusted_module) -> None:  # noqa: ANN001
+def test_no_glibc_newer_than_gramines(manifest, trusted_module) -> None:
     uris = [e if isinstance(e, str) else e["uri"] for e in manifest["sgx"]["trusted_files"]]
     host = [Path(u[len("file:"):]) for u in uris if not u.startswith(f"file:{GRAMINE_PKGLIBDIR}")]
     newest = trusted_module.needed_glibc(host)
@@ -275,7 +275,7 @@ def test_no_glibc_newer_than_gramines(manifest, trusted_module) -> None:  # noqa
     assert newest <= trusted_module.GRAMINE_GLIBC, newest
 
 
-def test_mounts_are_used_once_and_cover_every_trusted_file(manifest) -> None:  # noqa: ANN001
+def test_mounts_are_used_once_and_cover_every_trusted_file(manifest) -> None:
     mounts = manifest["fs"]["mounts"]
     paths = [m["path"] for m in mounts]
     assert len(paths) == len(set(paths)), "a mount path twice"
@@ -298,7 +298,7 @@ def test_mounts_are_used_once_and_cover_every_trusted_file(manifest) -> None:  #
             f"trusted file outside every mount: {path}"
 
 
-def test_security_choices(manifest) -> None:  # noqa: ANN001
+def test_security_choices(manifest) -> None:
     loader, sgx = manifest["loader"], manifest["sgx"]
     assert sgx["debug"] is False and sgx["remote_attestation"] == "dcap"
     assert loader["log_level"] == "error"
@@ -314,7 +314,7 @@ def test_security_choices(manifest) -> None:  # noqa: ANN001
     assert lib_mount["uri"] == f"file:{GRAMINE_PKGLIBDIR}/runtime/glibc"
 
 
-def test_size_and_threads_fit(manifest, defines, trusted_module) -> None:  # noqa: ANN001
+def test_size_and_threads_fit(manifest, defines, trusted_module) -> None:
     """G5, G6: a power-of-two enclave, and threads that fit the fixed slots."""
     sgx = manifest["sgx"]
     size = parse_size(sgx["enclave_size"])

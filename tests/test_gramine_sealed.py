@@ -20,7 +20,7 @@ from test_serving_support import ServerProcess, make_bundle, sim_client
 MODEL = "efficientnet-lite0"
 
 
-def test_unopenable_sealed_key_is_set_aside_and_owner_provisions_again(tmp_path, photos) -> None:  # noqa: ANN001
+def test_unopenable_sealed_key_is_set_aside_and_owner_provisions_again(tmp_path, photos) -> None:
     bundle = make_bundle(MODEL)
     key = read_key_file(bundle.key)
     state = tmp_path / "state"

@@ -104,14 +104,14 @@ def _probe_command(manifest: dict, bundles: Path, state: Path) -> list[str]:
     return [argv[0], *flags, "-c", _PROBE, *args, "--state", str(state)]
 
 
-def serve_one_request(process: subprocess.Popen, parent: socket.socket, bundle) -> int:  # noqa: ANN001
+def serve_one_request(process: subprocess.Popen, parent: socket.socket, bundle) -> int:
     """Drive a started enclave through HELLO, LOAD, PROVISION, REQUEST/IR1 and IR2/RESULT as
     an honest host would; close the channel and wait for it to exit. Returns its thread count
     while serving. Every frame must parse: a stray byte on the channel fails here."""
     reader = FrameReader(parent.fileno())
     tag = 0
 
-    def call(msg: MsgType, meta: dict | None = None, body: bytes | memoryview = b"", at: int | None = None):  # noqa: ANN202
+    def call(msg: MsgType, meta: dict | None = None, body: bytes | memoryview = b"", at: int | None = None):
         nonlocal tag
         tag = tag + 1 if at is None else tag
         write_frame(parent.fileno(), encode_frame(msg, at or tag, meta, body))
@@ -156,7 +156,7 @@ def serve_one_request(process: subprocess.Popen, parent: socket.socket, bundle) 
 
 
 @pytest.fixture(scope="module")
-def probe_run(gramine_manifest, tmp_path_factory) -> dict:  # noqa: ANN001
+def probe_run(gramine_manifest, tmp_path_factory) -> dict:
     bundle = make_bundle(MODEL)
     work = tmp_path_factory.mktemp("gramine-probe")
     report = work / "report.json"
@@ -172,7 +172,7 @@ def probe_run(gramine_manifest, tmp_path_factory) -> dict:  # noqa: ANN001
     return data
 
 
-def test_every_loaded_file_is_trusted(gramine_manifest, probe_run) -> None:  # noqa: ANN001
+def test_every_loaded_file_is_trusted(gramine_manifest, probe_run) -> None:
     trusted_module = load_trusted_files_module()
     uris = [e if isinstance(e, str) else e["uri"] for e in gramine_manifest["sgx"]["trusted_files"]]
     trusted = {os.path.realpath(u[len("file:"):]) for u in uris
@@ -189,7 +189,7 @@ def test_every_loaded_file_is_trusted(gramine_manifest, probe_run) -> None:  # n
     assert outside == [], f"loaded but not trusted: {outside}"
 
 
-def test_probe_fits_the_stated_sizing(gramine_manifest, probe_run, trusted_module=None) -> None:  # noqa: ANN001
+def test_probe_fits_the_stated_sizing(gramine_manifest, probe_run, trusted_module=None) -> None:
     """Threads with --threads 2 fit the formula the Makefile checks; memory fits the enclave."""
     trusted_module = load_trusted_files_module()
     app_threads = 1 + 2 * (PROBE_THREADS - 1)
@@ -205,7 +205,7 @@ def test_probe_fits_the_stated_sizing(gramine_manifest, probe_run, trusted_modul
     assert need * 2 <= enclave_bytes, f"{need / 2**20:.0f} MiB needs more than half of {size}"
 
 
-def test_serves_with_stdout_and_stderr_aliased_to_the_channel(tmp_path) -> None:  # noqa: ANN001
+def test_serves_with_stdout_and_stderr_aliased_to_the_channel(tmp_path) -> None:
     """Gramine gives the enclave one host handle for fds 1 and 2: the channel. The real enclave
     program, started with fds 0, 1 and 2 all on the channel socket, must serve a whole request
     with every frame intact: nothing it (or numpy, onnxruntime, Python's warnings) writes to

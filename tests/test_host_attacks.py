@@ -20,9 +20,6 @@ import httpx
 import onnx
 import pytest
 from onnx import external_data_helper
-from test_client import Requests
-from test_enclave_program import Enclave
-from test_serving_support import ServerProcess, loaded_model, make_bundle, sim_client
 
 from infenclave.bundle import (
     owner_key_path_for,
@@ -49,6 +46,9 @@ from infenclave.protocol.bundle_format import (
 )
 from infenclave.protocol.frames import MsgType
 from infenclave.protocol.messages import provision_context
+from test_client import Requests
+from test_enclave_program import Enclave
+from test_serving_support import ServerProcess, loaded_model, make_bundle, sim_client
 
 MODEL = "efficientnet-lite0"
 

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_serving_support import free_port, make_bundle, plain_predictor, sim_client
 
 from infenclave.crypto import ED25519_KEY_SIZE, ed25519_sign, generate_keypair, load_or_create_key_file
 from infenclave.enclave.evidence import SIM_SIGNING_KEY_FILE, SimEvidenceProducer
@@ -34,6 +33,7 @@ from infenclave.protocol.envelope import encode_envelope
 from infenclave.protocol.http import KEY_HEADER
 from infenclave.protocol.keyrelease import CHALLENGE_PATH, KEY_PATH, encode_key_request
 from infenclave.protocol.sim_evidence import sim_body_bytes, sim_evidence_bytes
+from test_serving_support import free_port, make_bundle, plain_predictor, sim_client
 
 MODEL = "efficientnet-lite0"
 NONCE_TTL_S = 3
@@ -62,7 +62,7 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def deployment():  # noqa: ANN201
+def deployment():
     bundle = make_bundle(MODEL)
     work = Path(tempfile.mkdtemp(prefix="infenclave-keyserver-"))
     state = work / "state"
@@ -114,28 +114,28 @@ def deployment():  # noqa: ANN201
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _audit(deployment) -> list[dict]:  # noqa: ANN001
+def _audit(deployment) -> list[dict]:
     return [json.loads(line) for line in deployment["audit"].read_text().splitlines()]
 
 
-def _challenge(deployment, model_id: str | None = None) -> httpx.Response:  # noqa: ANN001
+def _challenge(deployment, model_id: str | None = None) -> httpx.Response:
     return httpx.post(deployment["ks"] + CHALLENGE_PATH,
                       json={"model_id": model_id or deployment["bundle"].model_id}, timeout=10)
 
 
-def _worker_evidence(deployment, nonce: bytes) -> tuple[bytes, bytes]:  # noqa: ANN001
+def _worker_evidence(deployment, nonce: bytes) -> tuple[bytes, bytes]:
     """What a host relays: one worker's key and evidence envelope over *nonce*."""
     answer = httpx.get(deployment["url"] + "/v1/attestation", params={"nonce": nonce.hex()}, timeout=30).json()
     entry = answer["enclaves"][0]
     return bytes.fromhex(entry["public_key"]), entry["evidence"].encode()
 
 
-def _ask_key(deployment, model_id: str, nonce: bytes, public_key: bytes, envelope: bytes) -> httpx.Response:  # noqa: ANN001
+def _ask_key(deployment, model_id: str, nonce: bytes, public_key: bytes, envelope: bytes) -> httpx.Response:
     return httpx.post(deployment["ks"] + KEY_PATH, timeout=30,
                       json=encode_key_request(model_id, nonce, public_key, envelope))
 
 
-def _forged_sim(deployment, nonce: bytes, **claims: object) -> tuple[bytes, bytes]:  # noqa: ANN001
+def _forged_sim(deployment, nonce: bytes, **claims: object) -> tuple[bytes, bytes]:
     """Sim evidence signed with the installation's real sim key (what a host that can read
     that key, e.g. root, could make): the policy must still refuse what it claims."""
     key = load_or_create_key_file(deployment["state"] / SIM_SIGNING_KEY_FILE, ED25519_KEY_SIZE)
@@ -148,7 +148,7 @@ def _forged_sim(deployment, nonce: bytes, **claims: object) -> tuple[bytes, byte
     return public, encode_envelope("simulated", sim_evidence_bytes(body, ed25519_sign(key, body)))
 
 
-def test_fresh_workers_get_the_key_without_the_owner_and_serve(deployment, photos) -> None:  # noqa: ANN001
+def test_fresh_workers_get_the_key_without_the_owner_and_serve(deployment, photos) -> None:
     assert (deployment["state"] / f"model-key-{deployment['bundle'].model_id}.sealed").exists()
     released = [e for e in _audit(deployment) if e["outcome"] == "released"]
     assert released, deployment["ks_log"].read_text()
@@ -163,7 +163,7 @@ def test_fresh_workers_get_the_key_without_the_owner_and_serve(deployment, photo
     assert [p.index for p in got] == [p.index for p in plain]
 
 
-def test_released_key_is_the_model_key_sealed_to_that_enclave(deployment) -> None:  # noqa: ANN001
+def test_released_key_is_the_model_key_sealed_to_that_enclave(deployment) -> None:
     nonce = bytes.fromhex(_challenge(deployment).json()["nonce"])
     public_key, envelope = _worker_evidence(deployment, nonce)
     answer = _ask_key(deployment, deployment["bundle"].model_id, nonce, public_key, envelope)
@@ -180,7 +180,7 @@ def test_released_key_is_the_model_key_sealed_to_that_enclave(deployment) -> Non
     assert "K3 unknown or already used nonce" in _audit(deployment)[-1]["step"]
 
 
-def test_refusals_are_opaque_and_audited(deployment) -> None:  # noqa: ANN001
+def test_refusals_are_opaque_and_audited(deployment) -> None:
     model_id = deployment["bundle"].model_id
 
     def refused(answer: httpx.Response, step: str) -> dict:
@@ -220,7 +220,7 @@ def test_refusals_are_opaque_and_audited(deployment) -> None:  # noqa: ANN001
     refused(answer, "K0 malformed")
 
 
-def test_a_flooding_peer_is_rate_limited(deployment) -> None:  # noqa: ANN001
+def test_a_flooding_peer_is_rate_limited(deployment) -> None:
     codes = [_challenge(deployment).status_code for _ in range(40)]
     assert 429 in codes and codes[0] in (200, 429)
     assert any(e["outcome"] == "rate_limited" and e["peer"] == "127.0.0.1" for e in _audit(deployment))

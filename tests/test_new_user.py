@@ -15,10 +15,10 @@ import sys
 
 import httpx
 import pytest
-from conftest import run_cli
-from test_serving_support import ServerProcess, free_port, make_bundle, sim_client
 
 import infenclave
+from conftest import run_cli
+from test_serving_support import ServerProcess, free_port, make_bundle, sim_client
 
 MODEL = "efficientnet-lite0"
 

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_serving_support import free_port, make_bundle, plain_predictor, sim_client
 
 from infenclave.host.enclave_pool import _enclave_env
+from test_serving_support import free_port, make_bundle, plain_predictor, sim_client
 
 MODEL = "efficientnet-lite0"
 
@@ -106,7 +106,7 @@ def _stop(process: subprocess.Popen, sig: int = signal.SIGINT) -> None:
             process.wait()
 
 
-def test_classify_through_a_local_worker_and_a_remote_enclave(photos) -> None:  # noqa: ANN001
+def test_classify_through_a_local_worker_and_a_remote_enclave(photos) -> None:
     bundle = make_bundle(MODEL)
     work = Path(tempfile.mkdtemp(prefix="infenclave-remote-"))
     state = work / "state"  # one installation: the remote enclave unseals what the local one sealed

@@ -223,7 +223,7 @@ class _Listeners:
         while True:
             try:
                 conn, _ = sock.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -260,7 +260,7 @@ def _run_worker(as_user: bool) -> tuple[dict[str, Any], list[bytes], str]:
     try:
         paths = _layout(root, uid)
         listeners = _Listeners(root)
-        from infenclave.enclave.sealing import SIM_SECRET_FILE  # noqa: PLC0415
+        from infenclave.enclave.sealing import SIM_SECRET_FILE
 
         targets = {"unix_path": listeners.unix_path, "abstract": listeners.abstract,
                    "tcp_port": listeners.tcp_port, "bundle_key": str(paths["key"]),

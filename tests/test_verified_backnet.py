@@ -16,8 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_enclave_program import Enclave, _ready, _request
-from test_serving_support import make_bundle, plain_predictor
 
 from infenclave.bundle import read_backnet, read_manifest
 from infenclave.crypto import open_sealed
@@ -25,6 +23,8 @@ from infenclave.errors import BundleError
 from infenclave.protocol.backnet_verify import VERIFY_FILE, parse_verify_file
 from infenclave.protocol.frames import MsgType, tensor_from_frame, tensors_meta
 from infenclave.protocol.messages import response_context
+from test_enclave_program import Enclave, _ready, _request
+from test_serving_support import make_bundle, plain_predictor
 
 MODEL = "efficientnet-lite0"
 ASSETS = Path(__file__).parent / "assets"
@@ -47,53 +47,53 @@ def state(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("verified-state")
 
 
-def _send(enclave: Enclave, tag: int, outputs: list[np.ndarray]):  # noqa: ANN202
+def _send(enclave: Enclave, tag: int, outputs: list[np.ndarray]):
     outputs = [np.ascontiguousarray(y, dtype=np.float32) for y in outputs]
     return enclave.call(MsgType.IR2, tensors_meta(outputs),
                         b"".join(memoryview(y).cast("B") for y in outputs), tag=tag)
 
 
-def _start(enclave: Enclave, bundle, image: bytes):  # noqa: ANN001, ANN202
+def _start(enclave: Enclave, bundle, image: bytes):
     request_id, reply_private, sealed = _request(enclave, bundle.model_id, image)
     ir1 = enclave.call(MsgType.REQUEST, {"request_id": request_id}, sealed)
     assert ir1.type == MsgType.IR1
     return ir1.tag, tensor_from_frame(ir1).copy(), request_id, reply_private
 
 
-def _predictions(bundle, frame, request_id: str, reply_private) -> list[dict]:  # noqa: ANN001
+def _predictions(bundle, frame, request_id: str, reply_private) -> list[dict]:
     assert frame.type == MsgType.RESULT
     answer = open_sealed(reply_private, bytes(frame.body), context=response_context(bundle.model_id, request_id))
     return json.loads(answer)["predictions"]
 
 
-def _assert_dead(enclave: Enclave, bundle, backnet, image: bytes) -> None:  # noqa: ANN001
+def _assert_dead(enclave: Enclave, bundle, backnet, image: bytes) -> None:
     """After a failed check the worker refuses an honest request."""
     request_id, _, sealed = _request(enclave, bundle.model_id, image)
     refused = enclave.call(MsgType.REQUEST, {"request_id": request_id}, sealed)
     assert refused.type == MsgType.ERROR and refused.meta["error"] == "backnet_check_failed"
 
 
-def _forge_zeros(outs, other):  # noqa: ANN001, ANN202
+def _forge_zeros(outs, other):
     return [np.zeros_like(y) for y in outs]
 
 
-def _forge_permutation(outs, other):  # noqa: ANN001, ANN202
+def _forge_permutation(outs, other):
     rng = np.random.default_rng(1)  # every tensor's channels shuffled consistently with itself
     return [y[:, rng.permutation(y.shape[1])] for y in outs]
 
 
-def _forge_noise(outs, other):  # noqa: ANN001, ANN202
+def _forge_noise(outs, other):
     rng = np.random.default_rng(2)
     return [y + rng.normal(0, 0.05, y.shape).astype(np.float32) for y in outs]
 
 
-def _forge_edit(outs, other):  # noqa: ANN001, ANN202
+def _forge_edit(outs, other):
     edited = [y.copy() for y in outs]
     edited[len(edited) // 2].flat[123] += 100.0  # one element of a middle intermediate
     return edited
 
 
-def _forge_channel(outs, other):  # noqa: ANN001, ANN202
+def _forge_channel(outs, other):
     rng = np.random.default_rng(3)  # one channel of a middle intermediate replaced by N(0, 1) noise
     edited = [y.copy() for y in outs]
     y = edited[len(edited) // 2]
@@ -101,7 +101,7 @@ def _forge_channel(outs, other):  # noqa: ANN001, ANN202
     return edited
 
 
-def _forge_swap(outs, other):  # noqa: ANN001, ANN202
+def _forge_swap(outs, other):
     return other  # the other live request's honest tensors
 
 
@@ -167,7 +167,7 @@ def test_verify_file_is_covered_by_the_model_id_and_parsed_strictly(bundle) -> N
             parse_verify_file(broken)
 
 
-def _widest_backnet_ops(model) -> None:  # noqa: ANN001
+def _widest_backnet_ops(model) -> None:
     from infenclave.network import analyse
     from infenclave.split import ternary_split
     from infenclave.verify_build import build_verification

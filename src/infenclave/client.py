@@ -45,7 +45,7 @@ import warnings
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -228,7 +228,7 @@ class Client:
                 f"the server serves model {model_id[:16]}..., not the expected {self._expected_model_id[:16]}..."
             )
         self._check_model(model_id)
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         verified = []
         for index, entry in enumerate(answer.enclaves):
             try:

@@ -23,8 +23,13 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from infenclave.errors import InfenclaveError, ServerError, UsageError
+
+if TYPE_CHECKING:
+    from infenclave.bundle import PartitionResult
+    from infenclave.models.spec import LoadedModel
 
 __all__ = ["run_demo"]
 
@@ -83,7 +88,7 @@ def run_demo(*, workdir: Path, model_ref: str = "efficientnet-lite0", workers: i
         _say("server stopped")
 
 
-def _assess(model_ref: str, model, workdir: Path, front_end: str | None,  # noqa: ANN001
+def _assess(model_ref: str, model: LoadedModel, workdir: Path, front_end: str | None,
             tail_start: str | None) -> tuple[str, str]:
     try:
         from infenclave.assess import AssessOptions, run_assess
@@ -113,7 +118,7 @@ def _assess(model_ref: str, model, workdir: Path, front_end: str | None,  # noqa
     return front_end or plan_front, tail_start or plan_tail
 
 
-def _client_side(url: str, result, model, health: dict, server_pid: int,  # noqa: ANN001
+def _client_side(url: str, result: PartitionResult, model: LoadedModel, health: dict[str, Any], server_pid: int,
                  started: float) -> int:
     from infenclave.client import Client, SimulationWarning
     from infenclave.predict import Predictor
@@ -193,7 +198,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_ready(url: str, server: subprocess.Popen, workers: int, log_path: Path) -> dict:  # type: ignore[type-arg]
+def _wait_ready(url: str, server: subprocess.Popen[bytes], workers: int, log_path: Path) -> dict[str, Any]:
     import httpx
 
     deadline = time.monotonic() + 120

@@ -159,8 +159,9 @@ def export_onnx(gm: fx.GraphModule, cut_nodes: dict[str, str], example: torch.Te
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            wrapper, (example,), buf, dynamo=False, opset_version=17, do_constant_folding=True,
+        torch.onnx.export(  # the TorchScript exporter writes to a file object; its stub says path
+            wrapper, (example,), buf,  # type: ignore[arg-type]
+            dynamo=False, opset_version=17, do_constant_folding=True,
             input_names=names[:1], output_names=names[1:],
             dynamic_axes={n: {0: "batch"} for n in names},
         )

@@ -22,8 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from infenclave.errors import GraphError
+
+if TYPE_CHECKING:
+    import onnx
 
 # ONNX op types whose output says nothing new about their (single activation) input.
 ONNX_PASSTHROUGH = {
@@ -123,7 +129,7 @@ def onnx_scope_unit(node_name: str) -> str | None:
     return unit
 
 
-def onnx_ops(graph: "onnx.GraphProto") -> tuple[list[Op], str, str]:  # type: ignore[name-defined]  # noqa: F821
+def onnx_ops(graph: onnx.GraphProto) -> tuple[list[Op], str, str]:
     """Reduce an ONNX graph with one input and one output to `Op`s, dropping constant subgraphs."""
     if len(graph.input) - len({i.name for i in graph.initializer} & {i.name for i in graph.input}) != 1:
         raise GraphError("the ONNX model must have exactly one (non-initializer) input")
@@ -158,7 +164,7 @@ def unique(seq: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(seq))
 
 
-def localise_batch_reads(graph: "onnx.GraphProto") -> int:  # type: ignore[name-defined]  # noqa: F821
+def localise_batch_reads(graph: onnx.GraphProto) -> int:
     """Re-point `Shape(x) -> Gather(0)` batch-size reads to a tensor next to their use.
 
     Exporters turn `x.view(x.size(0), -1)` into a `Shape` of the network *input* whose batch
@@ -170,7 +176,7 @@ def localise_batch_reads(graph: "onnx.GraphProto") -> int:  # type: ignore[name-
     import onnx
     from onnx import numpy_helper
 
-    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    consts: dict[str, np.ndarray | None] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     for n in graph.node:
         if n.op_type == "Constant" and n.attribute:
             consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t) if n.attribute[0].t.dims or n.attribute[0].t.raw_data else None
@@ -211,7 +217,7 @@ def localise_batch_reads(graph: "onnx.GraphProto") -> int:  # type: ignore[name-
     return moved
 
 
-def _is_shape_derived(t: str, graph: "onnx.GraphProto", consts: dict) -> bool:  # type: ignore[name-defined]  # noqa: F821
+def _is_shape_derived(t: str, graph: onnx.GraphProto, consts: dict[str, np.ndarray | None]) -> bool:
     producer = {o: n for n in graph.node for o in n.output}
     seen: set[str] = set()
     stack = [t]
@@ -229,7 +235,7 @@ def _is_shape_derived(t: str, graph: "onnx.GraphProto", consts: dict) -> bool:  
     return True
 
 
-def _toposort(graph: "onnx.GraphProto") -> None:  # type: ignore[name-defined]  # noqa: F821
+def _toposort(graph: onnx.GraphProto) -> None:
     """Stable topological sort of the node list (original order wins among ready nodes)."""
     import heapq
 

@@ -74,7 +74,7 @@ class Network:
         return _cost(self.onnx_model.graph, nodes, self._shapes())
 
     def _shapes(self) -> dict[str, tuple[int, ...]]:
-        if "shapes" not in self._node_cost:  # type: ignore[operator]
+        if "shapes" not in self._node_cost:
             self._node_cost["shapes"] = _static_shapes(self.onnx_model)  # type: ignore[assignment]
         return self._node_cost["shapes"]  # type: ignore[return-value]
 

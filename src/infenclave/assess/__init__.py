@@ -8,8 +8,7 @@ CLI calls.
 """
 
 from infenclave.assess.command import AssessOptions, AssessOutcome, run_assess
-from infenclave.assess.kl import (Oracle, kl_divergence, kl_to_uniform, make_oracle,
-                                  minmax_normalise, project)
+from infenclave.assess.kl import Oracle, kl_divergence, kl_to_uniform, make_oracle, minmax_normalise, project
 from infenclave.assess.plan import PLAN_VERSION, Plan, build_plan, schema, validate_plan
 from infenclave.assess.report import Figure, ReportInputs, render_report
 from infenclave.assess.runtime import RuntimeConfig

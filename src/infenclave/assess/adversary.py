@@ -24,9 +24,9 @@ shows what the host would see at the start of the network.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
-import io
 from typing import Any
 
 import numpy as np
@@ -47,7 +47,7 @@ from infenclave.assess.attacks.metrics import JudgePanel
 from infenclave.assess.attacks.reident import Gallery
 from infenclave.assess.kl import Oracle
 from infenclave.assess.photosets import PhotoSet
-from infenclave.assess.report import Figure, _png, _plt
+from infenclave.assess.report import Figure, _plt, _png
 from infenclave.assess.scan import ScanResult, scan
 from infenclave.enclave.imaging import resize_and_crop
 from infenclave.models.spec import LoadedModel

@@ -119,10 +119,9 @@ def publish(tmp: Path, out: Path, force: bool) -> None:
 def run_assess(opts: AssessOptions, *, progress: ProgressFn | None = None,
                log: Callable[[str], None] | None = None) -> AssessOutcome:
     """Run an assessment and write plan.json, exposure.csv and report.html to `opts.out`."""
+    from infenclave.assess.attacks import Budgets, attacks_for
     from infenclave.models import load_model
     from infenclave.network import analyse
-
-    from infenclave.assess.attacks import Budgets, attacks_for
 
     say = log or (lambda _msg: None)
     t0 = time.perf_counter()
@@ -159,9 +158,7 @@ def run_assess(opts: AssessOptions, *, progress: ProgressFn | None = None,
                       progress=progress)
         verdict = None
         if not result.partial:
-            from infenclave.assess.adversary import assess_adversary
-
-            from infenclave.assess.adversary import public_surrogate
+            from infenclave.assess.adversary import assess_adversary, public_surrogate
 
             surrogate = (public_surrogate(model, net) if opts.adversary == "surrogate-weights"
                          else None)
@@ -220,8 +217,14 @@ def rich_progress() -> Iterator[ProgressFn]:
     It appears at the first update, so that a refusal before the scan prints one line only.
     """
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     console = Console(stderr=True)
     bar = Progress(TextColumn("[bold]{task.description:<22}"), BarColumn(), MofNCompleteColumn(),

@@ -127,8 +127,12 @@ def offline_sets() -> dict[str, PhotoSet]:
     the background photos then fill evaluation up to EVALUATION_TARGET and the rest go to
     confirmation, each checked against every earlier photo by pixel hash and thumbnail.
     """
-    from infenclave.assess.attacks.training_data import (NEAR_DUPLICATE_CORRELATION, _thumb,
-                                                         pixel_sha256, training_photos)
+    from infenclave.assess.attacks.training_data import (
+        NEAR_DUPLICATE_CORRELATION,
+        _thumb,
+        pixel_sha256,
+        training_photos,
+    )
 
     evaluation = PhotoSet("evaluation", _builtin(), target=EVALUATION_TARGET)
     confirmation = PhotoSet("confirmation", target=CONFIRMATION_TARGET)

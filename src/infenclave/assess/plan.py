@@ -166,7 +166,7 @@ def build_plan(result: ScanResult, net: Network, oracle: Oracle, *, tail_start: 
     from infenclave.enclave.topk import top_k
 
     model = net.model
-    created = created or dt.datetime.now(dt.timezone.utc)
+    created = created or dt.datetime.now(dt.UTC)
     rec = result.recommended
     warnings: list[str] = []
     images = []
@@ -298,7 +298,7 @@ def build_plan(result: ScanResult, net: Network, oracle: Oracle, *, tail_start: 
     doc: dict[str, Any] = {
         "format": PLAN_FORMAT,
         "version": PLAN_VERSION,
-        "created_utc": created.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created_utc": created.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "tool": {"name": "infenclave", "version": __version__},
         "model": {"name": model.name, "source": model.source or model.name,
                   "weights_sha256": model.weights_sha256, "output": model.output,

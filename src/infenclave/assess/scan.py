@@ -29,8 +29,16 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from infenclave.assess.kl import (CONSTANT_KEY, Oracle, kl_divergence, kl_to_uniform, log_probs,
-                                  map_key, minmax_normalise, project)
+from infenclave.assess.kl import (
+    CONSTANT_KEY,
+    Oracle,
+    kl_divergence,
+    kl_to_uniform,
+    log_probs,
+    map_key,
+    minmax_normalise,
+    project,
+)
 from infenclave.assess.runtime import RuntimeConfig, SessionPool, Tuner, candidate_configs, cpu_count
 from infenclave.enclave.imaging import normalise
 from infenclave.errors import AssessmentError

@@ -13,7 +13,7 @@ policy check failed); bad input (a missing or unreadable file, a malformed polic
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ EXIT_REFUSED = ExitCode.REFUSED
 def parse_at(at: str | None) -> datetime:
     """Parse `--at` (ISO-8601; `Z` or an offset; no zone means UTC), or return now in UTC."""
     if at is None:
-        return datetime.now(timezone.utc)
+        return datetime.now(UTC)
     try:
         moment = datetime.fromisoformat(at.strip().replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError as exc:
@@ -43,8 +43,8 @@ def parse_at(at: str | None) -> datetime:
             f"--at {at!r} is not an ISO-8601 time (e.g. 2025-06-19T11:56:11Z)"
         ) from exc
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
 
 
 def attest_command(

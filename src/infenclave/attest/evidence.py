@@ -241,8 +241,8 @@ def load_evidence_file(path: Path, collateral_path: Path | None = None) -> Evide
         else:
             certificates = _discover_snp_certificates(path.parent)
         return Evidence(tee="sev-snp", raw=data, certificates=certificates)
-    tee = quote_tee(data)
-    if tee is None:
+    quoted = quote_tee(data)
+    if quoted is None:
         raise VerificationError(
             f"evidence file {path}: not recognised (not an infenclave JSON envelope, a "
             f"simulated evidence document, an SGX v3 / TDX v4-v5 DCAP quote, or a "
@@ -253,7 +253,7 @@ def load_evidence_file(path: Path, collateral_path: Path | None = None) -> Evide
     collateral = None
     if collateral_path is not None:
         collateral = _read(collateral_path, MAX_COLLATERAL_BYTES, "collateral")
-    return Evidence(tee=tee, raw=data, collateral=collateral)
+    return Evidence(tee=quoted, raw=data, collateral=collateral)
 
 
 def _with_extra_file(evidence: Evidence, extra: Path) -> Evidence:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -243,7 +244,7 @@ def _projection(op: VerifyOp, in_shape: tuple[int, ...], rng: np.random.Generato
     return _Projection(t, blocks, sb, pb, gamma, floor, depthwise, r, q)
 
 
-def _conv_t(s: np.ndarray, w: np.ndarray, attrs: dict, in_shape: tuple[int, ...]) -> np.ndarray:
+def _conv_t(s: np.ndarray, w: np.ndarray, attrs: dict[str, Any], in_shape: tuple[int, ...]) -> np.ndarray:
     """Transposed convolution of *s* (m, Co, Ho, Wo) with *w* (Co, Ci/g, kh, kw): (m, Ci, H, W)."""
     m, c_out, h_out, w_out = s.shape
     _, c_in, h_in, w_in = in_shape
@@ -306,7 +307,7 @@ def _reference(op: VerifyOp, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ref, 8 * U32 * (np.abs(x64 - w["mean"]) * np.abs(a) + np.abs(w["mean"] * a) + np.abs(w["bias"]))
 
 
-def _maxpool(x: np.ndarray, attrs: dict) -> np.ndarray:
+def _maxpool(x: np.ndarray, attrs: dict[str, Any]) -> np.ndarray:
     (kh, kw), (sh, sw), (pt, pl, pb, pr) = attrs["kernel"], attrs["strides"], attrs["pads"]
     xp = np.pad(x, [(0, 0), (0, 0), (pt, pb), (pl, pr)], constant_values=-np.inf)
     h_out = (xp.shape[2] - kh) // sh + 1

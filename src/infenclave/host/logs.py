@@ -24,10 +24,8 @@ LOG_FORMATS = ("text", "json")
 
 
 class _UtcFormatter(logging.Formatter):
-    converter = time.gmtime
-
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 - logging's name
-        return time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created)) + "Z"
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + "Z"
 
 
 class _JsonFormatter(_UtcFormatter):

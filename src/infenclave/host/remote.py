@@ -60,7 +60,7 @@ async def connect_remote(address: str, timeout: float) -> tuple[RemoteEnclave, a
     host, port = parse_address(address)
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=2**20), timeout)
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError) as exc:
         raise ServerError(f"cannot connect to the enclave at {address}") from exc
     sock = writer.get_extra_info("socket")
     if sock is not None:

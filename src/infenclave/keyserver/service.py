@@ -37,7 +37,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +136,7 @@ def create_app(config: KeyServerConfig) -> FastAPI:
     app = FastAPI(title="infenclave key release", version="1", docs_url=None, redoc_url=None)
 
     def now_iso(t: float) -> str:
-        return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
+        return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
 
     def take_token(peer: str, t: float) -> bool:  # K1
         with lock:
@@ -212,7 +212,7 @@ def create_app(config: KeyServerConfig) -> FastAPI:
                 raise _Refused("K3 the nonce expired")
             try:  # K4
                 evidence = parse_evidence_envelope(envelope)
-                claims = verify(evidence, policy, now=datetime.fromtimestamp(t, timezone.utc),
+                claims = verify(evidence, policy, now=datetime.fromtimestamp(t, UTC),
                                 expected_report_data=expected_report_data(public_key, nonce, model_id))
             except VerificationError as exc:
                 raise _Refused(f"K4 evidence refused: {exc}", getattr(exc, "claims", None)) from exc

@@ -47,7 +47,7 @@ def preprocess(entry: ZooEntry) -> Preprocess:
     )
 
 
-def build_module(entry: ZooEntry) -> "torch.nn.Module":  # type: ignore[name-defined]  # noqa: F821
+def build_module(entry: ZooEntry) -> torch.nn.Module:  # type: ignore[name-defined]  # noqa: F821
     """Architecture from `efficientnet-lite-pytorch`, weights loaded strictly, in eval mode."""
     import torch
     from efficientnet_lite_pytorch import EfficientNet

@@ -187,7 +187,7 @@ def encode_tensors_frame(msg: MsgType, tag: int, arrays: list[np.ndarray],
     if not 1 <= len(arrays) <= MAX_TENSORS:
         raise EnclaveError("channel: too many tensors for one frame")
     meta = encode_meta(tensors_meta(arrays, **extra))
-    views = [memoryview(a).cast("B") for a in arrays]
+    views = [a.data.cast("B") for a in arrays]
     return [encode_header(msg, tag, len(meta), sum(len(v) for v in views)), meta, *views]
 
 

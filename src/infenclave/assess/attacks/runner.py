@@ -32,8 +32,7 @@ from infenclave.assess.attacks import decoder as decoder_attack
 from infenclave.assess.attacks import whitebox as whitebox_attack
 from infenclave.assess.attacks._front import OnnxFront, torch_front
 from infenclave.assess.attacks.evidence import DEFAULT_MAX_RECOVERY, Evidence, judge_evidence
-from infenclave.assess.attacks.metrics import (RECOGNITION_TOP_K, Judge, JudgePanel, psnr, ssim,
-                                               tiny_image)
+from infenclave.assess.attacks.metrics import RECOGNITION_TOP_K, Judge, JudgePanel, psnr, ssim, tiny_image
 from infenclave.assess.attacks.reident import Gallery, Reidentification, rank_histogram
 from infenclave.assess.attacks.training_data import (
     TrainingSet,
