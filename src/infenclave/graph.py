@@ -173,7 +173,6 @@ def localise_batch_reads(graph: onnx.GraphProto) -> int:
     consumer's own activation input; other dimensions (height, width) are left alone. Returns
     the number of reads moved; the node list is re-sorted topologically.
     """
-    import onnx
     from onnx import numpy_helper
 
     consts: dict[str, np.ndarray | None] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
