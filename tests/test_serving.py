@@ -154,53 +154,69 @@ def test_host_learns_nothing(results, photos, bundle, server, tap_dir, recorder)
     assert not any(len(label) >= 6 and label.encode() in manifest for label in tail_labels)
 
 
-def test_killing_a_worker_fails_its_requests_clearly_and_a_new_one_serves(server, bundle, photos) -> None:
-    from infenclave.client import WorkerLost
+def test_killing_a_worker_mid_load_loses_no_request(server, bundle, photos) -> None:
+    """8 SDK threads back to back while a worker is killed with SIGKILL: every request is
+    answered, each answer is `predict`'s top-5 for that thread's image, and the requests the
+    dead worker held were retried on the other worker, sealed afresh (new request id, new
+    ciphertext)."""
+    import hashlib
 
     health = server.wait_ready(lambda h: h["workers_ready"] == 2)
     victim = health["worker_pids"]["0"]
-    image = photos["coffee"].read_bytes()
-    expected = plain_predictor(MODEL).predict(image, 5)
+    names = sorted(photos)
+    images = {n: photos[n].read_bytes() for n in names}
+    expected = {n: plain_predictor(MODEL).predict(images[n], 5) for n in names}
     errors: list[BaseException] = []
     ok = 0
     lock = threading.Lock()
     stop = threading.Event()
-    client = sim_client(server.url, bundle.policy)  # no provisioning: the key is sealed on the host
+    sent: list[tuple[str, bytes]] = []  # (request id, SHA-256 of the sealed body) of every POST
 
-    def load() -> None:
+    def on_request(request: httpx.Request) -> None:
+        if request.url.path == "/v1/classify":
+            with lock:
+                sent.append((request.headers["x-infenclave-request-id"],
+                             hashlib.sha256(request.read()).digest()))
+
+    http = httpx.Client(timeout=60, event_hooks={"request": [on_request]})
+    client = sim_client(server.url, bundle.policy, http=http)  # no provisioning: sealed on the host
+    lost_before = _count(server, "worker_lost")
+
+    def load(index: int) -> None:
         nonlocal ok
+        name = names[index % len(names)]
         while not stop.is_set():
             try:
-                preds = client.classify(image, 5)
-            except Exception as exc:  # noqa: BLE001 - collected and checked below
+                preds = client.classify(images[name], 5)
+                assert_same_top5(preds, expected[name])
+            except BaseException as exc:  # noqa: BLE001 - collected and checked below
                 with lock:
                     errors.append(exc)
                 continue
-            assert_same_top5(preds, expected)
             with lock:
                 ok += 1
 
-    threads = [threading.Thread(target=load) for _ in range(6)]
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 30
-    while ok < 6 and time.monotonic() < deadline:
+    while ok < 8 and time.monotonic() < deadline:
         time.sleep(0.05)
     os.kill(victim, signal.SIGKILL)  # mid-load
     after_kill = ok
     health = server.wait_ready(lambda h: h["workers_ready"] == 2 and h["worker_pids"]["0"] != victim, 60)
-    while ok < after_kill + 12 and time.monotonic() < deadline + 30:
+    while ok < after_kill + 16 and time.monotonic() < deadline + 30:
         time.sleep(0.05)
     stop.set()
     for t in threads:
         t.join(60)
     client.close()
 
-    assert errors, "killing a worker mid-load failed none of its requests"
-    for exc in errors:
-        assert isinstance(exc, WorkerLost), repr(exc)
-        assert "stopped before answering" in str(exc)
-    assert ok >= after_kill + 12  # served on after the restart
+    assert errors == [], errors[:3]
+    assert ok >= after_kill + 16  # served on after the restart
+    # Not vacuous: the kill caught requests in flight, and each was sent again, sealed afresh.
+    assert _count(server, "worker_lost") > lost_before
+    assert len({rid for rid, _ in sent}) == len(sent) and len({body for _, body in sent}) == len(sent)
     assert health["worker_pids"]["0"] != victim
     assert "unsealed" in server.log()  # the new worker unsealed the stored model key
 
@@ -209,10 +225,18 @@ def test_killing_a_worker_fails_its_requests_clearly_and_a_new_one_serves(server
     enclaves = fresh.attest()
     assert len(enclaves) == 2 and all(e.provisioned for e in enclaves)
     for _ in range(2):  # round-robin: both workers, the new one included
-        assert_same_top5(fresh.classify(image, 5), expected)
+        assert_same_top5(fresh.classify(images["coffee"], 5), expected["coffee"])
     fresh.close()
     metrics = httpx.get(server.url + "/metrics").text
     assert "infenclave_worker_restarts_total 1" in metrics
+
+
+def _count(server, outcome: str) -> float:  # noqa: ANN001
+    """``infenclave_requests_total{endpoint="classify",outcome=...}`` from /metrics, all codes."""
+    prefix = f'infenclave_requests_total{{endpoint="classify",outcome="{outcome}",code="'
+    return sum(float(line.rsplit(" ", 1)[1])
+               for line in httpx.get(server.url + "/metrics").text.splitlines()
+               if line.startswith(prefix))
 
 
 def test_metrics_openapi_and_limits(server, client, photos) -> None:

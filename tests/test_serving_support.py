@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,11 +76,12 @@ class ServerProcess:
     """`infenclave serve` as a real subprocess; its stdout and stderr go to `log_path`."""
 
     def __init__(self, bundle: Path, *, workers: int = 2, tap_dir: Path | None = None,
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), state: Path | None = None,
+                 ready: Callable[[dict], bool] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.state = Path(tempfile.mkdtemp(prefix="state-", dir=_ROOT))
-        self.log_path = self.state.with_suffix(".log")
+        self.state = state or Path(tempfile.mkdtemp(prefix="state-", dir=_ROOT))
+        self.log_path = Path(tempfile.mkdtemp(prefix="log-", dir=_ROOT)) / "server.log"
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if tap_dir is not None:
             env["INFENCLAVE_HOST_TAP"] = str(tap_dir)
@@ -89,7 +91,7 @@ class ServerProcess:
              "--workers", str(workers), "--state", str(self.state), "--log-level", "info", *extra],
             stdout=self._log, stderr=subprocess.STDOUT, env=env,
         )
-        self.wait_ready(lambda h: h["workers"] == workers)
+        self.wait_ready(ready or (lambda h: h["workers"] == workers))
 
     def health(self) -> dict:
         return httpx.get(self.url + "/healthz", timeout=5).json()

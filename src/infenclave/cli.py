@@ -388,6 +388,15 @@ def serve(
     keyserver: str | None = typer.Option(
         None, "--keyserver", help="URL of the owner's key-release service (`infenclave "
         "keyserver`): workers that start without the model key get it from there, attested."),
+    max_pixels: int = typer.Option(
+        24_000_000, "--max-pixels", min=1, help="Images over this many pixels are refused from "
+        "their header, before decoding (the enclave's own cap, 64000000, cannot be raised)."),
+    worker_memory: str = typer.Option(
+        "1536M", "--worker-memory", help="Memory limit per enclave worker (cgroup v2 memory.max, "
+        "or v1 memory.limit_in_bytes); 0: none. Units K, M, G."),
+    header_timeout: float = typer.Option(
+        10.0, "--header-timeout", min=0.1, help="Seconds a client has to send a request head; "
+        "slower connections are answered 408 and closed."),
     enclaves: list[str] | None = typer.Option(
         None, "--enclave", help="HOST:PORT of an enclave started elsewhere with `python -m "
         "infenclave.enclave --listen HOST:PORT` (repeatable): served besides the local workers."),
@@ -418,12 +427,19 @@ def serve(
     if not (bundle / "manifest.json").is_file():
         raise UsageError(f"{bundle} is not a bundle directory (no manifest.json)")
     state_dir = state or bundle.with_name(bundle.name + ".state")
+    from infenclave.host.cgroup import parse_size
+
+    try:
+        memory = None if worker_memory.strip() in ("0", "") else parse_size(worker_memory)
+    except ValueError as exc:
+        raise UsageError(f"--worker-memory: {exc}") from exc
     config = ServerConfig(bundle_dir=bundle, state_dir=state_dir, tee=tee, workers=workers,
                           device=device, enclave_threads=enclave_threads,
                           backnet_threads=backnet_threads, max_batch=max_batch,
                           request_timeout=timeout, gramine_dir=gramine_dir,
                           worker_start_timeout=worker_start_timeout, keyserver=keyserver,
-                          remote_enclaves=tuple(enclaves or ()))
+                          remote_enclaves=tuple(enclaves or ()),
+                          max_pixels=max_pixels, worker_memory=memory, header_timeout=header_timeout)
     run_server(config, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, log_level=log_level,
                log_format=log_format)
 

@@ -104,8 +104,14 @@ def _is_side(value: Any) -> bool:
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP")
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Decode encoded image bytes into an (H, W, 3) uint8 RGB array, or raise ImageError."""
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, draft_side: int | None = None) -> np.ndarray:
+    """Decode encoded image bytes into an (H, W, 3) uint8 RGB array, or raise ImageError.
+
+    *max_pixels* may only lower `MAX_PIXELS` (it comes from the untrusted host: availability,
+    never confidentiality). With *draft_side*, a JPEG is decoded at 1/2, 1/4 or 1/8 scale
+    (libjpeg's DCT scaling) as long as its short side stays >= *draft_side*.
+    """
+    max_pixels = min(max_pixels, MAX_PIXELS)
     if len(data) > MAX_ENCODED_BYTES:
         raise ImageError(f"image is {len(data)} bytes; the limit is {MAX_ENCODED_BYTES}")
     if not data:
@@ -117,12 +123,15 @@ def decode_image(data: bytes) -> np.ndarray:
     except Exception as exc:  # PIL raises several types for "not an image"
         raise ImageError("not a recognised image file") from exc
     width, height = img.size
-    if width * height > MAX_PIXELS:
-        raise ImageError(f"image is {width}x{height} pixels; the limit is {MAX_PIXELS} pixels")
+    if width * height > max_pixels:
+        raise ImageError(f"image is {width}x{height} pixels; the limit is {max_pixels} pixels")
     if min(width, height) < MIN_SIDE:
         raise ImageError(f"image is {width}x{height}; each side must be at least {MIN_SIDE} px")
     if max(width, height) / min(width, height) > MAX_ASPECT:
         raise ImageError(f"image is {width}x{height}; aspect ratio above {MAX_ASPECT:g} is refused")
+    if draft_side is not None and img.format == "JPEG" and min(width, height) > 2 * draft_side:
+        scale = draft_side / min(width, height)
+        img.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
     try:
         img.load()
     except Exception as exc:
@@ -180,6 +189,13 @@ def normalise(pixels: np.ndarray, pre: Preprocess) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def prepare(data: bytes, pre: Preprocess) -> np.ndarray:
+def draft_side(pre: Preprocess) -> int:
+    """The short side a JPEG may be draft-decoded down to: twice the model's resize target,
+    so that the bilinear resize still averages over at least 2x2 decoded pixels (top-5 on the
+    sample photos: docs/serving.md, "Bounds")."""
+    return 2 * (max(pre.resize) if isinstance(pre.resize, tuple) else pre.resize)
+
+
+def prepare(data: bytes, pre: Preprocess, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Encoded bytes -> model input of shape (1, 3, H, W) or (1, H, W, 3), float32."""
-    return normalise(resize_and_crop(decode_image(data), pre), pre)
+    return normalise(resize_and_crop(decode_image(data, max_pixels, draft_side(pre)), pre), pre)

@@ -61,7 +61,7 @@ from infenclave.crypto import (
     open_sealed,
     seal,
 )
-from infenclave.enclave.imaging import Preprocess, prepare
+from infenclave.enclave.imaging import MAX_PIXELS, Preprocess, prepare
 from infenclave.enclave.onnx_runner import OnnxPart
 from infenclave.enclave.topk import top_k
 from infenclave.enclave.verify import BackNetVerifier, CheckFailed
@@ -213,6 +213,7 @@ class EnclaveProgram:
         self._handlers: dict[MsgType, Any] = {}
         self._verifier: BackNetVerifier | None = None
         self._check_failures = 0
+        self._max_pixels = MAX_PIXELS  # LOAD may lower it (the host's cap), never raise it
 
     # --- loop -------------------------------------------------------------------------
 
@@ -301,6 +302,9 @@ class EnclaveProgram:
         if not isinstance(name, str) or _BUNDLE_NAME.fullmatch(name) is None or ".." in name:
             raise _Refused("bad_bundle", "load: bundle name is not a plain directory name")
         directory = self._bundles_dir / name
+        cap = frame.meta.get("max_pixels", MAX_PIXELS)
+        if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
+            raise _Refused("bad_bundle", "load: max_pixels is not a positive integer")
         try:
             manifest = parse_manifest(_read(directory / MANIFEST_FILE, MAX_MANIFEST_BYTES))
             blobs = {part: _read(directory / PART_FILES[part], MAX_PART_BYTES) for part in ("frontnet", "tail")}
@@ -323,6 +327,7 @@ class EnclaveProgram:
             except (OSError, BundleError, ValueError) as exc:
                 raise _Refused("bad_bundle", "load: BackNet verification file unusable", exc) from exc
         self._manifest, self._blobs = manifest, blobs
+        self._max_pixels = min(cap, MAX_PIXELS)
         log(f"loaded manifest of model {manifest.model_id[:16]}...")
         self._send(MsgType.LOADED, frame.tag, {"model_id": manifest.model_id, "provisioned": False})
 
@@ -451,7 +456,7 @@ class EnclaveProgram:
         self._remember(request_id)
         t1 = time.perf_counter()
         try:
-            x = prepare(image, model.preprocess)  # (1, 3, H, W) float32
+            x = prepare(image, model.preprocess, self._max_pixels)  # (1, 3, H, W) float32
         except ImageError as exc:
             # Only the client learns why (sealed); the host sees an ordinary RESULT.
             log("request: image refused by the decoder (reason sealed to the client)")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -34,7 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from infenclave.errors import EnclaveError, ServerError, VerificationError, WorkerLost
+from infenclave.errors import EnclaveError, ServerError, VerificationError, WorkerCrashed, WorkerLost
+from infenclave.host.cgroup import MemoryLimit
 from infenclave.host.channel import ChannelClosed, ChannelTap, EnclaveChannel, EnclaveRefused
 from infenclave.host.metrics import Metrics
 from infenclave.host.remote import connect_remote, parse_address
@@ -71,6 +73,11 @@ _SOCKET_BUFFER = 4 * 1024 * 1024
 _TEE_FLAG = {"sim": "sim", "gramine-sgx": "gramine-sgx"}
 #: The Gramine manifest's name (deploy/gramine/Makefile) and its fixed mount points.
 GRAMINE_MANIFEST = "infenclave-enclave"
+#: Exit signals that come from outside a worker (an operator, a supervisor, the system's
+#: OOM killer outside the worker's own cgroup): a request it held did not kill it.
+_EXTERNAL_SIGNALS = (-signal.SIGKILL, -signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP)
+#: Seconds to wait for a worker whose channel closed to exit, to learn how it died.
+_EXIT_WAIT_S = 5.0
 
 
 class UnknownEnclaveKey(ServerError):
@@ -94,6 +101,13 @@ class Worker:
     sandbox: dict[str, Any] | None
     provisioned: bool = False
     started_at: float = field(default_factory=time.time)
+    #: The worker's memory cgroup (`host.cgroup`), or None when no limit applies.
+    cgroup: str | None = None
+    #: Set once the process has exited and `crash_cause` is known.
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Why it died when the cause may be a request it held (a crash, its memory limit), or
+    #: None when it was killed from outside. Requests it held are retried only in that case.
+    crash_cause: str | None = None
 
     @property
     def key_id(self) -> str:
@@ -119,6 +133,8 @@ class EnclavePool:
         start_timeout: float | None = None,
         keyserver: str | None = None,
         remote_enclaves: tuple[str, ...] = (),
+        memory_limit: int | None = None,
+        max_pixels: int | None = None,
     ) -> None:
         if tee not in _TEE_FLAG:
             raise ServerError(f"unknown TEE backend {tee!r}")
@@ -140,12 +156,20 @@ class EnclavePool:
             self._check_gramine_layout()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._memory_limit = memory_limit
+        self._memory: MemoryLimit | None = None
+        #: The host's pixel cap, sent in LOAD: the enclave takes the lower of it and its own.
+        self._max_pixels = max_pixels
         self._provision_lock = asyncio.Lock()
         self._ir1_shape = (1, *manifest.front_end.shape)
         self.sealed_key_path = self._state_dir / f"model-key-{manifest.model_id}.sealed"
         #: Why the owner must provision again (a stored sealed key that no longer opens), or
         #: None. Shown by /healthz; cleared by the next successful provisioning.
         self.reprovision_needed: str | None = None
+        #: The sealed model key as last provisioned (also on disk unless `state_error`).
+        self._sealed_blob: bytes | None = None
+        #: Why the state directory could not be written, or None. Shown by /healthz.
+        self.state_error: str | None = None
         #: The owner's key-release service (`infenclave keyserver`), or None.
         self._keyserver = keyserver
         #: Enclaves elsewhere (``--enclave HOST:PORT``, `host.remote`): slots after the local ones.
@@ -158,6 +182,7 @@ class EnclavePool:
         """Start the supervisors; with *wait*, return once every worker has loaded the bundle."""
         _make_host_undumpable()
         self._state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._memory = MemoryLimit(self._memory_limit)
         started = [asyncio.get_running_loop().create_future() for _ in range(self._n + len(self._remote))]
         for slot in range(self._n + len(self._remote)):
             self._tasks.append(asyncio.create_task(self._supervise(slot, started[slot])))
@@ -176,6 +201,8 @@ class EnclavePool:
         for worker in list(self._workers.values()):
             await _reap(worker.process)
         self._workers.clear()
+        if self._memory is not None:
+            self._memory.close()
 
     @property
     def workers(self) -> list[Worker]:
@@ -185,7 +212,33 @@ class EnclavePool:
     @property
     def provisioned(self) -> bool:
         """True once the sealed model key exists (the owner has provisioned)."""
-        return self.sealed_key_path.exists()
+        return self._sealed_blob is not None or self.sealed_key_path.exists()
+
+    def _stored_sealed_key(self) -> bytes | None:
+        """The sealed model key: from the state directory, else the copy kept in memory when
+        the disk refused it. An unreadable file is logged and treated as absent."""
+        try:
+            return self.sealed_key_path.read_bytes()
+        except FileNotFoundError:
+            return self._sealed_blob
+        except OSError as exc:
+            logger.error("cannot read the sealed model key %s (%s)", self.sealed_key_path, exc)
+            return self._sealed_blob
+
+    def _store_sealed_key(self, blob: bytes) -> None:
+        """Store the sealed blob; on a full or read-only state directory keep serving from
+        the copy in memory (restarted workers still unseal it) and say so in /healthz."""
+        self._sealed_blob = blob
+        try:
+            _write_atomic(self.sealed_key_path, blob)
+        except OSError as exc:
+            self.state_error = (
+                f"the sealed model key could not be stored in {self._state_dir} ({exc.strerror or exc}); "
+                "restarted workers get it from memory, but a restarted server needs the model "
+                "owner to provision again")
+            logger.error("%s", self.state_error)
+            return
+        self.state_error = None
 
     async def _supervise(self, slot: int, started: asyncio.Future[None]) -> None:
         failures = 0
@@ -215,10 +268,12 @@ class EnclavePool:
                     self._workers.pop(slot, None)
                     self._update_ready()
                     worker.channel.close()
+                    self._record_exit(worker)
                 if self._stopping:
                     return
-                logger.warning("worker %d (pid %d) exited with %s; its in-flight requests failed; restarting",
-                               slot, worker.process.pid, worker.process.returncode)
+                logger.warning("worker %d (pid %d) exited with %s (%s); restarting", slot,
+                               worker.process.pid, worker.process.returncode,
+                               worker.crash_cause or "killed from outside")
                 self._metrics.worker_restarted()
             # Back off when a worker keeps dying young, so a crash loop does not spin.
             failures = failures + 1 if time.monotonic() - began < 10 else 0
@@ -242,11 +297,14 @@ class EnclavePool:
             child.close()
         if process.stderr is not None:  # the worker's log lines, in the host's log format
             asyncio.get_running_loop().create_task(_relay_log(process.stderr, slot, process.pid))
+        cgroup: str | None = f"worker-{slot}-{process.pid}"
+        if self._memory is None or not self._memory.attach(str(cgroup), process.pid):
+            cgroup = None
         reader, writer = await asyncio.open_unix_connection(sock=parent, limit=2**20)
-        return await self._handshake(slot, process, reader, writer)
+        return await self._handshake(slot, process, reader, writer, cgroup)
 
     async def _handshake(self, slot: int, process: Any, reader: asyncio.StreamReader,
-                         writer: asyncio.StreamWriter) -> Worker:
+                         writer: asyncio.StreamWriter, cgroup: str | None = None) -> Worker:
         """HELLO, LOAD and (with a stored sealed key) UNSEAL, for a local or a remote enclave."""
         channel = EnclaveChannel(reader, writer, ChannelTap.from_env(f"worker{slot}"))
         try:
@@ -259,14 +317,18 @@ class EnclavePool:
                 tee=str(hello.meta["tee"]),
                 measurement=hello.meta.get("measurement"),
                 sandbox=hello.meta.get("sandbox"),
+                cgroup=cgroup,
             )
-            loaded = await channel.call(MsgType.LOAD, {"bundle": self._bundle_dir.name}, timeout=self._start_timeout)
+            load: dict[str, Any] = {"bundle": self._bundle_dir.name}
+            if self._max_pixels is not None:
+                load["max_pixels"] = self._max_pixels
+            loaded = await channel.call(MsgType.LOAD, load, timeout=self._start_timeout)
             if loaded.meta.get("model_id") != self.manifest.model_id:
                 raise ServerError("the enclave loaded a different manifest than the host")
-            if self.sealed_key_path.exists():
+            stored = self._stored_sealed_key()
+            if stored is not None:
                 try:
-                    await channel.call(MsgType.UNSEAL, body=self.sealed_key_path.read_bytes(),
-                                       timeout=self._start_timeout)
+                    await channel.call(MsgType.UNSEAL, body=stored, timeout=self._start_timeout)
                     worker.provisioned = True
                 except EnclaveRefused as exc:
                     if exc.code != SEALED_STATE_UNOPENABLE:
@@ -277,6 +339,8 @@ class EnclavePool:
             if process.returncode is None:
                 process.kill()
             await _reap(process)
+            if cgroup is not None and self._memory is not None:
+                self._memory.release(cgroup)
             raise
         logger.info("worker %d: pid %d ready (tee %s, %s)", slot, process.pid, worker.tee,
                     "model key unsealed" if worker.provisioned else "waiting for provisioning")
@@ -296,6 +360,7 @@ class EnclavePool:
         MRENCLAVE or measurement), a TCB or microcode update (the SGX sealing key changes with
         CPUSVN), or corruption. Restarting cannot help, so keep the blob (renamed, for a
         rollback) and serve unprovisioned until the owner provisions again."""
+        self._sealed_blob = None
         if self.sealed_key_path.exists():
             stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
             aside = self.sealed_key_path.with_name(f"{self.sealed_key_path.name}.unopenable-{stamp}")
@@ -373,7 +438,7 @@ class EnclavePool:
             frame = await worker.channel.call(MsgType.PROVISION, body=sealed_key, timeout=self._timeout)
             blob = bytes(frame.body)
             if blob:  # empty: the TEE has no sealing key (a CVM); nothing to store or share
-                _write_atomic(self.sealed_key_path, blob)
+                self._store_sealed_key(blob)
             worker.provisioned = True
             self.reprovision_needed = None
             for other in self.workers:
@@ -431,9 +496,11 @@ class EnclavePool:
         channel = worker.channel
         tag = channel.new_tag()
         t0 = time.perf_counter()
+        in_enclave = True  # False while the request is here (BackNet): it cannot kill the worker then
         try:
             first = await channel.call(MsgType.REQUEST, {"request_id": request_id}, sealed,
                                        tag=tag, timeout=self._timeout)
+            in_enclave = False
             t1 = time.perf_counter()
             self._metrics.observe_stage("enclave_in", t1 - t0)
             self._record_enclave_stages(first)
@@ -445,6 +512,7 @@ class EnclavePool:
             outputs = await batcher.run(ir1)  # [IR2 (1, C', H', W'), *checked intermediates]
             t2 = time.perf_counter()
             self._metrics.observe_stage("backnet", t2 - t1)
+            in_enclave = True
             try:
                 if self.manifest.backnet.verified:  # IR2 and what the enclave checks it with
                     result = await channel.call(MsgType.IR2, tensors_meta(outputs),
@@ -464,12 +532,38 @@ class EnclavePool:
                 raise ServerError("the enclave answered IR2 with an unexpected frame")
             return bytes(result.body)
         except ChannelClosed as exc:
+            cause = await self._crash_cause(worker) if in_enclave else None
+            if cause is not None:
+                raise WorkerCrashed(
+                    f"enclave worker {worker.slot} {cause} while it held this request; the "
+                    "request may be the cause, so it is not retried"
+                ) from exc
             raise WorkerLost(
                 f"enclave worker {worker.slot} stopped while handling this request; "
                 "attest again and retry"
             ) from exc
         except asyncio.TimeoutError as exc:
             raise ServerError("the enclave did not answer in time") from exc
+
+    def _record_exit(self, worker: Worker) -> None:
+        """Note how *worker* died (before its cgroup, which counts OOM kills, is removed)."""
+        code = worker.process.returncode
+        if worker.cgroup is not None and self._memory is not None:
+            if self._memory.oom_kills(worker.cgroup):
+                worker.crash_cause = "ran out of its memory limit"
+            self._memory.release(worker.cgroup)
+        if worker.crash_cause is None and code not in _EXTERNAL_SIGNALS and not self._stopping:
+            worker.crash_cause = (f"crashed ({signal.Signals(-code).name})" if code is not None and code < 0
+                                  and -code in signal.valid_signals() else f"exited with status {code}")
+        worker.exited.set()
+
+    async def _crash_cause(self, worker: Worker) -> str | None:
+        """How the worker whose channel just closed died, when a request may be the cause."""
+        try:
+            await asyncio.wait_for(worker.exited.wait(), _EXIT_WAIT_S)
+        except asyncio.TimeoutError:
+            return "closed its channel and did not exit"
+        return worker.crash_cause
 
     def _record_enclave_stages(self, frame: Frame) -> None:
         stages = frame.meta.get("t")
@@ -540,12 +634,16 @@ def _enclave_env() -> dict[str, str]:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+        raise
 
 
 async def _reap(process: asyncio.subprocess.Process) -> None:

@@ -45,6 +45,7 @@ from infenclave.errors import EnclaveError, ServerError, UsageError, WorkerCrash
 from infenclave.host.backnet import BackNet, BackNetBatcher
 from infenclave.host.channel import EnclaveRefused
 from infenclave.host.enclave_pool import EnclavePool, NotProvisioned, UnknownEnclaveKey
+from infenclave.host.limits import HEADER_TIMEOUT_S, with_header_timeout
 from infenclave.host.metrics import Metrics
 from infenclave.protocol.envelope import encode_envelope
 from infenclave.protocol.http import (
@@ -69,6 +70,13 @@ MAX_CLASSIFY_BODY = MAX_ENCODED_BYTES + 64 + HPKE_OVERHEAD
 _HEX_KEY = re.compile(r"[0-9a-f]{64}")
 
 
+#: A 24-megapixel camera's photo (6000x4000). An 8000x8000 RGBA PNG (64 M pixels, the
+#: enclave's own cap) is a 260 KiB file that takes 1.35 GB to decode; at this cap ~0.5 GB.
+DEFAULT_MAX_PIXELS = 24_000_000
+#: A Lite0 worker serves in ~0.3 GB; this leaves room for the largest image under the cap.
+DEFAULT_WORKER_MEMORY = 1536 * 1024 * 1024
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Everything `infenclave serve` configures."""
@@ -89,6 +97,13 @@ class ServerConfig:
     keyserver: str | None = None
     #: Enclaves elsewhere (``--enclave HOST:PORT``), served besides the local workers.
     remote_enclaves: tuple[str, ...] = ()
+    #: Pixel cap the enclave applies from an image's header, before decoding; it can only
+    #: lower the enclave's own `imaging.MAX_PIXELS`. None: the enclave's own.
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    #: Bytes of memory per enclave worker (`host.cgroup`); None: no limit.
+    worker_memory: int | None = DEFAULT_WORKER_MEMORY
+    #: Seconds a client has to send a request head (`host.limits`).
+    header_timeout: float = HEADER_TIMEOUT_S
 
 
 OCTET_STREAM = "application/octet-stream"
@@ -126,7 +141,9 @@ def create_app(config: ServerConfig) -> FastAPI:
                            gramine_dir=config.gramine_dir,
                            start_timeout=config.worker_start_timeout,
                            keyserver=config.keyserver,
-                           remote_enclaves=config.remote_enclaves)
+                           remote_enclaves=config.remote_enclaves,
+                           memory_limit=config.worker_memory,
+                           max_pixels=config.max_pixels)
         await pool.start()
         state.update(pool=pool, batcher=batcher, backnet=backnet)
         logger.info("serving model %s (%s) with %d %s enclave worker(s), BackNet on %s",
@@ -182,6 +199,7 @@ def create_app(config: ServerConfig) -> FastAPI:
                 "reprovision_needed" if pool.reprovision_needed and workers
                 else "unprovisioned" if workers else "degraded"),
             "reprovision_needed": pool.reprovision_needed,
+            "state_error": pool.state_error,
             "model_id": manifest.model_id,
             "tee": config.tee,
             "workers": len(workers),
@@ -444,7 +462,8 @@ def run_server(config: ServerConfig, *, host: str, port: int, tls_cert: Path | N
         app, log_level=log_level, log_config=None,
         ssl_certfile=str(tls_cert) if tls_cert else None,
         ssl_keyfile=str(tls_key) if tls_key else None,
-        timeout_keep_alive=KEEP_ALIVE_S, limit_concurrency=MAX_CONNECTIONS)
+        timeout_keep_alive=KEEP_ALIVE_S, limit_concurrency=MAX_CONNECTIONS,
+        http=with_header_timeout(config.header_timeout))
     with listener:
         uvicorn.Server(server_config).run(sockets=[listener])
 
