@@ -40,17 +40,27 @@ MODEL = "efficientnet-lite0"
 
 
 @pytest.fixture(scope="module")
-def cli_bundle(tmp_path_factory) -> Path:
-    """A bundle written by the real command line, as a user runs it."""
+def assessed_plan(tmp_path_factory, photos) -> Path:
+    """A real plan: the KL method alone on one photo (about 10 s)."""
+    from infenclave.assess import AssessOptions, run_assess
+
+    out = tmp_path_factory.mktemp("plan") / "a"
+    run_assess(AssessOptions(model="efficientnet-lite0", images=[photos["flower"]], out=out,
+                             adversary="passive"))
+    return out / "plan.json"
+
+
+@pytest.fixture(scope="module")
+def cli_bundle(tmp_path_factory, assessed_plan: Path) -> Path:
+    """A bundle written by the real command line, as a user runs it, from a real plan."""
     out = tmp_path_factory.mktemp("cli") / "lite0"
     plan = out.parent / "plan.json"
-    # The shape of the assessment's plan.json (only the fields partition reads).
-    plan.write_text(json.dumps({
-        "model": {"name": MODEL},
-        "recommendation": {"front_end": "_blocks.3", "tail_start": "_conv_head", "reason": "..."},
-        "partition": {"frontnet": {"start": None, "end": "_blocks.3"},
-                      "tail": {"start": "_conv_head", "end": None}},
-    }))
+    doc = json.loads(assessed_plan.read_text())
+    # The serving tests' cut, wherever the one-photo assessment put it.
+    doc["recommendation"].update(front_end="_blocks.3", tail_start="_conv_head")
+    doc["partition"]["frontnet"]["end"] = doc["partition"]["backnet"]["start"] = "_blocks.3"
+    doc["partition"]["tail"]["start"] = doc["partition"]["backnet"]["end"] = "_conv_head"
+    plan.write_text(json.dumps(doc))
     result = subprocess.run(
         [sys.executable, "-m", "infenclave.cli", "partition", MODEL, "--plan", str(plan), "--out", str(out)],
         capture_output=True, text=True, timeout=300,
@@ -166,17 +176,6 @@ def test_key_file_readable_by_others_is_refused(copy: Path) -> None:
     key_file.chmod(0o644)
     with pytest.raises(UsageError, match="chmod 600"):
         read_key_file(key_file)
-
-
-@pytest.fixture(scope="module")
-def assessed_plan(tmp_path_factory, photos) -> Path:
-    """A real plan: the KL method alone on one photo (about 10 s)."""
-    from infenclave.assess import AssessOptions, run_assess
-
-    out = tmp_path_factory.mktemp("plan") / "a"
-    run_assess(AssessOptions(model="efficientnet-lite0", images=[photos["flower"]], out=out,
-                             adversary="passive"))
-    return out / "plan.json"
 
 
 def test_read_plan_is_the_assessments_reader(assessed_plan: Path, tmp_path: Path) -> None:

@@ -173,9 +173,6 @@ def partition(
     Refuses to overwrite an existing bundle, key or policy unless *force*: overwriting the
     key of a bundle that is already deployed would lock its owner out.
     """
-    from infenclave.network import analyse
-    from infenclave.split import ternary_split
-
     out = Path(out)
     key_file, policy_file = key_path_for(out), policy_path_for(out)
     existing = [p for p in (out, key_file, policy_file) if os.path.lexists(p)]
@@ -185,11 +182,64 @@ def partition(
         )
     owner_key = load_or_create_key_file(owner_key_path_for(out), ED25519_KEY_SIZE)
     owner_public = ed25519_public_key(owner_key).hex()
+    parts = _split_parts(model, front_end, tail_start, verified=not unverified_backnet)
+    manifest_bytes = _manifest_bytes(model, parts, owner_public)
+    manifest = parse_manifest(manifest_bytes)  # what we write is what readers accept
+    key = generate_aead_key()
+    measurement = sim_measurement().hex()
+
+    if force:
+        _remove(out, key_file, policy_file)
+    out.mkdir(parents=True)
+    _write(out / MANIFEST_FILE, manifest_bytes)
+    _write(out / SIGNATURE_FILE, ed25519_sign(owner_key, manifest_bytes))
+    _write(out / PART_FILES["backnet"], parts.plaintext["backnet"])
+    if parts.backnet_policy.verified:
+        _write(out / VERIFY_FILE, parts.verify_file)
+    for name in ("frontnet", "tail"):
+        _write(out / PART_FILES[name], aead_encrypt(key, parts.plaintext[name], part_aad(manifest.digest, name)))
+    write_key_file(key_file, ModelKey(manifest.model_id, key))
+    policy_file.write_text(
+        json.dumps(starter_policy(measurement, model_id=manifest.model_id, owner_key=owner_public,
+                                  sim_signer=local_sim_signer(default_state_dir(out)),
+                                  mrenclave=mrenclave, mrsigner=mrsigner), indent=2)
+        + "\n"
+    )
+    return PartitionResult(
+        bundle_dir=out,
+        key_file=key_file,
+        policy_file=policy_file,
+        model_id=manifest.model_id,
+        front_end=parts.front_end.name,
+        tail_start=parts.tail_start.name,
+        sim_measurement=measurement,
+        part_sizes={name: len(data) for name, data in parts.plaintext.items()},
+    )
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """The three parts in plaintext, as the manifest describes them, before encryption."""
+
+    plaintext: dict[str, bytes]  # frontnet, backnet, tail container
+    front_end: Any  # graph.CutPoint where the FrontNet ends
+    tail_start: Any  # graph.CutPoint where the Tail starts
+    input_shape: tuple[int, ...]  # per image
+    verify_file: bytes
+    backnet_policy: BackNetPolicy
+
+
+def _split_parts(model: Any, front_end: str, tail_start: str, *, verified: bool) -> _Parts:
+    """Split the model into its three ONNX parts; with *verified*, the BackNet also outputs
+    every tensor the enclave checks and the verification file is built beside it."""
+    from infenclave.network import analyse
+    from infenclave.split import ternary_split
+
     net = analyse(model)
     split = ternary_split(net, front_end, tail_start)
     parts = split.parts_bytes()  # front/back/tail ONNX bytes
     verify_file, backnet_policy = b"", BackNetPolicy("unverified")
-    if not unverified_backnet:
+    if verified:
         # Verified by default: the BackNet the host runs also outputs every tensor the
         # enclave checks; an op the verifier does not cover refuses verified mode by name.
         from infenclave.verify_build import UnsupportedOp, build_verification
@@ -206,17 +256,22 @@ def partition(
     for name, data in plaintext.items():
         if len(data) > MAX_PART_BYTES:
             raise BundleError(f"{name} is {len(data)} bytes, over the {MAX_PART_BYTES} limit")
+    return _Parts(plaintext, split.front_end, split.tail_start, tuple(net.input_shape[1:]),
+                  verify_file, backnet_policy)
 
+
+def _manifest_bytes(model: Any, parts: _Parts, owner_public: str) -> bytes:
+    """The manifest's exact bytes (sorted keys: its hash is the model id)."""
     manifest_doc = {
         "format": BUNDLE_FORMAT,
         "model": model.identity(),
         "preprocess": model.preprocess.to_dict(),
         "output": model.output,
         "num_classes": model.num_classes,
-        "input_shape": list(net.input_shape[1:]),
+        "input_shape": list(parts.input_shape),
         "cuts": {
-            "front_end": _cut_doc(split.front_end),
-            "tail_start": _cut_doc(split.tail_start),
+            "front_end": _cut_doc(parts.front_end),
+            "tail_start": _cut_doc(parts.tail_start),
         },
         "parts": {
             name: {
@@ -225,43 +280,12 @@ def partition(
                 "sha256": hashlib.sha256(data).hexdigest(),
                 "size": len(data),
             }
-            for name, data in plaintext.items()
+            for name, data in parts.plaintext.items()
         },
         "owner_key": owner_public,
-        "backnet": backnet_policy.to_dict(),
+        "backnet": parts.backnet_policy.to_dict(),
     }
-    manifest_bytes = (json.dumps(manifest_doc, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    manifest = parse_manifest(manifest_bytes)  # what we write is what readers accept
-    key = generate_aead_key()
-    measurement = sim_measurement().hex()
-
-    if force:
-        _remove(out, key_file, policy_file)
-    out.mkdir(parents=True)
-    _write(out / MANIFEST_FILE, manifest_bytes)
-    _write(out / SIGNATURE_FILE, ed25519_sign(owner_key, manifest_bytes))
-    _write(out / PART_FILES["backnet"], plaintext["backnet"])
-    if backnet_policy.verified:
-        _write(out / VERIFY_FILE, verify_file)
-    for name in ("frontnet", "tail"):
-        _write(out / PART_FILES[name], aead_encrypt(key, plaintext[name], part_aad(manifest.digest, name)))
-    write_key_file(key_file, ModelKey(manifest.model_id, key))
-    policy_file.write_text(
-        json.dumps(starter_policy(measurement, model_id=manifest.model_id, owner_key=owner_public,
-                                  sim_signer=local_sim_signer(default_state_dir(out)),
-                                  mrenclave=mrenclave, mrsigner=mrsigner), indent=2)
-        + "\n"
-    )
-    return PartitionResult(
-        bundle_dir=out,
-        key_file=key_file,
-        policy_file=policy_file,
-        model_id=manifest.model_id,
-        front_end=split.front_end.name,
-        tail_start=split.tail_start.name,
-        sim_measurement=measurement,
-        part_sizes={name: len(data) for name, data in plaintext.items()},
-    )
+    return (json.dumps(manifest_doc, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
 #: The SGX TCB statuses the starter policy accepts. ``UpToDate`` alone would refuse, for ever,
