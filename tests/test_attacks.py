@@ -108,7 +108,7 @@ def test_same_seed_same_reconstruction(lite0, lite0_net, eval_images) -> None:
 
 
 def test_metrics_sanity(eval_images, judge, lite0) -> None:
-    from infenclave.assess.attacks import kl_divergence, psnr, ssim
+    from infenclave.assess.attacks import kl_of_probabilities, psnr, ssim
     from infenclave.enclave.imaging import resize_and_crop
 
     crops = np.stack([resize_and_crop(v, lite0.preprocess) for v in eval_images.values()])
@@ -122,7 +122,7 @@ def test_metrics_sanity(eval_images, judge, lite0) -> None:
         verdict = judge.compare(p, p)
         assert verdict.recognised and verdict.rank == 1
         assert verdict.kl == pytest.approx(0.0, abs=1e-9)
-    assert kl_divergence(probs[0], probs[1]) > 1.0  # a cat is not an espresso
+    assert kl_of_probabilities(probs[0], probs[1]) > 1.0  # a cat is not an espresso
     labels = [judge.compare(p, p).original_top1_label for p in probs]
     assert "cat" in labels[0] and labels[1] == "espresso"
     with pytest.raises(AssessmentError):
@@ -190,7 +190,7 @@ def test_public_names() -> None:
     assert set(attacks.__all__) == {
         "ADVERSARIES", "ATTACKS", "DEFAULT_ADVERSARY", "TINY_IMAGE_SIDE", "AttackResults",
         "Budgets", "CutAttackResult", "ImageResult", "Judge", "ProgressEvent", "TrainingSet",
-        "attack_verdict", "attacks_for", "default_judge_name", "inversion_grid", "kl_divergence",
+        "attack_verdict", "attacks_for", "default_judge_name", "inversion_grid", "kl_of_probabilities",
         "load_eval_images", "pixel_sha256", "psnr", "run_attacks", "save_inversion_grid", "ssim",
         "training_photos"}
     for name in attacks.__all__:

@@ -8,7 +8,7 @@ safe/unsafe. Heavy imports (torch, ONNX Runtime) happen inside the functions.
 """
 
 from infenclave.assess.attacks.figure import inversion_grid, save_inversion_grid
-from infenclave.assess.attacks.metrics import Judge, default_judge_name, kl_divergence, psnr, ssim
+from infenclave.assess.attacks.metrics import Judge, default_judge_name, kl_of_probabilities, psnr, ssim
 from infenclave.assess.attacks.runner import (
     ADVERSARIES,
     ATTACKS,
@@ -41,7 +41,7 @@ __all__ = [
     "attacks_for",
     "default_judge_name",
     "inversion_grid",
-    "kl_divergence",
+    "kl_of_probabilities",
     "load_eval_images",
     "pixel_sha256",
     "psnr",

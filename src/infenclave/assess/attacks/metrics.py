@@ -74,8 +74,11 @@ def tiny_image(original: np.ndarray, side: int) -> np.ndarray:
     return np.asarray(small.resize((w, h), Image.Resampling.BICUBIC), dtype=np.uint8)
 
 
-def kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
-    """KL(p || q) in nats of two probability vectors (p: judge on the original)."""
+def kl_of_probabilities(p: np.ndarray, q: np.ndarray) -> float:
+    """KL(p || q) in nats of two probability vectors (p: judge on the original).
+
+    Not `infenclave.assess.kl_divergence`, which takes log-probabilities (the scan's form).
+    """
     p = np.clip(p.astype(np.float64), KL_EPS, None)
     q = np.clip(q.astype(np.float64), KL_EPS, None)
     p, q = p / p.sum(), q / q.sum()
@@ -179,7 +182,7 @@ class Judge:
             original_top1=top1, original_top1_label=labels[top1],
             original_top1_prob=float(p_original[top1]), reconstruction_top5=top5,
             reconstruction_top5_labels=tuple(labels[i] for i in top5),
-            recognised=top1 in top5, rank=rank, kl=kl_divergence(p_original, p_reconstruction))
+            recognised=top1 in top5, rank=rank, kl=kl_of_probabilities(p_original, p_reconstruction))
 
 
 class JudgePanel:
