@@ -193,7 +193,7 @@ def localise_batch_reads(graph: onnx.GraphProto) -> int:
         if idx is None or idx.size != 1 or int(idx.reshape(-1)[0]) != 0:
             continue
         # follow the shape arithmetic to the single op that consumes it with real data
-        frontier, sink = [gathers[0].output[0]], None
+        frontier, sink, ambiguous = [gathers[0].output[0]], None, False
         while frontier:
             t = frontier.pop()
             for u in users.get(t, []):
@@ -203,8 +203,8 @@ def localise_batch_reads(graph: onnx.GraphProto) -> int:
                 elif sink is None or sink is u:
                     sink = u
                 else:
-                    sink = False  # type: ignore[assignment]
-        if not sink:
+                    ambiguous = True  # read by two consumers: leave it where it is
+        if sink is None or ambiguous:
             continue
         data = next((i for i in sink.input if i not in consts and not _is_shape_derived(i, graph, consts)), None)
         if data is None or data == shape.input[0]:

@@ -59,7 +59,7 @@ class Network:
     cuts: list[CutPoint]
     fx: Any = None  # torch.fx.GraphModule for torch models, None for ONNX models
     fx_cut_nodes: dict[str, str] = field(default_factory=dict)  # cut name -> fx node name
-    _node_cost: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
+    _shape_cache: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)  # on first use
 
     def cut(self, name: str) -> CutPoint:
         for c in self.cuts:
@@ -74,9 +74,9 @@ class Network:
         return _cost(self.onnx_model.graph, nodes, self._shapes())
 
     def _shapes(self) -> dict[str, tuple[int, ...]]:
-        if "shapes" not in self._node_cost:
-            self._node_cost["shapes"] = _static_shapes(self.onnx_model)  # type: ignore[assignment]
-        return self._node_cost["shapes"]  # type: ignore[return-value]
+        if not self._shape_cache:
+            self._shape_cache.update(_static_shapes(self.onnx_model))
+        return self._shape_cache
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -11,8 +11,12 @@ import importlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from infenclave.enclave.imaging import Preprocess
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGENET_LITE_MEAN = (127.0, 127.0, 127.0)  # the Lite models' own normalisation: (x - 127) / 128
 IMAGENET_LITE_STD = (128.0, 128.0, 128.0)
@@ -47,7 +51,7 @@ def preprocess(entry: ZooEntry) -> Preprocess:
     )
 
 
-def build_module(entry: ZooEntry) -> torch.nn.Module:  # type: ignore[name-defined]  # noqa: F821
+def build_module(entry: ZooEntry) -> torch.nn.Module:
     """Architecture from `efficientnet-lite-pytorch`, weights loaded strictly, in eval mode."""
     import torch
     from efficientnet_lite_pytorch import EfficientNet

@@ -161,7 +161,7 @@ def tensor_meta(array: np.ndarray, **extra: Any) -> dict[str, Any]:
 def tensor_from_frame(frame: Frame, expected_shape: tuple[int, ...] | None = None) -> np.ndarray:
     """View a tensor frame's body as an array (no copy), checking dtype, shape and size."""
     meta = frame.meta
-    dtype = _DTYPES.get(meta.get("dtype"))  # type: ignore[arg-type]
+    dtype = _DTYPES.get(str(meta.get("dtype")))
     shape = meta.get("shape")
     if dtype is None:
         raise EnclaveError("channel: unsupported tensor dtype")
