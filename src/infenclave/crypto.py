@@ -170,7 +170,8 @@ def seal(recipient_public: bytes, plaintext: bytes, *, context: bytes) -> bytes:
         raise CryptoError("recipient public key refused") from exc
 
 
-def open_sealed(private_key: x25519.X25519PrivateKey, ciphertext: bytes, *, context: bytes) -> bytes:
+def open_sealed(private_key: x25519.X25519PrivateKey, ciphertext: bytes | bytearray | memoryview, *,
+                context: bytes) -> bytes:
     """Open an HPKE ciphertext made by `seal` for *private_key* under the same *context*.
 
     Any failure (wrong key, wrong context, a flipped bit, truncation) raises one opaque

@@ -85,7 +85,7 @@ class Preprocess:
     def from_dict(cls, d: dict[str, Any]) -> Preprocess:
         resize = d["resize"]
         return cls(
-            resize=tuple(resize) if isinstance(resize, list) else resize,  # type: ignore[arg-type]
+            resize=tuple(resize) if isinstance(resize, list) else resize,
             crop=d.get("crop"),
             mean=tuple(float(v) for v in d["mean"]),  # type: ignore[arg-type]
             std=tuple(float(v) for v in d["std"]),  # type: ignore[arg-type]
@@ -178,7 +178,7 @@ def normalise(pixels: np.ndarray, pre: Preprocess) -> np.ndarray:
 
     Returns float32 in the model's layout, with a leading batch axis when given (H, W, 3).
     """
-    x = pixels.astype(np.float32)
+    x: np.ndarray = pixels.astype(np.float32)
     if x.ndim == 3:
         x = x[None]  # (1, H, W, 3)
     if pre.channel_order == "BGR":

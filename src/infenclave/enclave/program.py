@@ -427,7 +427,7 @@ class EnclaveProgram:
             pending.ir1 = ir1[row : row + 1].copy()  # (1, C, H', W'): the IR2 check's ground truth
             self._pending[frame.tag] = pending
             one = ir1[row : row + 1]  # (1, C, H', W'), contiguous: a row of a C-order array
-            self._send(MsgType.IR1, frame.tag, tensor_meta(one, t=pending.stages), memoryview(one).cast("B"))
+            self._send(MsgType.IR1, frame.tag, tensor_meta(one, t=pending.stages), one.data.cast("B"))
 
     def _open_request(self, frame: Frame) -> tuple[_Pending, np.ndarray] | None:
         """Open one sealed request and preprocess its image; None if it was answered already."""

@@ -290,7 +290,7 @@ class EnclavePool:
         try:
             process = await asyncio.create_subprocess_exec(
                 *self._enclave_command(),
-                stdin=child, stdout=child, stderr=asyncio.subprocess.PIPE,
+                stdin=child.fileno(), stdout=child.fileno(), stderr=asyncio.subprocess.PIPE,
                 env=_enclave_env(), close_fds=True, cwd=self._gramine_dir,
             )
         finally:
