@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import typer
 
@@ -572,11 +572,11 @@ def _warnings_as_lines() -> None:
     default = warnings.showwarning
 
     def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-             file: object = None, line: str | None = None) -> None:
+             file: TextIO | None = None, line: str | None = None) -> None:
         if category.__module__.startswith("infenclave"):
             print(f"warning: {message}", file=sys.stderr)
         else:
-            default(message, category, filename, lineno, file, line)  # type: ignore[arg-type]
+            default(message, category, filename, lineno, file, line)
 
     warnings.showwarning = show
 
