@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 import pytest
 from onnx import numpy_helper
+
 from test_serving_support import (
     LITE_CUTS,
     ServerProcess,
@@ -231,7 +232,7 @@ def test_killing_a_worker_mid_load_loses_no_request(server, bundle, photos) -> N
     assert "infenclave_worker_restarts_total 1" in metrics
 
 
-def _count(server, outcome: str) -> float:  # noqa: ANN001
+def _count(server, outcome: str) -> float:
     """``infenclave_requests_total{endpoint="classify",outcome=...}`` from /metrics, all codes."""
     prefix = f'infenclave_requests_total{{endpoint="classify",outcome="{outcome}",code="'
     return sum(float(line.rsplit(" ", 1)[1])
@@ -312,7 +313,7 @@ def _hash24(values: np.ndarray) -> np.ndarray:
         return (values * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)
 
 
-def _tail_plaintext(bundle) -> bytes:  # noqa: ANN001
+def _tail_plaintext(bundle) -> bytes:
     from infenclave.bundle import read_key_file, read_manifest
     from infenclave.protocol.bundle_format import PART_FILES, decrypt_part
 

@@ -43,7 +43,7 @@ class BundlePaths:
 
 
 @functools.cache
-def loaded_model(name: str):  # noqa: ANN201 - LoadedModel
+def loaded_model(name: str):
     from infenclave.models import load_model
 
     return load_model(name)
@@ -60,7 +60,7 @@ def make_bundle(model_name: str, front_end: str = LITE_CUTS[0], tail_start: str 
 
 
 @functools.cache
-def plain_predictor(model_name: str):  # noqa: ANN201 - Predictor
+def plain_predictor(model_name: str):
     from infenclave.predict import Predictor
 
     return Predictor(loaded_model(model_name))
@@ -96,7 +96,7 @@ class ServerProcess:
     def health(self) -> dict:
         return httpx.get(self.url + "/healthz", timeout=5).json()
 
-    def wait_ready(self, condition, timeout: float = 120.0) -> dict:  # noqa: ANN001
+    def wait_ready(self, condition, timeout: float = 120.0) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -124,7 +124,7 @@ class ServerProcess:
         self._log.close()
 
 
-def sim_client(url: str, policy: Path, **kwargs):  # noqa: ANN003, ANN201 - Client
+def sim_client(url: str, policy: Path, **kwargs):
     """A client that accepts the sim backend (what every test here runs against)."""
     import warnings
 
@@ -135,7 +135,7 @@ def sim_client(url: str, policy: Path, **kwargs):  # noqa: ANN003, ANN201 - Clie
         return Client(url, policy, allow_simulation=True, **kwargs)
 
 
-def assert_same_top5(confidential, plain, *, tol: float = 1e-4) -> None:  # noqa: ANN001
+def assert_same_top5(confidential, plain, *, tol: float = 1e-4) -> None:
     """Indices equal, probabilities within *tol*."""
     assert [p.index for p in confidential] == [p.index for p in plain]
     assert [p.label for p in confidential] == [p.label for p in plain]

@@ -420,7 +420,7 @@ class EnclavePool:
             try:
                 frame = await worker.channel.call(MsgType.EVIDENCE, {"nonce": nonce.hex()},
                                                   timeout=self._timeout)
-            except (EnclaveError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, EnclaveError) as exc:
                 logger.warning("worker %d: evidence failed (%s)", worker.slot, type(exc).__name__)
                 return None
             return (worker, *split_evidence(frame))
@@ -446,7 +446,7 @@ class EnclavePool:
                     try:
                         await other.channel.call(MsgType.UNSEAL, body=blob, timeout=self._timeout)
                         other.provisioned = True
-                    except (EnclaveError, asyncio.TimeoutError) as exc:
+                    except (TimeoutError, EnclaveError) as exc:
                         logger.error("worker %d: unseal failed (%s)", other.slot, type(exc).__name__)
             self._update_ready()
             return sum(1 for w in self.workers if w.provisioned)
@@ -542,7 +542,7 @@ class EnclavePool:
                 f"enclave worker {worker.slot} stopped while handling this request; "
                 "attest again and retry"
             ) from exc
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise ServerError("the enclave did not answer in time") from exc
 
     def _record_exit(self, worker: Worker) -> None:
@@ -561,7 +561,7 @@ class EnclavePool:
         """How the worker whose channel just closed died, when a request may be the cause."""
         try:
             await asyncio.wait_for(worker.exited.wait(), _EXIT_WAIT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return "closed its channel and did not exit"
         return worker.crash_cause
 
@@ -649,7 +649,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 async def _reap(process: asyncio.subprocess.Process) -> None:
     try:
         await asyncio.wait_for(process.wait(), 5.0)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         process.kill()
         await process.wait()
 
