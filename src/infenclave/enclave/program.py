@@ -380,7 +380,7 @@ class EnclaveProgram:
             front = OnnxPart(front_bytes, threads=self._threads)
             tail = OnnxPart(tail_bytes, threads=self._threads)
             preprocess = Preprocess.from_dict(manifest.preprocess)
-        except Exception as exc:  # noqa: BLE001 - ORT raises several types for a bad graph
+        except Exception as exc:  # ORT raises several types for a bad graph
             raise _Refused("refused", f"{step}: FrontNet/Tail graphs do not load", exc) from exc
         self._model = _Model(front, tail, labels, preprocess,
                              ir2_shape=(1, *manifest.tail_start.shape), key=bytes(key),
