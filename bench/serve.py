@@ -2,11 +2,13 @@
 
     .venv/bin/python bench/serve.py [--model efficientnet-lite0] [--requests 40] [--seconds 20]
 
-Both servers are real processes on 127.0.0.1 with the same stack (FastAPI + uvicorn, ONNX
+All three servers are real processes on 127.0.0.1 with the same stack (FastAPI + uvicorn, ONNX
 Runtime, dynamic batching of concurrent requests):
 
 - confidential: `infenclave serve` (sim backend, 2 enclave workers): HPKE-sealed image ->
   enclave decode + FrontNet -> host BackNet (batched) -> enclave Tail -> sealed top-5.
+- confidential_unverified: the same, from a bundle partitioned with ``--unverified-backnet``
+  (the enclave does not check the host's BackNet work; "verification off").
 - plain: this file's ``--plain-server`` mode: image bytes -> decode + preprocess (thread
   pool) -> the whole model on ONNX Runtime (the same batcher) -> top-5 JSON.
 
@@ -72,7 +74,7 @@ def plain_server(model_ref: str, port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
-def _wait(url: str, proc: subprocess.Popen, ready=lambda h: True) -> None:  # noqa: ANN001
+def _wait(url: str, proc: subprocess.Popen, ready=lambda h: True) -> None:
     import httpx
 
     deadline = time.monotonic() + 180
@@ -88,7 +90,7 @@ def _wait(url: str, proc: subprocess.Popen, ready=lambda h: True) -> None:  # no
     raise TimeoutError(url)
 
 
-def _latency(call, images: list[bytes], n: int) -> dict:  # noqa: ANN001
+def _latency(call, images: list[bytes], n: int) -> dict:
     for image in images[:4]:
         call(image)  # warm-up
     samples = []
@@ -101,7 +103,7 @@ def _latency(call, images: list[bytes], n: int) -> dict:  # noqa: ANN001
             "p90_ms": samples[int(n * 0.9)]}
 
 
-def _throughput(call, images: list[bytes], concurrency: int, seconds: float) -> dict:  # noqa: ANN001
+def _throughput(call, images: list[bytes], concurrency: int, seconds: float) -> dict:
     done = [0] * concurrency
     errors: list[str] = []
     stop = threading.Event()
@@ -151,54 +153,60 @@ def main() -> None:
     from infenclave.sample_images import builtin_images
 
     sys.path.insert(0, str(HERE.parent / "tests"))
-    from test_serving_support import free_port  # noqa: E402
+    from test_serving_support import free_port
 
     images = [p.read_bytes() for p in builtin_images().values()]
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    result = partition(load_model(args.model), *CUTS, work / "bundle")
+    # Verification on (the default bundle) and off (partitioned with --unverified-backnet).
+    results = {"confidential": partition(load_model(args.model), *CUTS, work / "bundle"),
+               "confidential_unverified": partition(load_model(args.model), *CUTS, work / "bundle-unverified",
+                                                    unverified_backnet=True)}
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    conf_port, plain_port = free_port(), free_port()
+    ports, plain_port = {name: free_port() for name in results}, free_port()
     log = open(work / "servers.log", "wb")
-    conf = subprocess.Popen([sys.executable, "-m", "infenclave.cli", "serve", str(result.bundle_dir),
-                             "--port", str(conf_port), "--workers", str(args.workers),
-                             "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    servers = {name: subprocess.Popen([sys.executable, "-m", "infenclave.cli", "serve", str(r.bundle_dir),
+                                       "--port", str(ports[name]), "--workers", str(args.workers),
+                                       "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT, env=env)
+               for name, r in results.items()}
     plain = subprocess.Popen([sys.executable, __file__, "--model", args.model, "--plain-server",
                               str(plain_port)], stdout=log, stderr=subprocess.STDOUT, env=env)
     report: dict = {}
     load_before = os.getloadavg()
     try:
-        conf_url, plain_url = f"http://127.0.0.1:{conf_port}", f"http://127.0.0.1:{plain_port}"
-        _wait(conf_url, conf, lambda h: h["workers"] == args.workers)
+        urls, plain_url = {n: f"http://127.0.0.1:{p}" for n, p in ports.items()}, f"http://127.0.0.1:{plain_port}"
+        for name, proc in servers.items():
+            _wait(urls[name], proc, lambda h: h["workers"] == args.workers)
         _wait(plain_url, plain)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", SimulationWarning)
-            client = Client(conf_url, result.policy_file, allow_simulation=True,
-                            http=httpx.Client(timeout=120, limits=httpx.Limits(max_connections=64)))
-        client.provision(result.key_file)
+        calls = {"plain": lambda image: plain_http.post(plain_url + "/classify", content=image).raise_for_status()}
+        for name, r in results.items():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", SimulationWarning)
+                client = Client(urls[name], r.policy_file, allow_simulation=True,
+                                http=httpx.Client(timeout=120, limits=httpx.Limits(max_connections=64)))
+            client.provision(r.key_file)
+            calls[name] = lambda image, client=client: client.classify(image, 5)
         plain_http = httpx.Client(timeout=120, limits=httpx.Limits(max_connections=64))
 
-        def confidential_call(image: bytes) -> None:
-            client.classify(image, 5)
-
-        def plain_call(image: bytes) -> None:
-            plain_http.post(plain_url + "/classify", content=image).raise_for_status()
-
-        # Interleave the two so that background load on a shared machine hits both alike.
-        for name, call in (("plain", plain_call), ("confidential", confidential_call)):
+        # Interleave them so that background load on a shared machine hits all alike.
+        for name, call in calls.items():
             report.setdefault(name, {})["latency_c1"] = _latency(call, images, args.requests)
-        for name, call in (("plain", plain_call), ("confidential", confidential_call)):
+        for name, call in calls.items():
             report[name]["throughput"] = _throughput(call, images, args.concurrency, args.seconds)
-        metrics = httpx.get(conf_url + "/metrics").text
+        metrics = {name: httpx.get(url + "/metrics").text for name, url in urls.items()}
     finally:
-        for proc in (conf, plain):
+        for proc in (*servers.values(), plain):
             proc.terminate()
             proc.wait(30)
         log.close()
-    lat_ratio = report["confidential"]["latency_c1"]["mean_ms"] / report["plain"]["latency_c1"]["mean_ms"]
-    thr_ratio = report["confidential"]["throughput"]["images_per_s"] / report["plain"]["throughput"]["images_per_s"]
+    lat = {n: r["latency_c1"]["mean_ms"] / report["plain"]["latency_c1"]["mean_ms"] for n, r in report.items()}
+    thr = {n: r["throughput"]["images_per_s"] / report["plain"]["throughput"]["images_per_s"]
+           for n, r in report.items()}
     report["comparison"] = {
-        "latency_c1_confidential_over_plain": lat_ratio,
-        "throughput_c32_confidential_over_plain": thr_ratio,
+        "latency_c1_confidential_over_plain": lat["confidential"],
+        "throughput_c32_confidential_over_plain": thr["confidential"],
+        "latency_c1_unverified_over_plain": lat["confidential_unverified"],
+        "throughput_c32_unverified_over_plain": thr["confidential_unverified"],
+        "confidential_is_verified_backnet": True,
         "target": "confidential within 15% of plain: latency ratio <= 1.15, throughput ratio >= 0.85",
     }
     report["setup"] = {
@@ -208,7 +216,8 @@ def main() -> None:
         "load_average_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "note": "shared CPU cores: other processes may have been running (see the load average)",
     }
-    report["confidential_stage_means_ms"] = _stage_means(metrics)
+    report["confidential_stage_means_ms"] = _stage_means(metrics["confidential"])
+    report["confidential_unverified_stage_means_ms"] = _stage_means(metrics["confidential_unverified"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
