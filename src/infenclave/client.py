@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import base64
 import itertools
-import json
 import logging
 import os
 import threading
@@ -80,6 +79,7 @@ from infenclave.protocol.messages import (
     request_context,
     response_context,
 )
+from infenclave.protocol.strict_json import loads_object
 
 __all__ = ["AttestedEnclave", "Client", "SimulationWarning", "WorkerLost", "resolve_policy"]
 
@@ -418,10 +418,13 @@ class Client:
                                     context=response_context(model_id, request_id))
         except CryptoError as exc:
             raise VerificationError("the answer was not sealed by the attested enclave for this request") from exc
-        answer = json.loads(plaintext.decode("utf-8"))
+        answer = loads_object(plaintext, "the enclave's answer", VerificationError)
         if "error" in answer:
             raise ImageError(str(answer["error"]))
-        return [Prediction(int(p["index"]), str(p["label"]), float(p["prob"])) for p in answer["predictions"]]
+        try:
+            return [Prediction(int(p["index"]), str(p["label"]), float(p["prob"])) for p in answer["predictions"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise VerificationError("the enclave's answer is malformed") from exc
 
     # --- HTTP helpers -------------------------------------------------------------------------------
 
@@ -481,10 +484,5 @@ def _raise_for(response: httpx.Response, what: str) -> None:
 
 
 def _json(response: httpx.Response, what: str) -> dict[str, Any]:
-    try:
-        doc = response.json()
-    except ValueError as exc:
-        raise ServerError(f"{what}: the server's answer is not JSON") from exc
-    if not isinstance(doc, dict):
-        raise ServerError(f"{what}: the server's answer is not a JSON object")
-    return doc
+    """The server's answer as a JSON object, read strictly (duplicate keys refused)."""
+    return loads_object(response.content, f"{what}: the server's answer", ServerError)
