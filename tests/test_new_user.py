@@ -48,9 +48,9 @@ def test_flags_render_as_flags() -> None:
     text = run_cli("classify", "-h").stdout
     assert "--json" in text and "<bool>" not in text
     assert "--allow-simulation" in text
-    # A flag takes no value: `--json true` leaves `true` as one more image, named as missing.
-    out = run_cli("predict", MODEL, "--json", "true")
-    assert out.returncode == 2 and "true" in out.stderr
+    # A flag takes no value: in `--json true`, `true` is the next argument (here the MODEL).
+    out = run_cli("inspect", "--json", "true")
+    assert out.returncode == 2 and "'true'" in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize(("args", "message"), [
