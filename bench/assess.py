@@ -46,11 +46,48 @@ def plain_best(model_bytes: bytes, x: np.ndarray, seconds: float) -> tuple[float
             max(r.images_per_cpu_s for r in rates.values()), table)
 
 
+def knows_weights_run(out: Path) -> int:
+    """Time the default `infenclave assess efficientnet-lite0` (knows-weights, full attack
+    strength, 40 evaluation photos) as a user runs it, and record its verdict and per-cut cost.
+
+    Usage:  .venv/bin/python bench/assess.py --knows-weights [--out bench/results/assess-knows-weights.json]
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "infenclave.cli", "assess", "efficientnet-lite0",
+                               "--out", f"{tmp}/a"], capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        plan = json.loads(Path(f"{tmp}/a/plan.json").read_text()) if Path(f"{tmp}/a/plan.json").is_file() else None
+    doc: dict[str, object] = {
+        "command": "infenclave assess efficientnet-lite0", "exit_code": proc.returncode,
+        "seconds": round(seconds, 1), "cores": len(os.sched_getaffinity(0)),
+        "load_average_after": [round(v, 2) for v in os.getloadavg()], "platform": platform.platform()}
+    if plan is not None:
+        rec = plan["recommendation"]
+        res = plan["adversary"].get("results") or {}
+        doc.update({"verdict": rec["verdict"], "front_end": rec["front_end"],
+                    "deployment": rec["deployment"], "budgets": res.get("budgets"),
+                    "attack_seconds": round(res.get("seconds", 0.0), 1),
+                    "cuts": [{"cut": c["cut"], "attack": c["attack"], "photos": c["photos"],
+                              "recovered": c["recovered"], "verdict": c["evidence"]["verdict"],
+                              "upper_bound": c["evidence"]["upper_bound"],
+                              "attack_seconds": round(c["attack_seconds"], 1)}
+                             for c in res.get("cuts", [])]})
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(json.dumps(doc, indent=2))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "assess.json")
+    ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="1 photo for the full scan (a smoke run)")
+    ap.add_argument("--knows-weights", action="store_true",
+                    help="only time the default knows-weights assessment of Lite0")
     args = ap.parse_args()
+    if args.knows_weights:
+        return knows_weights_run(args.out or ROOT / "bench" / "results" / "assess-knows-weights.json")
+    args.out = args.out or ROOT / "bench" / "results" / "assess.json"
 
     from infenclave.assess.images import load_images
     from infenclave.assess.kl import make_oracle
