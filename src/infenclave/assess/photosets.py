@@ -68,6 +68,8 @@ BACKGROUND_PHOTOS: tuple[tuple[str, Path], ...] = (
 
 @dataclass(frozen=True)
 class Photo:
+    """One offline photo, decoded, with the pixel hash that keeps the sets disjoint."""
+
     name: str  # "source:file"
     source: str  # the package it ships in
     sha256: str  # of the decoded pixels
@@ -85,15 +87,18 @@ class PhotoSet:
     target: int = 0
 
     def by_source(self) -> dict[str, int]:
+        """Photo count per package it ships in (the report's "sources and counts")."""
         out: dict[str, int] = {}
         for p in self.photos:
             out[p.source] = out.get(p.source, 0) + 1
         return out
 
     def images(self) -> dict[str, np.ndarray]:
+        """Name -> (H, W, 3) uint8, as the attacks take them."""
         return {p.name: p.rgb for p in self.photos}
 
     def summary(self) -> dict[str, Any]:
+        """JSON-ready record for the plan: counts, sources, names, hashes, exclusions."""
         return {"role": self.role, "photos": len(self.photos), "target": self.target,
                 "by_source": self.by_source(), "names": [p.name for p in self.photos],
                 "sha256": [p.sha256 for p in self.photos],

@@ -67,6 +67,7 @@ def photos_needed(max_recovery: float, alpha: float = ALPHA) -> int:
 
 
 def check_max_recovery(max_recovery: float) -> None:
+    """Refuse a bound that is not a rate (one clear line for the CLI)."""
     if not 0.0 < max_recovery < 1.0:
         raise AssessmentError(f"--max-recovery must be between 0 and 1 (exclusive), not {max_recovery}")
 
