@@ -17,6 +17,7 @@ from infenclave.errors import ExitCode, InfenclaveError, exit_code_for
 
 if TYPE_CHECKING:
     from infenclave.enclave.topk import Prediction
+    from infenclave.errors import ImageError
 
 app = typer.Typer(
     name="infenclave",
