@@ -155,11 +155,11 @@ def test_host_learns_nothing(results, photos, bundle, server, tap_dir, recorder)
     assert not any(len(label) >= 6 and label.encode() in manifest for label in tail_labels)
 
 
-def test_killing_a_worker_mid_load_loses_no_request(server, bundle, photos) -> None:
+def test_killing_a_worker_mid_load_loses_no_request(server, client, bundle, photos) -> None:
     """8 SDK threads back to back while a worker is killed with SIGKILL: every request is
     answered, each answer is `predict`'s top-5 for that thread's image, and the requests the
     dead worker held were retried on the other worker, sealed afresh (new request id, new
-    ciphertext)."""
+    ciphertext). (*client*: the owner has provisioned, by then.)"""
     import hashlib
 
     health = server.wait_ready(lambda h: h["workers_ready"] == 2)
@@ -180,7 +180,7 @@ def test_killing_a_worker_mid_load_loses_no_request(server, bundle, photos) -> N
                              hashlib.sha256(request.read()).digest()))
 
     http = httpx.Client(timeout=60, event_hooks={"request": [on_request]})
-    client = sim_client(server.url, bundle.policy, http=http)  # no provisioning: sealed on the host
+    user = sim_client(server.url, bundle.policy, http=http)  # no provisioning: sealed on the host
     lost_before = _count(server, "worker_lost")
 
     def load(index: int) -> None:
@@ -188,7 +188,7 @@ def test_killing_a_worker_mid_load_loses_no_request(server, bundle, photos) -> N
         name = names[index % len(names)]
         while not stop.is_set():
             try:
-                preds = client.classify(images[name], 5)
+                preds = user.classify(images[name], 5)
                 assert_same_top5(preds, expected[name])
             except BaseException as exc:  # noqa: BLE001 - collected and checked below
                 with lock:
@@ -211,7 +211,7 @@ def test_killing_a_worker_mid_load_loses_no_request(server, bundle, photos) -> N
     stop.set()
     for t in threads:
         t.join(60)
-    client.close()
+    user.close()
 
     assert errors == [], errors[:3]
     assert ok >= after_kill + 16  # served on after the restart

@@ -119,10 +119,10 @@ class MemoryLimit:
         return 0
 
     def release(self, name: str) -> None:
-        """Remove cgroup *name* (its process has exited)."""
-        child = self._children.pop(name, None)
-        if child is not None:
-            _rmdir(child)
+        """Remove cgroup *name* (its process has exited; if not yet, `close` tries again)."""
+        child = self._children.get(name)
+        if child is not None and _rmdir(child):
+            del self._children[name]
 
     def close(self) -> None:
         """Remove every cgroup this host made."""
@@ -175,6 +175,7 @@ def _own_path(controller: str) -> str:
 
 
 def _make_parent(kind: str, base: Path) -> Path:
+    _remove_stale(base)
     if kind == "v2":
         (base / "cgroup.subtree_control").write_text("+memory")
     parent = base / f"infenclave-{os.getpid()}"
@@ -189,8 +190,22 @@ def _make_parent(kind: str, base: Path) -> Path:
     return parent
 
 
-def _rmdir(path: Path) -> None:
+def _remove_stale(base: Path) -> None:
+    """Remove the (empty) cgroups of earlier hosts that were killed before they could."""
+    for parent in base.glob("infenclave-*"):
+        pid = parent.name.removeprefix("infenclave-")
+        if not pid.isdigit() or Path(f"/proc/{pid}").exists():
+            continue
+        for child in parent.glob("worker-*"):
+            _rmdir(child)
+        _rmdir(parent)
+
+
+def _rmdir(path: Path) -> bool:
     try:
         path.rmdir()
+    except FileNotFoundError:
+        return True
     except OSError:
-        pass
+        return False
+    return True

@@ -552,6 +552,10 @@ class EnclavePool:
             if self._memory.oom_kills(worker.cgroup):
                 worker.crash_cause = "ran out of its memory limit"
             self._memory.release(worker.cgroup)
+        if worker.crash_cause is None and not isinstance(worker.process, asyncio.subprocess.Process):
+            # A remote enclave: how it ended is not visible from here, so a request it held
+            # may be the cause.
+            worker.crash_cause = "closed its connection (a remote enclave; how it ended is not known here)"
         if worker.crash_cause is None and code not in _EXTERNAL_SIGNALS and not self._stopping:
             worker.crash_cause = (f"crashed ({signal.Signals(-code).name})" if code is not None and code < 0
                                   and -code in signal.valid_signals() else f"exited with status {code}")
