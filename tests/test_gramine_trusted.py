@@ -33,7 +33,7 @@ import pytest
 
 from infenclave.bundle import read_backnet, read_key_file, read_manifest
 from infenclave.crypto import generate_keypair, open_sealed, seal
-from infenclave.protocol.frames import FrameReader, MsgType, encode_frame, tensor_from_frame, tensor_meta, write_frame
+from infenclave.protocol.frames import FrameReader, MsgType, encode_frame, tensor_from_frame, tensors_meta, write_frame
 from infenclave.protocol.messages import encode_request, provision_context, request_context, response_context
 from test_gramine_manifest import (
     GRAMINE_PKGLIBDIR,
@@ -139,8 +139,9 @@ def serve_one_request(process: subprocess.Popen, parent: socket.socket, bundle) 
         assert ir1.type == MsgType.IR1
         with open(f"/proc/{process.pid}/status") as handle:
             threads = int(next(line for line in handle if line.startswith("Threads:")).split()[1])
-        ir2 = np.ascontiguousarray(backnet(tensor_from_frame(ir1)), dtype=np.float32)
-        result = call(MsgType.IR2, tensor_meta(ir2), memoryview(ir2).cast("B"), at=ir1.tag)
+        outputs = backnet(tensor_from_frame(ir1))  # [IR2, *what the enclave checks it with]
+        body = b"".join(memoryview(np.ascontiguousarray(y, dtype=np.float32)).cast("B") for y in outputs)
+        result = call(MsgType.IR2, tensors_meta(outputs), body, at=ir1.tag)
         assert result.type == MsgType.RESULT
         answer = json.loads(open_sealed(reply_private, bytes(result.body),
                                         context=response_context(key.model_id, request_id)))
