@@ -67,6 +67,9 @@ S_MIN, S_MAX = 1.0, 2.0
 #: evaluation of Z_c itself (relative error <= gamma_B < 1e-4) and the (1 + gamma) factors
 #: dropped above. Not covered: Winograd/FFT kernels or TF32 on the host (measure first).
 SAFETY = 2.0
+#: Absolute slack per product of a linear check for float32 underflow (each rounding below
+#: 2^-126 errs by at most 2^-150; x2 for |t|, x2 for SAFETY, x2 for the enclave's own sums).
+UNDERFLOW = 2.0**-147
 #: Absolute slack of element-wise recomputations (Sigmoid's approximations, tiny values).
 ELEMENT_ABS = 2.0**-20
 
@@ -92,7 +95,7 @@ class _Projection:
     sb: np.ndarray  # (nb, Co, V) float64: b_c sum_{p in block} t_p
     pb: np.ndarray  # (Co,) float64: |b_c| times the positions of the largest block
     gamma: float  # gamma_{K+1} and the enclave's own float32 sums (module docstring)
-    floor: float  # absolute slack for float32 underflow: (K + 4) P 2^-146
+    floor: float  # absolute slack for float32 underflow: (K + 4) P UNDERFLOW
     depthwise: bool
     w: np.ndarray  # depthwise: conv_c^T(t_v) (V, C, H, W); else W as (g, Co/g, Ci/g*kh*kw)
     w_abs: np.ndarray  # depthwise: conv_c^T(1) with |W| (C, H, W); else |W|
@@ -226,7 +229,7 @@ def _projection(op: VerifyOp, in_shape: tuple[int, ...], rng: np.random.Generato
     sign = rng.choice([-1.0, 1.0], (ho, wo, vectors))
     t = (rng.uniform(S_MIN, S_MAX, (ho, wo, vectors)) * sign).astype(np.float32)
     t64 = t.astype(np.float64)
-    floor = (k + 4) * ho * wo * 2.0**-146
+    floor = (k + 4) * ho * wo * UNDERFLOW
     if depthwise:  # one block per channel
         nb = 1
         s = t64.transpose(2, 0, 1)[:, None].repeat(c_out, axis=1)  # (V, Co, Ho, Wo)
