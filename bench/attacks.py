@@ -185,7 +185,8 @@ CONVERGENCE_CUT = "_blocks.15"  # the deepest candidate: where a knows-weights "
 CONVERGENCE_PHOTOS = 4  # a time compromise on 2 shared cores (each cap runs both restarts)
 
 
-def evidence_run(model: Any, net: Any, quick: bool) -> dict[str, Any]:
+def evidence_run(model: Any, net: Any, quick: bool, cuts: list[str] | None = None,
+                 photos: int | None = None, decoder: bool = True) -> dict[str, Any]:
     """Per cut: k of n evaluation photos recovered (white-box at the default budget, decoder at
     `_blocks.3`), the bound and its verdict, re-identification and recognition counts, seconds."""
     from infenclave.assess.adversary import build_gallery
@@ -196,15 +197,16 @@ def evidence_run(model: Any, net: Any, quick: bool) -> dict[str, Any]:
     sets = offline_sets()
     panel = JudgePanel.for_model(model)
     evaluation = sets["evaluation"].images()
-    if quick:
-        evaluation = dict(list(evaluation.items())[:4])
+    if quick or photos:
+        evaluation = dict(list(evaluation.items())[:4 if quick else photos])
     gallery = build_gallery(model, panel, evaluation, sets)
     budgets = Budgets(whitebox_steps=5, whitebox_restarts=1, decoder_epochs=1) if quick else Budgets()
     out: dict[str, Any] = {"photos": len(evaluation), "gallery": len(gallery),
                            "chance_per_photo": round(gallery.chance, 4), "budgets": budgets.to_dict(),
                            "photo_sets": {k: {"photos": len(v.photos), "by_source": v.by_source()}
                                           for k, v in sets.items()}, "cuts": []}
-    plan = [("decoder", "chosen-inputs", ["_blocks.3"])] + [("whitebox", "knows-weights", EVIDENCE_CUTS)]
+    plan = ([("decoder", "chosen-inputs", ["_blocks.3"])] if decoder else []) + [
+        ("whitebox", "knows-weights", cuts or EVIDENCE_CUTS)]
     for attack, adversary, cuts in plan:
         training = training_photos(exclude=evaluation) if attack == "decoder" else None
         for cut in cuts:
@@ -227,7 +229,7 @@ def evidence_run(model: Any, net: Any, quick: bool) -> dict[str, Any]:
     return out
 
 
-def convergence_run(model: Any, net: Any, quick: bool) -> dict[str, Any]:
+def convergence_run(model: Any, net: Any, quick: bool, photos: int = CONVERGENCE_PHOTOS) -> dict[str, Any]:
     """At the deepest candidate cut: the default cap vs twice the cap, same photos and seeds.
 
     The claim to check: doubling the white-box budget does not raise the recovery rate there.
@@ -240,7 +242,7 @@ def convergence_run(model: Any, net: Any, quick: bool) -> dict[str, Any]:
 
     sets = offline_sets()
     panel = JudgePanel.for_model(model)
-    evaluation = dict(list(sets["evaluation"].images().items())[8:8 + (2 if quick else CONVERGENCE_PHOTOS)])
+    evaluation = dict(list(sets["evaluation"].images().items())[8:8 + (2 if quick else photos)])
     gallery = build_gallery(model, panel, evaluation, sets)
     rows = []
     for cap in ([5, 10] if quick else [DEFAULT_STEPS, 2 * DEFAULT_STEPS]):
@@ -263,6 +265,10 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "attacks.json")
     ap.add_argument("--figure", type=Path, default=ROOT / "docs" / "img" / "inversion-example.png")
     ap.add_argument("--quick", action="store_true", help="tiny budgets and few cuts (a smoke run)")
+    ap.add_argument("--evidence-cuts", default=None, help="comma-separated cuts for --parts evidence")
+    ap.add_argument("--photos", type=int, default=None,
+                    help="evaluation photos for evidence (default all 40) / convergence (default 4)")
+    ap.add_argument("--no-decoder", action="store_true", help="evidence: white-box only")
     ap.add_argument("--parts", default="cost,default,curves,figure",
                     help="comma-separated sections to run: cost, default, curves, figure, "
                     "evidence, convergence")
@@ -308,11 +314,16 @@ def main() -> int:
             report["load_average_after_curves"] = [round(v, 2) for v in os.getloadavg()]
         if "evidence" in parts:
             print("evidence per cut (evaluation set)", flush=True)
-            report["evidence"] = evidence_run(model, net, args.quick)
+            report["evidence"] = evidence_run(
+                model, net, args.quick, args.evidence_cuts.split(",") if args.evidence_cuts else None,
+                args.photos, not args.no_decoder)
             report["load_average_after_evidence"] = [round(v, 2) for v in os.getloadavg()]
+            if not args.quick:  # a long run keeps what it has measured
+                args.out.write_text(json.dumps(report, indent=2) + "\n")
         if "convergence" in parts:
             print("convergence at the deepest candidate cut", flush=True)
-            report["convergence"] = convergence_run(model, net, args.quick)
+            report["convergence"] = convergence_run(model, net, args.quick,
+                                                    args.photos or CONVERGENCE_PHOTOS)
             report["load_average_after_convergence"] = [round(v, 2) for v in os.getloadavg()]
         if "figure" in parts and not args.quick:
             print("figure", flush=True)
