@@ -7,11 +7,12 @@ the linear ops' pre-activation outputs, the minimum that lets every element-wise
 recomputed); the enclave walks the BackNet's op list from the IR1 it kept for this request:
 
 1. Linear ops (Conv, incl. depthwise/grouped/strided; Gemm/MatMul as a 1x1 conv over rows),
-   one check per *output channel* c and secret vector t (one entry per output position,
-   random sign, magnitude in [1, 2]; `VECTORS` of them per op): with ``y_c`` the host's
-   channel, ``U = sum_p t_p x[window(p)]`` and ``b_c`` the bias,
-   ``|sum_p t_p (y_cp - b_c) - sum W_c U| <= tol_c``. ``U`` costs one pass over the input
-   (a depthwise conv uses ``conv_c^T(t)``, precomputed at load); the check never convolves.
+   one check per *output channel* c, block of output rows (`ROW_BLOCKS`; a depthwise conv:
+   the whole channel) and secret vector t (one entry per output position, random sign,
+   magnitude in [1, 2]; `VECTORS`, depthwise `DEPTHWISE_VECTORS`): with ``y_c`` the host's
+   channel, ``U = sum_{p in block} t_p x[window(p)]`` and ``b_c`` the bias,
+   ``|sum_{p in block} t_p (y_cp - b_c) - sum W_c U| <= tol``. ``U`` costs one pass over the
+   input (a depthwise conv uses ``conv_c^T(t)``, precomputed at load); nothing is convolved.
    The vectors come from a numpy Generator seeded from os.urandom at worker start; they are
    never written, sent or sealed.
 2. Ops recomputed bit for bit from verified inputs (float32 IEEE results): Clip/ReLU, Add,
@@ -21,17 +22,20 @@ recomputed); the enclave walks the BackNet's op list from the IR1 it kept for th
    BatchNormalization (an unfolded one).
 4. Any failed check raises `CheckFailed`; the program then fails the request and counts the
    failure against the manifest's ``max_failures``. A NaN or infinity anywhere in a sent
-   tensor makes its channel's projection NaN or infinite, which fails step 1 (``tol_c`` is
+   tensor makes its block's projection NaN or infinite, which fails step 1 (the tolerance is
    computed from verified, finite inputs only).
 
 Tolerance of step 1 (derivation in docs/serving.md, "Verified BackNet"): each honest output
 is a float32 dot product of length K + 1 (K weights, the bias), any summation order, so
 ``|y_cp - exact| <= gamma_{K+1} z_cp`` with ``z_cp = sum |w||x| + |b_c|`` and
-``gamma_n = n u / (1 - n u)``, ``u = 2^-24``. Projected with ``|t| <= 2`` the channel's error
-is at most ``2 gamma_{K+1} Z_c``, ``Z_c = sum_p z_cp`` (one pass: ``|W|`` against the window
-sums of ``|x|``). The enclave's own float32 sums add ``2 gamma_B Z_c`` each, B their length
-(one output row for ``t . y`` and ``U``; the padded input channel for a depthwise ``conv^T(t) . x``).
-``tol_c = SAFETY * 2 (gamma_{K+1} + gamma_B_lhs + gamma_B_rhs) Z_c``.
+``gamma_n = n u / (1 - n u)``, ``u = 2^-24``. Projected with ``|t| <= 2`` a block's error
+is at most ``2 gamma_{K+1} Z``, ``Z = sum_{p in block} z_cp`` (one pass: ``|W|`` against the
+window sums of ``|x|``; dense ops take the largest block's sums for every block). The
+enclave's own float32 sums add ``2 gamma_B Z`` each, B their length: one output row (Wo) for
+``t . y`` and ``U``, K for ``W U``, the input channel (Q = H W) for a depthwise
+``conv^T(t) . x``. ``tol = SAFETY * 2 gamma Z + (K + 4) P UNDERFLOW`` with
+``gamma = 2 gamma_{K+1} + 2 gamma_{Wo+1}`` (dense) or ``gamma_{K+1} + gamma_Wo + gamma_{Q+1}``
+(depthwise).
 """
 
 from __future__ import annotations
