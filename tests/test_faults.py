@@ -148,6 +148,45 @@ def test_requests_a_crashed_worker_held_fail_clearly_and_are_not_retried(server,
     assert "crashed (SIGSEGV)" in server.log()
 
 
+class _Tamper(httpx.BaseTransport):
+    """The network (or the host's front) flipping one bit of each classify request or answer."""
+
+    def __init__(self, where: str) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.where = where
+        self.posts = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path != "/v1/classify":
+            return self.inner.handle_request(request)
+        self.posts += 1
+        if self.where == "request":
+            body = bytearray(request.read())
+            body[len(body) // 2] ^= 1
+            request = httpx.Request(request.method, request.url, headers=request.headers, content=bytes(body))
+        response = self.inner.handle_request(request)
+        if self.where == "answer" and response.status_code == 200:
+            body = bytearray(response.read())
+            body[len(body) // 2] ^= 1
+            return httpx.Response(200, headers=response.headers, content=bytes(body))
+        return response
+
+
+@pytest.mark.parametrize("where", ["request", "answer"])
+def test_refusals_and_integrity_failures_are_never_retried(server, bundle, photos, where) -> None:
+    """A request the enclave refuses (it does not open) and an answer that fails to open are
+    each sent exactly once: only a lost worker is retried."""
+    from infenclave.errors import VerificationError
+
+    tamper = _Tamper(where)
+    client = sim_client(server.url, bundle.policy, http=httpx.Client(transport=tamper, timeout=30))
+    expected = (ServerError, "enclave_refused") if where == "request" else (VerificationError, "not sealed")
+    with pytest.raises(expected[0], match=expected[1]):
+        client.classify(photos["coffee"].read_bytes(), 5)
+    client.close()
+    assert tamper.posts == 1
+
+
 # --- bounds: pixel cap, slow headers -----------------------------------------------------
 
 
