@@ -40,10 +40,11 @@ def plain_best(model_bytes: bytes, x: np.ndarray, seconds: float) -> tuple[float
     from infenclave.assess.runtime import candidate_configs, plain_throughput
 
     rates = plain_throughput(model_bytes, x, candidate_configs(), seconds=seconds)
-    table = {cfg.label(): {"images_per_s": round(r.images_per_s, 1),
-                           "images_per_cpu_s": round(r.images_per_cpu_s, 1)} for cfg, r in rates.items()}
-    return (max(r.images_per_s for r in rates.values()),
-            max(r.images_per_cpu_s for r in rates.values()), table)
+    table = {
+        cfg.label(): {"images_per_s": round(r.images_per_s, 1), "images_per_cpu_s": round(r.images_per_cpu_s, 1)}
+        for cfg, r in rates.items()
+    }
+    return (max(r.images_per_s for r in rates.values()), max(r.images_per_cpu_s for r in rates.values()), table)
 
 
 def knows_weights_run(out: Path) -> int:
@@ -54,25 +55,45 @@ def knows_weights_run(out: Path) -> int:
     """
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "infenclave.cli", "assess", "efficientnet-lite0",
-                               "--out", f"{tmp}/a"], capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "infenclave.cli", "assess", "efficientnet-lite0", "--out", f"{tmp}/a"],
+            capture_output=True,
+            text=True,
+        )
         seconds = time.perf_counter() - t0
         plan = json.loads(Path(f"{tmp}/a/plan.json").read_text()) if Path(f"{tmp}/a/plan.json").is_file() else None
     doc: dict[str, object] = {
-        "command": "infenclave assess efficientnet-lite0", "exit_code": proc.returncode,
-        "seconds": round(seconds, 1), "cores": len(os.sched_getaffinity(0)),
-        "load_average_after": [round(v, 2) for v in os.getloadavg()], "platform": platform.platform()}
+        "command": "infenclave assess efficientnet-lite0",
+        "exit_code": proc.returncode,
+        "seconds": round(seconds, 1),
+        "cores": len(os.sched_getaffinity(0)),
+        "load_average_after": [round(v, 2) for v in os.getloadavg()],
+        "platform": platform.platform(),
+    }
     if plan is not None:
         rec = plan["recommendation"]
         res = plan["adversary"].get("results") or {}
-        doc.update({"verdict": rec["verdict"], "front_end": rec["front_end"],
-                    "deployment": rec["deployment"], "budgets": res.get("budgets"),
-                    "attack_seconds": round(res.get("seconds", 0.0), 1),
-                    "cuts": [{"cut": c["cut"], "attack": c["attack"], "photos": c["photos"],
-                              "recovered": c["recovered"], "verdict": c["evidence"]["verdict"],
-                              "upper_bound": c["evidence"]["upper_bound"],
-                              "attack_seconds": round(c["attack_seconds"], 1)}
-                             for c in res.get("cuts", [])]})
+        doc.update(
+            {
+                "verdict": rec["verdict"],
+                "front_end": rec["front_end"],
+                "deployment": rec["deployment"],
+                "budgets": res.get("budgets"),
+                "attack_seconds": round(res.get("seconds", 0.0), 1),
+                "cuts": [
+                    {
+                        "cut": c["cut"],
+                        "attack": c["attack"],
+                        "photos": c["photos"],
+                        "recovered": c["recovered"],
+                        "verdict": c["evidence"]["verdict"],
+                        "upper_bound": c["evidence"]["upper_bound"],
+                        "attack_seconds": round(c["attack_seconds"], 1),
+                    }
+                    for c in res.get("cuts", [])
+                ],
+            }
+        )
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(json.dumps(doc, indent=2))
     return 0
@@ -82,8 +103,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="1 photo for the full scan (a smoke run)")
-    ap.add_argument("--knows-weights", action="store_true",
-                    help="only time the default knows-weights assessment of Lite0")
+    ap.add_argument(
+        "--knows-weights", action="store_true", help="only time the default knows-weights assessment of Lite0"
+    )
     args = ap.parse_args()
     if args.knows_weights:
         return knows_weights_run(args.out or ROOT / "bench" / "results" / "assess-knows-weights.json")
@@ -127,10 +149,14 @@ def main() -> int:
         s = res.stats
         limit = (best_b + best_a) / 2
         row = {
-            "photo": img.name, "wall_seconds": round(wall, 1), "oracle_forwards": s.forwarded,
-            "deduplicated": s.deduplicated, "oracle_loop_seconds": round(s.oracle_seconds, 1),
+            "photo": img.name,
+            "wall_seconds": round(wall, 1),
+            "oracle_forwards": s.forwarded,
+            "deduplicated": s.deduplicated,
+            "oracle_loop_seconds": round(s.oracle_seconds, 1),
             "oracle_forwards_per_s": round(s.oracle_images_per_s, 1),
-            "plain_best_before": round(best_b, 1), "plain_best_after": round(best_a, 1),
+            "plain_best_before": round(best_b, 1),
+            "plain_best_after": round(best_a, 1),
             "ratio": round(s.oracle_images_per_s / limit, 3),
             "oracle_forwards_per_cpu_s": round(s.forwarded / s.oracle_cpu_seconds, 1),
             "plain_best_per_cpu_s": round(max(cpu_b, cpu_a), 1),
@@ -154,24 +180,39 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "assessment"
         t0 = time.perf_counter()
-        run = subprocess.run([sys.executable, "-m", "infenclave.cli", "assess", "efficientnet-lite0", "--adversary", "passive",
-                              "--out", str(out)], capture_output=True, text=True)
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "infenclave.cli",
+                "assess",
+                "efficientnet-lite0",
+                "--adversary",
+                "passive",
+                "--out",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+        )
         default_wall = time.perf_counter() - t0
         plan = json.loads((out / "plan.json").read_text()) if (out / "plan.json").is_file() else None
     if plan is None:
         print(run.stderr, file=sys.stderr)
         return 1
-    print(f"default assessment, 8 photos: {default_wall:.1f} s (exit {run.returncode}), "
-          f"FrontNet end {plan['recommendation']['front_end']}", flush=True)
+    print(
+        f"default assessment, 8 photos: {default_wall:.1f} s (exit {run.returncode}), "
+        f"FrontNet end {plan['recommendation']['front_end']}",
+        flush=True,
+    )
 
     result = {
-        "machine": {"cores": cpu_count(), "platform": platform.platform(),
-                    "load_average_at_end": os.getloadavg()},
+        "machine": {"cores": cpu_count(), "platform": platform.platform(), "load_average_at_end": os.getloadavg()},
         "model": "efficientnet-lite0",
         "oracle_plain_best_images_per_s": round(limit, 1),
         "oracle_plain_best_note": "best setting's images/s of the bare model, measured just before "
-                                  "and after each photo's scan, weighted by scan time; on a shared "
-                                  "machine the per-CPU-second ratio is the load-independent one",
+        "and after each photo's scan, weighted by scan time; on a shared "
+        "machine the per-CPU-second ratio is the load-independent one",
         "oracle_plain_best_images_per_cpu_s": round(cpu_limit, 1),
         "full_scan": {
             "photos": names,
@@ -197,8 +238,11 @@ def main() -> int:
             "oracle_forwards": plan["scan"]["stats"]["oracle_forwards"],
             "oracle_loop_seconds": plan["scan"]["stats"]["oracle_seconds"],
         },
-        "targets": {"ratio_to_plain_best": ">= 0.9", "full_scan_seconds_per_photo": "<= 90",
-                    "default_assessment_8_photos_seconds": "< 120"},
+        "targets": {
+            "ratio_to_plain_best": ">= 0.9",
+            "full_scan_seconds_per_photo": "<= 90",
+            "default_assessment_8_photos_seconds": "< 120",
+        },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -43,8 +43,16 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = "efficientnet-lite0"
 PROBE_STEPS = 5
 # The last cut point of each Lite0 stage (where resolution or width changes), plus the stem.
-STAGE_ENDS = ["_conv_stem", "_blocks.0", "_blocks.2", "_blocks.4", "_blocks.7", "_blocks.10",
-              "_blocks.14", "_blocks.15"]
+STAGE_ENDS = [
+    "_conv_stem",
+    "_blocks.0",
+    "_blocks.2",
+    "_blocks.4",
+    "_blocks.7",
+    "_blocks.10",
+    "_blocks.14",
+    "_blocks.15",
+]
 FIGURE_PHOTOS = ["chelsea", "coffee", "astronaut"]
 FIGURE_CUTS = ["_conv_stem", "_blocks.2", "_blocks.4", "_blocks.7", "_blocks.14"]
 CURVE_PHOTOS = ["chelsea", "coffee", "astronaut", "rocket"]  # built-in names missing are skipped
@@ -57,7 +65,8 @@ def summarise(records: list[Any]) -> dict[str, Any]:
     """Mean figures over photos for one (attack, cut, budget)."""
     finite = [r.psnr for r in records if np.isfinite(r.psnr)]
     out = {
-        "recognised": sum(r.recognised for r in records), "photos": len(records),
+        "recognised": sum(r.recognised for r in records),
+        "photos": len(records),
         "unsafe_photos": sum(r.unsafe for r in records),
         "mean_ssim": round(float(np.mean([r.ssim for r in records])), 4),
         "mean_psnr": round(float(np.mean(finite)), 2) if finite else None,
@@ -90,24 +99,29 @@ def per_cut_cost(net: Any, batch: np.ndarray, training: Any, quick: bool) -> lis
             t = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             x = image()
-            loss = whitebox.relative_ir_error(front, x, torch.from_numpy(target), pre) \
-                + whitebox.TV_WEIGHT * whitebox.total_variation(x)
+            loss = whitebox.relative_ir_error(
+                front, x, torch.from_numpy(target), pre
+            ) + whitebox.TV_WEIGHT * whitebox.total_variation(x)
             loss.sum().backward()
             opt.step()
             if step:  # the first step warms caches and allocators
                 times.append(time.perf_counter() - t)
         step_s = min(times)  # the least-disturbed step: the machine is shared
         dec = decoder.train_and_invert(onnx_front, target, training, pre.input_hw, epochs=1)
-        rows.append({
-            "cut": c.name, "shape": list(c.shape),
-            "whitebox_seconds_per_step_batch8": round(step_s, 3),
-            "whitebox_seconds_per_step_batch8_median": round(statistics.median(times), 3),
-            "whitebox_seconds_per_reconstruction_at_default": round(
-                step_s * whitebox.DEFAULT_STEPS / len(batch), 2),
-            "whitebox_seconds_per_cut_at_default": round(step_s * whitebox.DEFAULT_STEPS, 1),
-            "decoder_seconds_per_epoch": round(dec.train_seconds, 2),
-            "decoder_seconds_per_cut_at_default": round(dec.train_seconds * decoder.DEFAULT_EPOCHS, 1),
-        })
+        rows.append(
+            {
+                "cut": c.name,
+                "shape": list(c.shape),
+                "whitebox_seconds_per_step_batch8": round(step_s, 3),
+                "whitebox_seconds_per_step_batch8_median": round(statistics.median(times), 3),
+                "whitebox_seconds_per_reconstruction_at_default": round(
+                    step_s * whitebox.DEFAULT_STEPS / len(batch), 2
+                ),
+                "whitebox_seconds_per_cut_at_default": round(step_s * whitebox.DEFAULT_STEPS, 1),
+                "decoder_seconds_per_epoch": round(dec.train_seconds, 2),
+                "decoder_seconds_per_cut_at_default": round(dec.train_seconds * decoder.DEFAULT_EPOCHS, 1),
+            }
+        )
         print(f"  cost {c.name}: {rows[-1]}", flush=True)
     return rows
 
@@ -120,8 +134,7 @@ def draw_figure(model: Any, net: Any, images: dict[str, np.ndarray], judge: Any,
     save_inversion_grid(res, "whitebox", figure, images=FIGURE_PHOTOS)
 
 
-def default_run(model: Any, net: Any, images: dict[str, np.ndarray], judge: Any,
-                quick: bool) -> dict[str, Any]:
+def default_run(model: Any, net: Any, images: dict[str, np.ndarray], judge: Any, quick: bool) -> dict[str, Any]:
     from infenclave.assess.attacks import Budgets, run_attacks
 
     budgets = Budgets(whitebox_steps=5) if quick else Budgets()
@@ -130,16 +143,26 @@ def default_run(model: Any, net: Any, images: dict[str, np.ndarray], judge: Any,
     res = run_attacks(model, net, cuts, images, "knows-weights", budgets=budgets, judge=judge, seed=0)
     wall = time.perf_counter() - t
     return {
-        "adversary": "knows-weights", "budgets": budgets.to_dict(), "photos": len(images),
-        "cuts": cuts, "wall_seconds": round(wall, 1),
-        "per_cut": [{"cut": c.cut, "shape": list(c.shape), "attack_seconds": round(c.attack_seconds, 1),
-                     "seconds_per_reconstruction": round(c.seconds_per_reconstruction, 2),
-                     **summarise(c.images), "unsafe": c.unsafe} for c in res.cuts],
+        "adversary": "knows-weights",
+        "budgets": budgets.to_dict(),
+        "photos": len(images),
+        "cuts": cuts,
+        "wall_seconds": round(wall, 1),
+        "per_cut": [
+            {
+                "cut": c.cut,
+                "shape": list(c.shape),
+                "attack_seconds": round(c.attack_seconds, 1),
+                "seconds_per_reconstruction": round(c.seconds_per_reconstruction, 2),
+                **summarise(c.images),
+                "unsafe": c.unsafe,
+            }
+            for c in res.cuts
+        ],
     }
 
 
-def budget_curves(net: Any, images: dict[str, np.ndarray], judge: Any, training: Any,
-                  quick: bool) -> dict[str, Any]:
+def budget_curves(net: Any, images: dict[str, np.ndarray], judge: Any, training: Any, quick: bool) -> dict[str, Any]:
     import torch
 
     from infenclave.assess.attacks import decoder, whitebox
@@ -164,18 +187,32 @@ def budget_curves(net: Any, images: dict[str, np.ndarray], judge: Any, training:
             with torch.no_grad():
                 x = torch.from_numpy(wb.snapshots[k]).permute(0, 3, 1, 2).float() / 255.0
                 errors = whitebox.relative_ir_error(front, x, torch.from_numpy(target), pre).tolist()
-            recs = judge_reconstructions(judge, names, batch, wb.snapshots[k], p_original=p_original,
-                                         ir_errors=errors)
-            out["whitebox"].append({"cut": cut, "steps": k, "seconds": round(per_step * k, 1),
-                                    "loss": round(wb.loss_curve[k - 1], 4), **summarise(recs)})
+            recs = judge_reconstructions(judge, names, batch, wb.snapshots[k], p_original=p_original, ir_errors=errors)
+            out["whitebox"].append(
+                {
+                    "cut": cut,
+                    "steps": k,
+                    "seconds": round(per_step * k, 1),
+                    "loss": round(wb.loss_curve[k - 1], 4),
+                    **summarise(recs),
+                }
+            )
             print(f"  whitebox {cut} {out['whitebox'][-1]}", flush=True)
-        dec = decoder.train_and_invert(onnx_front, target, training, pre.input_hw,
-                                       epochs=max(dec_budgets), seed=0, snapshots=dec_budgets)
+        dec = decoder.train_and_invert(
+            onnx_front, target, training, pre.input_hw, epochs=max(dec_budgets), seed=0, snapshots=dec_budgets
+        )
         per_epoch = dec.train_seconds / dec.epochs
         for k in dec_budgets:
             recs = judge_reconstructions(judge, names, batch, dec.snapshots[k], p_original=p_original)
-            out["decoder"].append({"cut": cut, "epochs": k, "seconds": round(per_epoch * k, 1),
-                                   "train_loss": round(dec.loss_curve[k - 1], 4), **summarise(recs)})
+            out["decoder"].append(
+                {
+                    "cut": cut,
+                    "epochs": k,
+                    "seconds": round(per_epoch * k, 1),
+                    "train_loss": round(dec.loss_curve[k - 1], 4),
+                    **summarise(recs),
+                }
+            )
             print(f"  decoder {cut} {out['decoder'][-1]}", flush=True)
     return out
 
@@ -185,8 +222,9 @@ CONVERGENCE_CUT = "_blocks.15"  # the deepest candidate: where a knows-weights "
 CONVERGENCE_PHOTOS = 4  # a time compromise on 2 shared cores (each cap runs both restarts)
 
 
-def evidence_run(model: Any, net: Any, quick: bool, cuts: list[str] | None = None,
-                 photos: int | None = None, decoder: bool = True) -> dict[str, Any]:
+def evidence_run(
+    model: Any, net: Any, quick: bool, cuts: list[str] | None = None, photos: int | None = None, decoder: bool = True
+) -> dict[str, Any]:
     """Per cut: k of n evaluation photos recovered (white-box at the default budget, decoder at
     `_blocks.3`), the bound and its verdict, re-identification and recognition counts, seconds."""
     from infenclave.assess.adversary import build_gallery
@@ -198,33 +236,47 @@ def evidence_run(model: Any, net: Any, quick: bool, cuts: list[str] | None = Non
     panel = JudgePanel.for_model(model)
     evaluation = sets["evaluation"].images()
     if quick or photos:
-        evaluation = dict(list(evaluation.items())[:4 if quick else photos])
+        evaluation = dict(list(evaluation.items())[: 4 if quick else photos])
     gallery = build_gallery(model, panel, evaluation, sets)
     budgets = Budgets(whitebox_steps=5, whitebox_restarts=1, decoder_epochs=1) if quick else Budgets()
-    out: dict[str, Any] = {"photos": len(evaluation), "gallery": len(gallery),
-                           "chance_per_photo": round(gallery.chance, 4), "budgets": budgets.to_dict(),
-                           "photo_sets": {k: {"photos": len(v.photos), "by_source": v.by_source()}
-                                          for k, v in sets.items()}, "cuts": []}
+    out: dict[str, Any] = {
+        "photos": len(evaluation),
+        "gallery": len(gallery),
+        "chance_per_photo": round(gallery.chance, 4),
+        "budgets": budgets.to_dict(),
+        "photo_sets": {k: {"photos": len(v.photos), "by_source": v.by_source()} for k, v in sets.items()},
+        "cuts": [],
+    }
     plan = ([("decoder", "chosen-inputs", ["_blocks.3"])] if decoder else []) + [
-        ("whitebox", "knows-weights", cuts or EVIDENCE_CUTS)]
+        ("whitebox", "knows-weights", cuts or EVIDENCE_CUTS)
+    ]
     for attack, adversary, cuts in plan:
         training = training_photos(exclude=evaluation) if attack == "decoder" else None
         for cut in cuts:
             t0 = time.perf_counter()
-            res = run_attacks(model, net, [cut], evaluation, adversary, budgets, panel, seed=0,
-                              gallery=gallery, training=training)
+            res = run_attacks(
+                model, net, [cut], evaluation, adversary, budgets, panel, seed=0, gallery=gallery, training=training
+            )
             (c,) = res.cuts
             ev = c.evidence
-            out["cuts"].append({
-                "attack": attack, "cut": cut, "photos_attacked": len(c.images),
-                "photos_planned": c.photos_planned, "recovered": c.recovered_count,
-                "reidentified": c.reidentified_count, "recognised": c.recognised_count,
-                "unclassifiable": sum(not r.classifiable for r in c.images),
-                "upper_bound": round(ev.bound, 4), "verdict": ev.verdict,
-                "structural_ranks": [r.reid.structural_rank for r in c.images if r.reid],
-                "deep_ranks": [r.reid.deep_rank for r in c.images if r.reid],
-                "attack_seconds": round(c.attack_seconds, 1),
-                "wall_seconds": round(time.perf_counter() - t0, 1)})
+            out["cuts"].append(
+                {
+                    "attack": attack,
+                    "cut": cut,
+                    "photos_attacked": len(c.images),
+                    "photos_planned": c.photos_planned,
+                    "recovered": c.recovered_count,
+                    "reidentified": c.reidentified_count,
+                    "recognised": c.recognised_count,
+                    "unclassifiable": sum(not r.classifiable for r in c.images),
+                    "upper_bound": round(ev.bound, 4),
+                    "verdict": ev.verdict,
+                    "structural_ranks": [r.reid.structural_rank for r in c.images if r.reid],
+                    "deep_ranks": [r.reid.deep_rank for r in c.images if r.reid],
+                    "attack_seconds": round(c.attack_seconds, 1),
+                    "wall_seconds": round(time.perf_counter() - t0, 1),
+                }
+            )
             print(json.dumps(out["cuts"][-1]), flush=True)
     return out
 
@@ -242,20 +294,36 @@ def convergence_run(model: Any, net: Any, quick: bool, photos: int = CONVERGENCE
 
     sets = offline_sets()
     panel = JudgePanel.for_model(model)
-    evaluation = dict(list(sets["evaluation"].images().items())[8:8 + (2 if quick else photos)])
+    evaluation = dict(list(sets["evaluation"].images().items())[8 : 8 + (2 if quick else photos)])
     gallery = build_gallery(model, panel, evaluation, sets)
     rows = []
-    for cap in ([5, 10] if quick else [DEFAULT_STEPS, 2 * DEFAULT_STEPS]):
+    for cap in [5, 10] if quick else [DEFAULT_STEPS, 2 * DEFAULT_STEPS]:
         t0 = time.perf_counter()
-        res = run_attacks(model, net, [CONVERGENCE_CUT], evaluation, "knows-weights",
-                          Budgets(whitebox_steps=cap), panel, seed=0, gallery=gallery,
-                          stop_when_unsafe=False)
+        res = run_attacks(
+            model,
+            net,
+            [CONVERGENCE_CUT],
+            evaluation,
+            "knows-weights",
+            Budgets(whitebox_steps=cap),
+            panel,
+            seed=0,
+            gallery=gallery,
+            stop_when_unsafe=False,
+        )
         (c,) = res.cuts
-        rows.append({"cap": cap, "restarts": c.extra.get("restarts"),
-                     "recovered": c.recovered_count, "reidentified": c.reidentified_count,
-                     "recognised": c.recognised_count, "photos": len(c.images),
-                     "mean_ir_error": round(float(np.mean([r.ir_error for r in c.images])), 4),
-                     "seconds": round(time.perf_counter() - t0, 1)})
+        rows.append(
+            {
+                "cap": cap,
+                "restarts": c.extra.get("restarts"),
+                "recovered": c.recovered_count,
+                "reidentified": c.reidentified_count,
+                "recognised": c.recognised_count,
+                "photos": len(c.images),
+                "mean_ir_error": round(float(np.mean([r.ir_error for r in c.images])), 4),
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return {"cut": CONVERGENCE_CUT, "photos": [*evaluation], "runs": rows}
 
@@ -266,12 +334,18 @@ def main() -> int:
     ap.add_argument("--figure", type=Path, default=ROOT / "docs" / "img" / "inversion-example.png")
     ap.add_argument("--quick", action="store_true", help="tiny budgets and few cuts (a smoke run)")
     ap.add_argument("--evidence-cuts", default=None, help="comma-separated cuts for --parts evidence")
-    ap.add_argument("--photos", type=int, default=None,
-                    help="evaluation photos for evidence (default all 40) / convergence (default 4)")
+    ap.add_argument(
+        "--photos",
+        type=int,
+        default=None,
+        help="evaluation photos for evidence (default all 40) / convergence (default 4)",
+    )
     ap.add_argument("--no-decoder", action="store_true", help="evidence: white-box only")
-    ap.add_argument("--parts", default="cost,default,curves,figure",
-                    help="comma-separated sections to run: cost, default, curves, figure, "
-                    "evidence, convergence")
+    ap.add_argument(
+        "--parts",
+        default="cost,default,curves,figure",
+        help="comma-separated sections to run: cost, default, curves, figure, evidence, convergence",
+    )
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     if not parts or parts - {"cost", "default", "curves", "figure", "evidence", "convergence"}:
@@ -291,10 +365,15 @@ def main() -> int:
     training = training_photos(exclude=images)
     batch = np.stack([resize_and_crop(v, model.preprocess) for v in images.values()])
     previous = json.loads(args.out.read_text()) if args.out.is_file() and not args.quick else {}
-    report: dict[str, Any] = {**previous,
-        "machine": {"cores": len(os.sched_getaffinity(0)), "platform": platform.platform(),
-                    "python": sys.version.split()[0]},
-        "model": MODEL, "judge": judge.name,
+    report: dict[str, Any] = {
+        **previous,
+        "machine": {
+            "cores": len(os.sched_getaffinity(0)),
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+        },
+        "model": MODEL,
+        "judge": judge.name,
         "training_photos": training.summary()["distinct_photos"],
     }
     with torch_threads(None) as threads:
@@ -315,15 +394,19 @@ def main() -> int:
         if "evidence" in parts:
             print("evidence per cut (evaluation set)", flush=True)
             report["evidence"] = evidence_run(
-                model, net, args.quick, args.evidence_cuts.split(",") if args.evidence_cuts else None,
-                args.photos, not args.no_decoder)
+                model,
+                net,
+                args.quick,
+                args.evidence_cuts.split(",") if args.evidence_cuts else None,
+                args.photos,
+                not args.no_decoder,
+            )
             report["load_average_after_evidence"] = [round(v, 2) for v in os.getloadavg()]
             if not args.quick:  # a long run keeps what it has measured
                 args.out.write_text(json.dumps(report, indent=2) + "\n")
         if "convergence" in parts:
             print("convergence at the deepest candidate cut", flush=True)
-            report["convergence"] = convergence_run(model, net, args.quick,
-                                                    args.photos or CONVERGENCE_PHOTOS)
+            report["convergence"] = convergence_run(model, net, args.quick, args.photos or CONVERGENCE_PHOTOS)
             report["load_average_after_convergence"] = [round(v, 2) for v in os.getloadavg()]
         if "figure" in parts and not args.quick:
             print("figure", flush=True)
@@ -332,7 +415,8 @@ def main() -> int:
     report.pop("load_average_at_end", None)
     report.pop("total_seconds", None)
     report.setdefault("seconds_by_run", []).append(
-        {"parts": sorted(parts), "seconds": round(time.perf_counter() - started, 1)})
+        {"parts": sorted(parts), "seconds": round(time.perf_counter() - started, 1)}
+    )
     if not args.quick:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

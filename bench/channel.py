@@ -83,7 +83,7 @@ def frames(kind: str, size: int, rounds: int) -> dict[str, float]:
     host.close()
     thread.join(5)
     enclave.close()
-    times = sorted(times[rounds // 10:])  # drop the warm-up tenth
+    times = sorted(times[rounds // 10 :])  # drop the warm-up tenth
     return {"median_us": statistics.median(times) * 1e6, "p90_us": times[int(len(times) * 0.9)] * 1e6}
 
 
@@ -118,18 +118,53 @@ def end_to_end(requests: int) -> dict[str, object]:
         result = partition(load_model("efficientnet-lite0"), *CUTS, work / "bundle")
         state, enclave_port, port = work / "state", _free_port(), _free_port()
         enclave_log = work / "enclave.log"
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "infenclave.enclave", "--tee", "sim", "--listen", f"127.0.0.1:{enclave_port}",
-             "--bundles", str(result.bundle_dir.parent), "--state", str(state)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(enclave_log, "wb"),
-            env=_enclave_env(), cwd=work))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "infenclave.enclave",
+                    "--tee",
+                    "sim",
+                    "--listen",
+                    f"127.0.0.1:{enclave_port}",
+                    "--bundles",
+                    str(result.bundle_dir.parent),
+                    "--state",
+                    str(state),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=open(enclave_log, "wb"),
+                env=_enclave_env(),
+                cwd=work,
+            )
+        )
         _wait(lambda: "listening on" in enclave_log.read_text(), "enclave listening")
         url = f"http://127.0.0.1:{port}"
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "infenclave.cli", "serve", str(result.bundle_dir), "--port", str(port),
-             "--workers", "1", "--enclave", f"127.0.0.1:{enclave_port}", "--state", str(state),
-             "--log-level", "warning"],
-            stdout=open(work / "serve.log", "wb"), stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "infenclave.cli",
+                    "serve",
+                    str(result.bundle_dir),
+                    "--port",
+                    str(port),
+                    "--workers",
+                    "1",
+                    "--enclave",
+                    f"127.0.0.1:{enclave_port}",
+                    "--state",
+                    str(state),
+                    "--log-level",
+                    "warning",
+                ],
+                stdout=open(work / "serve.log", "wb"),
+                stderr=subprocess.STDOUT,
+            )
+        )
         _wait(lambda: httpx.get(url + "/healthz", timeout=5).json()["workers"] == 2, "server ready")
         image = builtin_images()["coffee"].read_bytes()
         with warnings.catch_warnings():
@@ -151,9 +186,14 @@ def end_to_end(requests: int) -> dict[str, object]:
         # Which attested enclave is which slot: the server lists workers by slot, the client
         # cycles in that order, so request index % 2 is the slot.
         assert len(enclaves) == 2
-        return {names[slot]: {"median_ms": statistics.median(v) * 1e3,
-                              "p90_ms": sorted(v)[int(len(v) * 0.9)] * 1e3, "n": len(v)}
-                for slot, v in latencies.items()}
+        return {
+            names[slot]: {
+                "median_ms": statistics.median(v) * 1e3,
+                "p90_ms": sorted(v)[int(len(v) * 0.9)] * 1e3,
+                "n": len(v),
+            }
+            for slot, v in latencies.items()
+        }
     finally:
         for proc in reversed(procs):
             if proc.poll() is None:
@@ -175,19 +215,33 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "channel.json")
     args = parser.parse_args()
     sizes = {"IR1 Lite0 _blocks.3 (40x28x28 f32)": 40 * 28 * 28 * 4, "1 MiB": 1 << 20}
-    raw = {name: {kind: frames(kind, size, args.rounds) for kind in ("socketpair", "tcp")}
-           for name, size in sizes.items()}
+    raw = {
+        name: {kind: frames(kind, size, args.rounds) for kind in ("socketpair", "tcp")} for name, size in sizes.items()
+    }
     for name, result in raw.items():
-        print(f"frame round trip, {name}: " + ", ".join(
-            f"{kind} {r['median_us']:.0f} us (p90 {r['p90_us']:.0f})" for kind, r in result.items()))
+        print(
+            f"frame round trip, {name}: "
+            + ", ".join(f"{kind} {r['median_us']:.0f} us (p90 {r['p90_us']:.0f})" for kind, r in result.items())
+        )
     e2e = end_to_end(args.requests)
     for name, r in e2e.items():
         print(f"classify via {name}: median {r['median_ms']:.1f} ms, p90 {r['p90_ms']:.1f} ms (n={r['n']})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "load_average": os.getloadavg()},
-        "frame_round_trip": raw, "classify_end_to_end": e2e}, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                    "load_average": os.getloadavg(),
+                },
+                "frame_round_trip": raw,
+                "classify_end_to_end": e2e,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {args.out}")
 
 

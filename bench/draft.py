@@ -53,9 +53,16 @@ def main() -> None:
             continue  # not drafted: identical by construction
         t_full, t_draft = t_full + t1 - t0, t_draft + t2 - t1
         a, b = _top5(predictor, full), _top5(predictor, drafted)
-        rows.append({"file": str(path), "size": list(size), "top1_same": a[0] == b[0],
-                     "top5_same_order": a == b, "top5_same_set": set(a) == set(b),
-                     "top5_overlap": len(set(a) & set(b))})
+        rows.append(
+            {
+                "file": str(path),
+                "size": list(size),
+                "top1_same": a[0] == b[0],
+                "top5_same_order": a == b,
+                "top5_same_set": set(a) == set(b),
+                "top5_overlap": len(set(a) & set(b)),
+            }
+        )
     done = [r for r in rows if "skipped" not in r]
     summary = {
         "photos_drafted": len(done),
@@ -63,7 +70,8 @@ def main() -> None:
         "top5_same_set": float(np.mean([r["top5_same_set"] for r in done])),
         "top5_same_order": float(np.mean([r["top5_same_order"] for r in done])),
         "mean_top5_overlap": float(np.mean([r["top5_overlap"] for r in done])),
-        "decode_preprocess_s_full": round(t_full, 2), "decode_preprocess_s_draft": round(t_draft, 2),
+        "decode_preprocess_s_full": round(t_full, 2),
+        "decode_preprocess_s_draft": round(t_draft, 2),
         "draft_side": draft_side(pre),
     }
     out = HERE / "results" / "draft.json"

@@ -43,8 +43,9 @@ def fuzz(target: Target, n: int, rng_seed: int) -> dict[str, object]:
     slowest = 0.0
 
     @seed(rng_seed)
-    @settings(max_examples=n, deadline=None, database=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=n, deadline=None, database=None, phases=[Phase.generate], suppress_health_check=list(HealthCheck)
+    )
     @given(mutated(target.seeds))
     def run(data: bytes) -> None:
         nonlocal slowest
@@ -58,15 +59,27 @@ def fuzz(target: Target, n: int, rng_seed: int) -> dict[str, object]:
         except Exception as exc:  # noqa: BLE001 - a finding, recorded and counted
             counts["findings"] += 1
             if len(findings) < _KEEP:
-                findings.append({"type": type(exc).__name__, "message": str(exc)[:200],
-                                 "input_hex": data[:64].hex(), "input_len": str(len(data))})
+                findings.append(
+                    {
+                        "type": type(exc).__name__,
+                        "message": str(exc)[:200],
+                        "input_hex": data[:64].hex(),
+                        "input_len": str(len(data)),
+                    }
+                )
         elapsed = time.perf_counter() - t0
         slowest = max(slowest, elapsed)
         if elapsed > SLOW_S:
             counts["findings"] += 1
             if len(findings) < _KEEP:
-                findings.append({"type": "slow", "message": f"{elapsed:.2f} s",
-                                 "input_hex": data[:64].hex(), "input_len": str(len(data))})
+                findings.append(
+                    {
+                        "type": "slow",
+                        "message": f"{elapsed:.2f} s",
+                        "input_hex": data[:64].hex(),
+                        "input_len": str(len(data)),
+                    }
+                )
 
     seeds_parsed = 0  # a seed the parser refuses means the run only scratches its surface
     for warm in (*target.seeds, b"", b"\x89PNG-not-really"):  # lazy imports (PIL plugins) once
@@ -77,9 +90,14 @@ def fuzz(target: Target, n: int, rng_seed: int) -> dict[str, object]:
             pass
     t0 = time.perf_counter()
     run()
-    return {**counts, "seeds": len(target.seeds), "seeds_parsed": seeds_parsed,
-            "findings_kept": findings, "slowest_input_s": round(slowest, 4),
-            "wall_s": round(time.perf_counter() - t0, 1)}
+    return {
+        **counts,
+        "seeds": len(target.seeds),
+        "seeds_parsed": seeds_parsed,
+        "findings_kept": findings,
+        "slowest_input_s": round(slowest, 4),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
 
 
 def main() -> int:
@@ -95,8 +113,11 @@ def main() -> int:
     for target in chosen:
         results[target.name] = fuzz(target, args.n, args.seed)
         r = results[target.name]
-        print(f"{target.name:18} {r['inputs']:>7} inputs  {r['parsed']:>6} parsed  "
-              f"{r['refused']:>7} refused  {r['findings']} findings  {r['wall_s']} s", flush=True)
+        print(
+            f"{target.name:18} {r['inputs']:>7} inputs  {r['parsed']:>6} parsed  "
+            f"{r['refused']:>7} refused  {r['findings']} findings  {r['wall_s']} s",
+            flush=True,
+        )
         doc = _write(args, results)  # after each target: a long run that is cut keeps its figures
     return 1 if doc["total_findings"] else 0
 

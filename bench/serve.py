@@ -17,8 +17,6 @@ throughput at concurrency 32 (32 client threads for a fixed time). The photos cy
 the 8 built-in images. Results go to bench/results/serve.json (and stdout).
 """
 
-
-
 import argparse
 import asyncio
 import json
@@ -99,8 +97,12 @@ def _latency(call, images: list[bytes], n: int) -> dict:
         call(images[i % len(images)])
         samples.append((time.perf_counter() - t0) * 1e3)
     samples.sort()
-    return {"requests": n, "mean_ms": statistics.mean(samples), "p50_ms": samples[n // 2],
-            "p90_ms": samples[int(n * 0.9)]}
+    return {
+        "requests": n,
+        "mean_ms": statistics.mean(samples),
+        "p50_ms": samples[n // 2],
+        "p90_ms": samples[int(n * 0.9)],
+    }
 
 
 def _throughput(call, images: list[bytes], concurrency: int, seconds: float) -> dict:
@@ -127,8 +129,13 @@ def _throughput(call, images: list[bytes], concurrency: int, seconds: float) -> 
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - t0
-    return {"concurrency": concurrency, "seconds": elapsed, "requests": sum(done),
-            "images_per_s": sum(done) / elapsed, "errors": len(errors)}
+    return {
+        "concurrency": concurrency,
+        "seconds": elapsed,
+        "requests": sum(done),
+        "images_per_s": sum(done) / elapsed,
+        "errors": len(errors),
+    }
 
 
 def main() -> None:
@@ -158,18 +165,42 @@ def main() -> None:
     images = [p.read_bytes() for p in builtin_images().values()]
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     # Verification on (the default bundle) and off (partitioned with --unverified-backnet).
-    results = {"confidential": partition(load_model(args.model), *CUTS, work / "bundle"),
-               "confidential_unverified": partition(load_model(args.model), *CUTS, work / "bundle-unverified",
-                                                    unverified_backnet=True)}
+    results = {
+        "confidential": partition(load_model(args.model), *CUTS, work / "bundle"),
+        "confidential_unverified": partition(
+            load_model(args.model), *CUTS, work / "bundle-unverified", unverified_backnet=True
+        ),
+    }
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     ports, plain_port = {name: free_port() for name in results}, free_port()
     log = open(work / "servers.log", "wb")
-    servers = {name: subprocess.Popen([sys.executable, "-m", "infenclave.cli", "serve", str(r.bundle_dir),
-                                       "--port", str(ports[name]), "--workers", str(args.workers),
-                                       "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT, env=env)
-               for name, r in results.items()}
-    plain = subprocess.Popen([sys.executable, __file__, "--model", args.model, "--plain-server",
-                              str(plain_port)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    servers = {
+        name: subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "infenclave.cli",
+                "serve",
+                str(r.bundle_dir),
+                "--port",
+                str(ports[name]),
+                "--workers",
+                str(args.workers),
+                "--log-level",
+                "warning",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        for name, r in results.items()
+    }
+    plain = subprocess.Popen(
+        [sys.executable, __file__, "--model", args.model, "--plain-server", str(plain_port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     report: dict = {}
     load_before = os.getloadavg()
     try:
@@ -181,8 +212,12 @@ def main() -> None:
         for name, r in results.items():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", SimulationWarning)
-                client = Client(urls[name], r.policy_file, allow_simulation=True,
-                                http=httpx.Client(timeout=120, limits=httpx.Limits(max_connections=64)))
+                client = Client(
+                    urls[name],
+                    r.policy_file,
+                    allow_simulation=True,
+                    http=httpx.Client(timeout=120, limits=httpx.Limits(max_connections=64)),
+                )
             client.provision(r.key_file)
             calls[name] = lambda image, client=client: client.classify(image, 5)
         plain_http = httpx.Client(timeout=120, limits=httpx.Limits(max_connections=64))
@@ -199,8 +234,9 @@ def main() -> None:
             proc.wait(30)
         log.close()
     lat = {n: r["latency_c1"]["mean_ms"] / report["plain"]["latency_c1"]["mean_ms"] for n, r in report.items()}
-    thr = {n: r["throughput"]["images_per_s"] / report["plain"]["throughput"]["images_per_s"]
-           for n, r in report.items()}
+    thr = {
+        n: r["throughput"]["images_per_s"] / report["plain"]["throughput"]["images_per_s"] for n, r in report.items()
+    }
     report["comparison"] = {
         "latency_c1_confidential_over_plain": lat["confidential"],
         "throughput_c32_confidential_over_plain": thr["confidential"],
@@ -210,8 +246,13 @@ def main() -> None:
         "target": "confidential within 15% of plain: latency ratio <= 1.15, throughput ratio >= 0.85",
     }
     report["setup"] = {
-        "model": args.model, "cut": list(CUTS), "enclave_workers": args.workers, "tee": "sim",
-        "images": len(images), "cpu_count": os.cpu_count(), "machine": platform.machine(),
+        "model": args.model,
+        "cut": list(CUTS),
+        "enclave_workers": args.workers,
+        "tee": "sim",
+        "images": len(images),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
         "python": platform.python_version(),
         "load_average_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "note": "shared CPU cores: other processes may have been running (see the load average)",

@@ -78,10 +78,25 @@ class Server:
         self.workers = workers
         self.log = open(workdir / f"server-{self.port}.log", "wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "infenclave.cli", "serve", str(bundle), "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", str(workers),
-             "--state", str(tempfile.mkdtemp(prefix="state-", dir=workdir))],
-            stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            [
+                sys.executable,
+                "-m",
+                "infenclave.cli",
+                "serve",
+                str(bundle),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                str(workers),
+                "--state",
+                str(tempfile.mkdtemp(prefix="state-", dir=workdir)),
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
         self.wait(lambda h: h["workers"] == workers, 180)
 
     def health(self) -> dict:
@@ -150,14 +165,22 @@ class Memory:
         return {f"{self.role[pid]} (pid {pid})": round(mib, 1) for pid, mib in sorted(self.peak.items())}
 
 
-def run(server: Server, policy: Path, imgs: list[bytes], expected: list, clients: int, seconds: float,
-        kill_every: float | None) -> dict:
+def run(
+    server: Server,
+    policy: Path,
+    imgs: list[bytes],
+    expected: list,
+    clients: int,
+    seconds: float,
+    kill_every: float | None,
+) -> dict:
     from infenclave.client import Client, SimulationWarning
     from infenclave.errors import VerificationError
 
     def same(a, b) -> bool:
         return [p.index for p in a] == [p.index for p in b] and bool(
-            np.allclose([p.prob for p in a], [p.prob for p in b], atol=1e-4, rtol=0))
+            np.allclose([p.prob for p in a], [p.prob for p in b], atol=1e-4, rtol=0)
+        )
 
     lock = threading.Lock()
     latencies: list[float] = []
@@ -217,8 +240,11 @@ def run(server: Server, policy: Path, imgs: list[bytes], expected: list, clients
 
     def recovery(slot: int, victim: int, t0: float) -> None:
         try:
-            server.wait(lambda h: h["workers_ready"] == server.workers
-                        and int(h["worker_pids"].get(str(slot), victim)) != victim, 120)
+            server.wait(
+                lambda h: h["workers_ready"] == server.workers
+                and int(h["worker_pids"].get(str(slot), victim)) != victim,
+                120,
+            )
             took: float | None = round(time.monotonic() - t0, 2)
         except TimeoutError:
             took = None
@@ -236,10 +262,15 @@ def run(server: Server, policy: Path, imgs: list[bytes], expected: list, clients
     peaks = memory.stop()
     lat = np.asarray(latencies) * 1e3
     result = {
-        "clients": clients, "seconds": round(elapsed, 1), **counts,
+        "clients": clients,
+        "seconds": round(elapsed, 1),
+        **counts,
         "throughput_per_s": round(counts["answers"] / elapsed, 2),
-        "latency_ms": {q: round(float(np.percentile(lat, p)), 1) for q, p in
-                       (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))} if len(lat) else {},
+        "latency_ms": {
+            q: round(float(np.percentile(lat, p)), 1) for q, p in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))
+        }
+        if len(lat)
+        else {},
         "peak_rss_mib": peaks,
         "errors": errors,
         "load_average_after": [round(v, 2) for v in os.getloadavg()],
@@ -263,10 +294,14 @@ def _run_from_a_snapshot() -> None:
     import infenclave
 
     snapshot = Path(tempfile.mkdtemp(prefix="infenclave-soak-src-"))
-    shutil.copytree(Path(infenclave.__file__).parent, snapshot / "infenclave",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    env = dict(os.environ, INFENCLAVE_SOAK_SNAPSHOT="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(snapshot), os.environ.get("PYTHONPATH")])))
+    shutil.copytree(
+        Path(infenclave.__file__).parent, snapshot / "infenclave", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    env = dict(
+        os.environ,
+        INFENCLAVE_SOAK_SNAPSHOT="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(snapshot), os.environ.get("PYTHONPATH")])),
+    )
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
@@ -294,9 +329,14 @@ def main() -> None:
     import infenclave
 
     print(f"serving the package copy in {Path(infenclave.__file__).parent}", flush=True)
-    report: dict = {"model": MODEL, "cuts": list(CUTS), "workers": args.workers, "machine": {
-        "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "distinct_images": len(imgs), "runs": {}}
+    report: dict = {
+        "model": MODEL,
+        "cuts": list(CUTS),
+        "workers": args.workers,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "distinct_images": len(imgs),
+        "runs": {},
+    }
     runs = [("steady", None)] + ([("worker_killed", args.kill_every)] if args.kill_every else [])
     for name, kill_every in runs:
         server = Server(bundle.bundle_dir, args.workers, workdir)
@@ -307,8 +347,9 @@ def main() -> None:
                     owner.provision(bundle.key_file)
             server.wait(lambda h: h["workers_ready"] == args.workers, 60)
             print(f"{name}: {args.clients} clients for {args.seconds:.0f} s ...", flush=True)
-            report["runs"][name] = run(server, bundle.policy_file, imgs, expected, args.clients,
-                                       args.seconds, kill_every)
+            report["runs"][name] = run(
+                server, bundle.policy_file, imgs, expected, args.clients, args.seconds, kill_every
+            )
             print(json.dumps(report["runs"][name], indent=1), flush=True)
         finally:
             server.stop()

@@ -133,9 +133,14 @@ def main() -> None:
         j = (i + 1 + int(rng.integers(len(pool) - 1))) % len(pool)  # swap: another live request
         return pool[i], [y.copy() for y in honest[j]]
 
-    results: dict = {"model": "efficientnet-lite0", "cut": ["_blocks.3", "_conv_head"],
-                     "vectors_per_check": VECTORS, "row_blocks_per_channel": ROW_BLOCKS,
-                     "safety": SAFETY, "attacks": {}}
+    results: dict = {
+        "model": "efficientnet-lite0",
+        "cut": ["_blocks.3", "_conv_head"],
+        "vectors_per_check": VECTORS,
+        "row_blocks_per_channel": ROW_BLOCKS,
+        "safety": SAFETY,
+        "attacks": {},
+    }
     for kind in ATTACKS:
         missed = sum(passes(*forge(kind)) for _ in range(args.trials))
         results["attacks"][kind] = {"trials": args.trials, "missed": missed}
@@ -151,20 +156,32 @@ def main() -> None:
         rejected += not passes(x, backnet(x))
         if (n + 1) % 1000 == 0:
             print(f"honest {n + 1}: {rejected} rejected, margin {verifier.last_margin:.2e}", flush=True)
-    results["honest"] = {"requests": args.honest, "false_rejections": rejected,
-                         "largest_residual_over_tolerance": verifier.last_margin}
+    results["honest"] = {
+        "requests": args.honest,
+        "false_rejections": rejected,
+        "largest_residual_over_tolerance": verifier.last_margin,
+    }
 
     # Cost: medians over the pool, one thread; the check split into linear ops and the rest.
-    results["cost"] = _cost(verifier, spec, SENT_OPS, pool, honest, backnet, plain_back, front, tail,
-                            [prepare(augmented(), model.preprocess) for _ in range(8)])
+    results["cost"] = _cost(
+        verifier,
+        spec,
+        SENT_OPS,
+        pool,
+        honest,
+        backnet,
+        plain_back,
+        front,
+        tail,
+        [prepare(augmented(), model.preprocess) for _ in range(8)],
+    )
     results["cost"]["verifier_load_ms"] = load_ms
     print(results["honest"], results["cost"], flush=True)
 
     # Gaussian noise on the head conv's output, swept across its tolerance: what passes must
     # keep the top-5. IR2 (its Clip, recomputed exactly) follows as an honest host computes it.
     head = spec.sent[-1] - 1
-    tol_head = float(np.median(verifier.tolerance(head, values[0][spec.ops[head].inputs[0]],
-                                                  honest[0][-1])))
+    tol_head = float(np.median(verifier.tolerance(head, values[0][spec.ops[head].inputs[0]], honest[0][-1])))
     sweep = []
     for sigma in (1e-6, 1e-5, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1):
         passed = kept = 0
@@ -177,9 +194,15 @@ def main() -> None:
             if passes(pool[i], noisy):
                 passed += 1
                 kept += top5(noisy[0]) == top5(honest[i][0])
-        sweep.append({"sigma": sigma, "sigma_x_sqrt_p_over_median_channel_tol":
-                      sigma * math.sqrt(49) / tol_head, "trials": trials, "passed": passed,
-                      "passed_with_same_top5": kept})
+        sweep.append(
+            {
+                "sigma": sigma,
+                "sigma_x_sqrt_p_over_median_channel_tol": sigma * math.sqrt(49) / tol_head,
+                "trials": trials,
+                "passed": passed,
+                "passed_with_same_top5": kept,
+            }
+        )
         print(sweep[-1], flush=True)
     results["noise_sweep"] = sweep
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -253,15 +276,21 @@ def _cost(verifier, spec, sent_ops, pool, honest, backnet, plain_back, front, ta
     sent_bytes = sum(y.nbytes for y in honest[0][1:])
     e2e = front_ms + back_out + check + tail_ms
     return {
-        "check_ms": check, "check_ms_mean": total, "check_linear_ops_ms_mean": linear,
+        "check_ms": check,
+        "check_ms_mean": total,
+        "check_linear_ops_ms_mean": linear,
         "check_recompute_and_walk_ms_mean": total - linear,
-        "backnet_unverified_ms": back_plain, "backnet_with_outputs_ms": back_out,
-        "frontnet_ms": front_ms, "tail_ms": tail_ms,
+        "backnet_unverified_ms": back_plain,
+        "backnet_with_outputs_ms": back_out,
+        "frontnet_ms": front_ms,
+        "tail_ms": tail_ms,
         "check_share_of_backnet": check / back_plain,
         "check_share_of_in_process_end_to_end": check / e2e,
         "extra_transfer_bytes": sent_bytes,
-        "sent_tensors": len(spec.sent), "linear_ops": sum(op.op in ("conv", "linear") for op in spec.ops),
-        "threads": 1, "load_average_1m": round(os.getloadavg()[0], 2),
+        "sent_tensors": len(spec.sent),
+        "linear_ops": sum(op.op in ("conv", "linear") for op in spec.ops),
+        "threads": 1,
+        "load_average_1m": round(os.getloadavg()[0], 2),
     }
 
 

@@ -38,5 +38,4 @@ def lite0_net(lite0):
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run `infenclave ...` as a real subprocess (the way a user does)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=cwd, env=env)
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)

@@ -46,11 +46,11 @@ def early(lite0, lite0_net, oracle, photos):
 
 @pytest.fixture(scope="module")
 def plan(early, lite0_net, oracle) -> dict[str, Any]:
-    return build_plan(early, lite0_net, oracle, tail_start=default_tail_start(lite0_net),
-                      tail_start_source="default")
+    return build_plan(early, lite0_net, oracle, tail_start=default_tail_start(lite0_net), tail_start_source="default")
 
 
 # --- the numerics against an independent torch computation ------------------------------------
+
 
 def torch_reference(lite0, pixels: np.ndarray, block: int) -> tuple[np.ndarray, float]:
     """KL(p || q_c) for every channel after MBConv block `block`, and delta, in plain torch."""
@@ -73,8 +73,7 @@ def torch_reference(lite0, pixels: np.ndarray, block: int) -> tuple[np.ndarray, 
         unit = torch.where(span > 0, (ir - lo) / torch.where(span > 0, span, 1), torch.zeros_like(ir))
         up = F.interpolate(unit[:, None], size=pre.input_hw, mode="bilinear", align_corners=False)
         imgs = (up * 255.0).repeat(1, 3, 1, 1)  # (C, 3, H, W) grey, pixel units
-        log_q = torch.cat([torch.log_softmax(net((b - mean) / std).double(), dim=1)
-                           for b in imgs.split(20)])  # (C, K)
+        log_q = torch.cat([torch.log_softmax(net((b - mean) / std).double(), dim=1) for b in imgs.split(20)])  # (C, K)
     p = log_p.exp()
     kl = (p * (log_p - log_q)).sum(dim=1).numpy()
     delta = float((p * (log_p + np.log(log_p.numel()))).sum())
@@ -108,8 +107,9 @@ def test_projection_pieces_match_torch_and_imaging() -> None:
     unit = minmax_normalise(maps)
     assert unit.min() == 0.0 and unit.max() == 1.0 and not unit[2].any()
     for out_hw in [(224, 224), (8, 5)]:  # up and down
-        ref = F.interpolate(torch.from_numpy(unit)[:, None], size=out_hw, mode="bilinear",
-                            align_corners=False)[:, 0].numpy()
+        ref = F.interpolate(torch.from_numpy(unit)[:, None], size=out_hw, mode="bilinear", align_corners=False)[
+            :, 0
+        ].numpy()
         np.testing.assert_allclose(resize_bilinear(unit, out_hw), ref, atol=1e-5)
     assert not bilinear_matrix(224, 13).flags.writeable
     pre = preprocess(ZOO["efficientnet-lite0"])
@@ -121,6 +121,7 @@ def test_projection_pieces_match_torch_and_imaging() -> None:
 
 
 # --- the method's verdicts on real photos ----------------------------------------------------------
+
 
 def test_stem_is_unsafe_a_later_cut_is_safe_and_the_first_safe_for_all_is_recommended(early) -> None:
     status = {c.cut.name: c.status for c in early.cuts}
@@ -136,15 +137,15 @@ def test_stem_is_unsafe_a_later_cut_is_safe_and_the_first_safe_for_all_is_recomm
         assert r.complete and r.min_kl > r.delta
     assert rec.cut.name == "_blocks.3"  # coffee's first safe cut (flower's is earlier)
     # early stop: the scan ends two cut points after the recommended one
-    assert all(c.status == "not-scanned" for c in early.cuts
-               if c.images is not None and c.cut.index > rec.cut.index + 2)
+    assert all(
+        c.status == "not-scanned" for c in early.cuts if c.images is not None and c.cut.index > rec.cut.index + 2
+    )
     assert early.cuts[rec.cut.index + 1].status in ("safe", "unsafe")
     assert status["_avg_pooling"] == "not-assessable"
     assert early.stats.skipped > 0 and not early.partial
 
 
-def test_an_image_that_no_cut_protects_gives_no_recommendation(lite0, lite0_net, oracle, photos,
-                                                                tmp_path) -> None:
+def test_an_image_that_no_cut_protects_gives_no_recommendation(lite0, lite0_net, oracle, photos, tmp_path) -> None:
     # The grey cameraman (p: tripod 94%): many projected maps move the oracle towards tripod
     # more than a uniform guess does, at every cut point. The plan says so; no partition.
     from infenclave.assess.command import AssessOptions, outcome_error, run_assess
@@ -153,8 +154,9 @@ def test_an_image_that_no_cut_protects_gives_no_recommendation(lite0, lite0_net,
     import skimage
 
     camera = Path(skimage.__file__).parent / "data" / "camera.png"
-    outcome = run_assess(AssessOptions(model="efficientnet-lite0", images=[camera], adversary="passive",
-                                       out=out, runtime=RUNTIME))
+    outcome = run_assess(
+        AssessOptions(model="efficientnet-lite0", images=[camera], adversary="passive", out=out, runtime=RUNTIME)
+    )
     doc = json.loads((out / "plan.json").read_text())
     assert doc["recommendation"]["front_end"] is None and doc["partition"] is None
     assert all(c["status"] in ("unsafe", "not-assessable") for c in doc["cuts"])
@@ -163,6 +165,7 @@ def test_an_image_that_no_cut_protects_gives_no_recommendation(lite0, lite0_net,
 
 
 # --- the plan ----------------------------------------------------------------------------------------
+
 
 def test_plan_validates_and_records_what_a_partition_needs(plan, early, lite0_net) -> None:
     validate_plan(plan)
@@ -211,7 +214,7 @@ def test_plan_schema_refuses_broken_plans_and_documents_every_field(plan) -> Non
                     walk(node[key], f"{path}/{key}")
             for key in ("$defs", "oneOf"):
                 subs = node.get(key, {})
-                for name, sub in (subs.items() if isinstance(subs, dict) else enumerate(subs)):
+                for name, sub in subs.items() if isinstance(subs, dict) else enumerate(subs):
                     walk(sub, f"{path}/{key}/{name}")
 
     walk(schema(), "")
@@ -228,6 +231,7 @@ def test_exposure_csv_has_one_row_per_cut_and_image(plan) -> None:
 
 # --- the report (rendered in a browser by tests/test_assess_cli.py) ---------------------------------
 
+
 def test_report_embeds_every_figure_as_a_decodable_png(plan, early) -> None:
     from PIL import Image
 
@@ -242,7 +246,12 @@ def test_report_embeds_every_figure_as_a_decodable_png(plan, early) -> None:
         img.load()
         assert img.width > 300 and img.height > 200
     assert "http://" not in html and "https://" not in html.replace("https://json-schema", "")
-    for text in ("KL(p || uniform)", "min-max normalised", "_blocks.3", "Partial" if plan["scan"]["partial"] else "FrontNet ends at"):
+    for text in (
+        "KL(p || uniform)",
+        "min-max normalised",
+        "_blocks.3",
+        "Partial" if plan["scan"]["partial"] else "FrontNet ends at",
+    ):
         assert text in html
 
 
@@ -279,15 +288,18 @@ def test_a_model_without_feature_maps_is_not_assessable(tmp_path, photos) -> Non
         "    def forward(self, x):\n"
         "        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x.flatten(1))))))\n"
         "def build():\n"
-        "    return MLP()\n")
+        "    return MLP()\n"
+    )
     (tmp_path / "labels.txt").write_text("a\nb\nc\nd\n")
     (tmp_path / "mlp.yaml").write_text(
         "name: mlp\ntorch: mlp:build\nlabels: labels.txt\n"
-        "preprocess: {resize: [16, 16], mean: [0, 0, 0], std: [255, 255, 255]}\n")
+        "preprocess: {resize: [16, 16], mean: [0, 0, 0], std: [255, 255, 255]}\n"
+    )
     out = tmp_path / "out"
     with pytest.raises(AssessmentError, match="no cut point has a \\(C, H, W\\) feature map"):
-        run_assess(AssessOptions(model=str(tmp_path / "mlp.yaml"), images=[photos["flower"]], out=out,
-                                 adversary="passive"))
+        run_assess(
+            AssessOptions(model=str(tmp_path / "mlp.yaml"), images=[photos["flower"]], out=out, adversary="passive")
+        )
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -302,10 +314,28 @@ def test_public_surface() -> None:
     import infenclave.assess as assess
 
     assert set(assess.__all__) == {
-        "PLAN_VERSION", "AssessImage", "AssessOptions", "AssessOutcome", "Figure", "Oracle", "Plan",
-        "ReportInputs", "RuntimeConfig", "ScanResult", "build_plan", "kl_divergence",
-        "kl_to_uniform", "make_oracle", "minmax_normalise", "project", "render_report",
-        "run_assess", "scan", "schema", "validate_plan"}
+        "PLAN_VERSION",
+        "AssessImage",
+        "AssessOptions",
+        "AssessOutcome",
+        "Figure",
+        "Oracle",
+        "Plan",
+        "ReportInputs",
+        "RuntimeConfig",
+        "ScanResult",
+        "build_plan",
+        "kl_divergence",
+        "kl_to_uniform",
+        "make_oracle",
+        "minmax_normalise",
+        "project",
+        "render_report",
+        "run_assess",
+        "scan",
+        "schema",
+        "validate_plan",
+    }
 
 
 def test_tuner_times_each_setting_alone_and_keeps_the_fastest() -> None:

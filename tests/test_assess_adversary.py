@@ -21,9 +21,17 @@ def two_runs(photos, tmp_path_factory):
     runs = {}
     for adversary in ("passive", "knows-weights"):
         out = base / adversary
-        run_assess(AssessOptions(model="efficientnet-lite0", images=[photos["coffee"]],
-                                 out=out, adversary=adversary, whitebox_steps=10, whitebox_restarts=1,
-                                 attack_images=[photos[n] for n in FIVE]))
+        run_assess(
+            AssessOptions(
+                model="efficientnet-lite0",
+                images=[photos["coffee"]],
+                out=out,
+                adversary=adversary,
+                whitebox_steps=10,
+                whitebox_restarts=1,
+                attack_images=[photos[n] for n in FIVE],
+            )
+        )
         runs[adversary] = (json.loads((out / "plan.json").read_text()), (out / "report.html").read_text())
     return runs
 
@@ -59,9 +67,18 @@ def test_passive_recommends_and_knows_weights_never_earlier(two_runs) -> None:
 
 def test_banner_states_adversary_budget_photos_bound_and_enclave_share(two_runs) -> None:
     plan, html = two_runs["knows-weights"]
-    facts = html[html.index('id="assessment-facts"'):html.index("</table>", html.index('id="assessment-facts"'))]
-    for needle in ("knows-weights", "whitebox", "up to 10 Adam steps", "1 restart",
-                   "Clopper-Pearson", "10%", "evaluation: 5", "training: ", "100.0% of the model"):
+    facts = html[html.index('id="assessment-facts"') : html.index("</table>", html.index('id="assessment-facts"'))]
+    for needle in (
+        "knows-weights",
+        "whitebox",
+        "up to 10 Adam steps",
+        "1 restart",
+        "Clopper-Pearson",
+        "10%",
+        "evaluation: 5",
+        "training: ",
+        "100.0% of the model",
+    ):
         assert needle in facts, needle
     assert "{'" not in html  # attack tables are rendered, not dumped as Python dicts
     assert 'id="attack-evidence"' in html
@@ -70,8 +87,7 @@ def test_banner_states_adversary_budget_photos_bound_and_enclave_share(two_runs)
     part = passive_plan["partition"]
     total = sum(part[k]["cost"]["flops"] for k in ("frontnet", "backnet", "tail"))
     assert 0.0 < share < 1.0  # FrontNet + Tail of Lite0 at the KL cut, BackNet on the host
-    assert share == pytest.approx((part["frontnet"]["cost"]["flops"] + part["tail"]["cost"]["flops"]) / total,
-                                  abs=0.01)
+    assert share == pytest.approx((part["frontnet"]["cost"]["flops"] + part["tail"]["cost"]["flops"]) / total, abs=0.01)
     assert f"{share * 100:.1f}% of the model" in passive_html
 
 
@@ -93,6 +109,9 @@ def test_attack_figures_are_recorded_per_cut_and_photo(two_runs) -> None:
 
 def test_unknown_adversary_is_refused_before_any_work(photos, tmp_path) -> None:
     with pytest.raises(AssessmentError, match="unknown adversary"):
-        run_assess(AssessOptions(model="efficientnet-lite0", images=[photos["coffee"]],
-                                 out=tmp_path / "o", adversary="omniscient"))
+        run_assess(
+            AssessOptions(
+                model="efficientnet-lite0", images=[photos["coffee"]], out=tmp_path / "o", adversary="omniscient"
+            )
+        )
     assert not (tmp_path / "o").exists()

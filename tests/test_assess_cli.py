@@ -29,8 +29,17 @@ def chromium() -> str | None:
 @pytest.fixture(scope="module")
 def assessed(tmp_path_factory, photos) -> tuple[Path, subprocess.CompletedProcess[str]]:
     out = tmp_path_factory.mktemp("assess") / "out"
-    res = run_cli("assess", "efficientnet-lite0", "--adversary", "passive", "--images", str(photos["coffee"]),
-                  str(photos["flower"]), "--out", str(out))
+    res = run_cli(
+        "assess",
+        "efficientnet-lite0",
+        "--adversary",
+        "passive",
+        "--images",
+        str(photos["coffee"]),
+        str(photos["flower"]),
+        "--out",
+        str(out),
+    )
     return out, res
 
 
@@ -56,14 +65,26 @@ def test_existing_out_is_refused_then_replaced_with_force(assessed, photos, tmp_
     shutil.copytree(first_out, out)  # the module's assessment stays for the browser test
     before = (out / "plan.json").read_text()
     t0 = time.monotonic()
-    res = run_cli("assess", "efficientnet-lite0", "--adversary", "passive", "--images", str(photos["flower"]), "--out", str(out))
+    res = run_cli(
+        "assess", "efficientnet-lite0", "--adversary", "passive", "--images", str(photos["flower"]), "--out", str(out)
+    )
     assert res.returncode == 2
-    assert res.stderr.strip().splitlines() == [f"error: {out} already exists; choose another "
-                                               "--out or add --force to replace it"]
+    assert res.stderr.strip().splitlines() == [
+        f"error: {out} already exists; choose another --out or add --force to replace it"
+    ]
     assert time.monotonic() - t0 < 30  # refused before any model work
     assert (out / "plan.json").read_text() == before
-    res = run_cli("assess", "efficientnet-lite0", "--adversary", "passive", "--images", str(photos["flower"]), "--out",
-                  str(out), "--force")
+    res = run_cli(
+        "assess",
+        "efficientnet-lite0",
+        "--adversary",
+        "passive",
+        "--images",
+        str(photos["flower"]),
+        "--out",
+        str(out),
+        "--force",
+    )
     assert res.returncode == 0, res.stderr
     plan = json.loads((out / "plan.json").read_text())
     assert [i["name"] for i in plan["images"]] == ["flower"]
@@ -74,8 +95,17 @@ def test_force_never_deletes_a_folder_that_is_not_an_assessment(tmp_path, photos
     precious = tmp_path / "home"
     precious.mkdir()
     (precious / "thesis.tex").write_text("years of work")
-    res = run_cli("assess", "efficientnet-lite0", "--adversary", "passive", "--images", str(photos["flower"]), "--out",
-                  str(precious), "--force")
+    res = run_cli(
+        "assess",
+        "efficientnet-lite0",
+        "--adversary",
+        "passive",
+        "--images",
+        str(photos["flower"]),
+        "--out",
+        str(precious),
+        "--force",
+    )
     assert res.returncode == 2 and "does not look like an earlier assessment" in res.stderr
     assert (precious / "thesis.tex").read_text() == "years of work"
 
@@ -94,14 +124,19 @@ def _missing(d: Path) -> list[str]:
     return [str(d / "nope.jpg")]
 
 
-@pytest.mark.parametrize("make, message", [
-    (_not_an_image, "x.png: not a recognised image file"),
-    (_empty_folder, "no image files in this folder"),
-    (_missing, "nope.jpg: no such file or folder"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (_not_an_image, "x.png: not a recognised image file"),
+        (_empty_folder, "no image files in this folder"),
+        (_missing, "nope.jpg: no such file or folder"),
+    ],
+)
 def test_bad_images_exit_2_with_one_line(tmp_path, make, message) -> None:
     args = make(tmp_path)
-    res = run_cli("assess", "efficientnet-lite0", "--adversary", "passive", "--images", *args, "--out", str(tmp_path / "o"))
+    res = run_cli(
+        "assess", "efficientnet-lite0", "--adversary", "passive", "--images", *args, "--out", str(tmp_path / "o")
+    )
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
@@ -109,13 +144,35 @@ def test_bad_images_exit_2_with_one_line(tmp_path, make, message) -> None:
 
 
 def test_other_bad_options_exit_2(tmp_path, photos) -> None:
-    res = run_cli("assess", "efficientnet-lite0", "--adversary", "passive", str(photos["flower"]), "--out", str(tmp_path / "o"))
+    res = run_cli(
+        "assess", "efficientnet-lite0", "--adversary", "passive", str(photos["flower"]), "--out", str(tmp_path / "o")
+    )
     assert res.returncode == 2 and "images go after --images" in res.stderr
-    res = run_cli("assess", "efficientnet-lite0", "--adversary", "passive", "--images", str(photos["flower"]),
-                  "--tail-start", "_blocks.99", "--out", str(tmp_path / "o"))
+    res = run_cli(
+        "assess",
+        "efficientnet-lite0",
+        "--adversary",
+        "passive",
+        "--images",
+        str(photos["flower"]),
+        "--tail-start",
+        "_blocks.99",
+        "--out",
+        str(tmp_path / "o"),
+    )
     assert res.returncode == 2 and "unknown cut point '_blocks.99'" in res.stderr
-    res = run_cli("assess", "efficientnet-lite0", "--adversary", "passive", "--images", str(photos["flower"]),
-                  "--oracle", "efficientnet-lite2", "--out", str(tmp_path / "o"))
+    res = run_cli(
+        "assess",
+        "efficientnet-lite0",
+        "--adversary",
+        "passive",
+        "--images",
+        str(photos["flower"]),
+        "--oracle",
+        "efficientnet-lite2",
+        "--out",
+        str(tmp_path / "o"),
+    )
     assert res.returncode == 2 and "same input size" in res.stderr
     assert not (tmp_path / "o").exists()
 
@@ -123,9 +180,24 @@ def test_other_bad_options_exit_2(tmp_path, photos) -> None:
 def test_ctrl_c_writes_a_partial_plan(tmp_path, photos) -> None:
     out = tmp_path / "partial"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([*CLI, "assess", "efficientnet-lite0", "--adversary", "passive", "--images", str(photos["rocket"]),
-                             "--full", "--out", str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            *CLI,
+            "assess",
+            "efficientnet-lite0",
+            "--adversary",
+            "passive",
+            "--images",
+            str(photos["rocket"]),
+            "--full",
+            "--out",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     assert proc.stderr is not None
     for line in proc.stderr:  # wait until the oracle loop runs
         if line.startswith("scanning"):
@@ -151,8 +223,14 @@ def test_report_renders_in_a_headless_browser_with_every_figure(assessed, tmp_pa
     out, res = assessed
     assert res.returncode == 0, res.stderr
     url = (out / "report.html").resolve().as_uri()
-    browser = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-               "--virtual-time-budget=10000"]
+    browser = [
+        chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--virtual-time-budget=10000",
+    ]
     dom = subprocess.run([*browser, "--dump-dom", url], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
     body = re.search(r"<body[^>]*>", dom.stdout)
@@ -167,8 +245,9 @@ def test_report_renders_in_a_headless_browser_with_every_figure(assessed, tmp_pa
         assert base64.b64decode(u)[:8] == b"\x89PNG\r\n\x1a\n"
 
     shot = tmp_path / "report.png"
-    run = subprocess.run([*browser, f"--screenshot={shot}", "--window-size=1200,3000", url],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [*browser, f"--screenshot={shot}", "--window-size=1200,3000", url], capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
     img = Image.open(shot).convert("RGB")
     assert img.size == (1200, 3000)
@@ -181,8 +260,13 @@ def test_report_renders_in_a_headless_browser_with_every_figure(assessed, tmp_pa
 
 
 def test_help_documents_the_options() -> None:
-    res = subprocess.run([sys.executable, "-m", "infenclave.cli", "assess", "--help"],
-                         capture_output=True, text=True, timeout=60, env=dict(os.environ, COLUMNS="120"))
+    res = subprocess.run(
+        [sys.executable, "-m", "infenclave.cli", "assess", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, COLUMNS="120"),
+    )
     assert res.returncode == 0
     for opt in ("--images", "--out", "--oracle", "--full", "--tail-start", "--seed", "--force"):
         assert opt in res.stdout

@@ -13,7 +13,7 @@ import textwrap
 import numpy as np
 import pytest
 
-MODULE = '''
+MODULE = """
 import numpy as np
 import torch
 from pathlib import Path
@@ -28,7 +28,7 @@ def build():
                         "bias": torch.from_numpy(head["bias"])}, strict=True)
     model._fc = fc
     return model.eval()
-'''
+"""
 ANIMAL_CLASSES = 398  # ImageNet indices 0-397 are animals
 
 
@@ -58,12 +58,14 @@ def two_class_spec(lite0, lite0_net, tmp_path_factory):
     np.savez(folder / "head.npz", weight=fc.weight.detach().numpy(), bias=fc.bias.detach().numpy())
     (folder / "twoclass_lite0.py").write_text(MODULE)
     (folder / "labels.txt").write_text("animal\nnot an animal\n")
-    (folder / "model.yaml").write_text(textwrap.dedent("""\
+    (folder / "model.yaml").write_text(
+        textwrap.dedent("""\
         name: lite0-two-class
         torch: twoclass_lite0:build
         labels: labels.txt
         preprocess: {resize: 256, crop: 224, mean: [127, 127, 127], std: [128, 128, 128]}
-        """))
+        """)
+    )
     return folder / "model.yaml"
 
 
@@ -71,8 +73,7 @@ def test_two_class_model_gets_a_usable_kl_verdict(two_class_spec, photos, tmp_pa
     from infenclave.assess.command import AssessOptions, run_assess
 
     out = tmp_path / "o"
-    run_assess(AssessOptions(model=str(two_class_spec), images=[photos["coffee"]], out=out,
-                             adversary="passive"))
+    run_assess(AssessOptions(model=str(two_class_spec), images=[photos["coffee"]], out=out, adversary="passive"))
     plan = json.loads((out / "plan.json").read_text())
     assert plan["model"]["num_classes"] == 2
     assert plan["oracle"]["name"] == "efficientnet-lite0" and not plan["oracle"]["same_as_model"]

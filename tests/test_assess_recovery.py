@@ -48,17 +48,32 @@ def test_an_original_is_reidentified_and_noise_is_not(setup, lite0) -> None:
     assert sum(r.reidentified for r in gallery.rank(noise, names)) <= 1
 
 
-@pytest.mark.parametrize(("adversary", "cut", "budgets"), [
-    ("chosen-inputs", "_blocks.3", {}),
-    ("knows-weights", "_blocks.11", {"whitebox_restarts": 1}),
-])
+@pytest.mark.parametrize(
+    ("adversary", "cut", "budgets"),
+    [
+        ("chosen-inputs", "_blocks.3", {}),
+        ("knows-weights", "_blocks.11", {"whitebox_restarts": 1}),
+    ],
+)
 def test_reconstructions_are_recovered(setup, lite0, lite0_net, adversary, cut, budgets) -> None:
     from infenclave.assess.attacks import Budgets, run_attacks, training_photos
 
     sets, panel, gallery, evaluation = setup
     training = training_photos(exclude=evaluation) if adversary == "chosen-inputs" else None
-    res = run_attacks(lite0, lite0_net, [cut], evaluation, adversary, Budgets(**budgets), panel,
-                      seed=0, gallery=gallery, training=training, threads=1, stop_when_unsafe=False)
+    res = run_attacks(
+        lite0,
+        lite0_net,
+        [cut],
+        evaluation,
+        adversary,
+        Budgets(**budgets),
+        panel,
+        seed=0,
+        gallery=gallery,
+        training=training,
+        threads=1,
+        stop_when_unsafe=False,
+    )
     (c,) = res.cuts
     assert c.recovered_count >= PHOTOS - 1, [im.to_dict() for im in c.images]
     assert c.reidentified_count >= PHOTOS // 2  # identifiable, not only classifiable

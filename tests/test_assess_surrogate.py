@@ -48,9 +48,15 @@ def fine_tuned(lite0):
         torch.nn.functional.cross_entropy(head(h.mean(dim=(2, 3))), y).backward()
         opt.step()
     torch.set_num_threads(threads)
-    return LoadedModel(name="lite0-fine-tuned", preprocess=lite0.preprocess, labels=lite0.labels,
-                       output="logits", weights_sha256="0" * 64, torch_module=module,
-                       source="test:fine-tuned")
+    return LoadedModel(
+        name="lite0-fine-tuned",
+        preprocess=lite0.preprocess,
+        labels=lite0.labels,
+        output="logits",
+        weights_sha256="0" * 64,
+        torch_module=module,
+        source="test:fine-tuned",
+    )
 
 
 def test_surrogate_weights_recover_photos_at_the_first_cut(fine_tuned, lite0, lite0_net) -> None:
@@ -68,9 +74,18 @@ def test_surrogate_weights_recover_photos_at_the_first_cut(fine_tuned, lite0, li
     mine, public = OnnxFront(net, CUT)(x), OnnxFront(lite0_net, CUT)(x)
     changed = float(np.sum((mine - public) ** 2) / np.sum(public**2))
     assert changed > 0.01, changed  # the fine-tuned FrontNet really is another function
-    res = run_attacks(fine_tuned, net, [CUT], photos, "surrogate-weights",
-                      Budgets(whitebox_steps=100, whitebox_restarts=1), seed=0,
-                      surrogate=surrogate, threads=1, stop_when_unsafe=False)
+    res = run_attacks(
+        fine_tuned,
+        net,
+        [CUT],
+        photos,
+        "surrogate-weights",
+        Budgets(whitebox_steps=100, whitebox_restarts=1),
+        seed=0,
+        surrogate=surrogate,
+        threads=1,
+        stop_when_unsafe=False,
+    )
     (c,) = res.cuts
     assert c.recovered_count >= PHOTOS - 1, [im.to_dict() for im in c.images]
     assert c.evidence.verdict != "safe"

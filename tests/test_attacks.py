@@ -32,9 +32,18 @@ def whitebox_run(lite0, lite0_net, eval_images, judge):
     from infenclave.assess.attacks import Budgets, run_attacks
 
     events = []
-    results = run_attacks(lite0, lite0_net, [EARLY, DEEP], eval_images, "knows-weights",
-                          budgets=Budgets(whitebox_steps=STEPS, whitebox_restarts=2),
-                          judge=judge, seed=0, progress=events.append, threads=1)
+    results = run_attacks(
+        lite0,
+        lite0_net,
+        [EARLY, DEEP],
+        eval_images,
+        "knows-weights",
+        budgets=Budgets(whitebox_steps=STEPS, whitebox_restarts=2),
+        judge=judge,
+        seed=0,
+        progress=events.append,
+        threads=1,
+    )
     return results, events
 
 
@@ -77,8 +86,18 @@ def test_results_record_and_progress(whitebox_run) -> None:
     assert doc["judge"]["name"] == "efficientnet-lite2"
     assert [c["cut"] for c in doc["cuts"]] == [EARLY, DEEP]
     rec = doc["cuts"][0]["images"][0]
-    assert set(rec) >= {"image", "ssim", "psnr", "ssim_reference", "recognised", "judge_rank",
-                        "judge_kl", "judge_original_label", "judge_reconstruction_top5", "unsafe"}
+    assert set(rec) >= {
+        "image",
+        "ssim",
+        "psnr",
+        "ssim_reference",
+        "recognised",
+        "judge_rank",
+        "judge_kl",
+        "judge_original_label",
+        "judge_reconstruction_top5",
+        "unsafe",
+    }
     assert doc["cuts"][0]["seconds_per_reconstruction"] > 0
     assert results.cut_unsafe(EARLY) is True and results.cut_unsafe("_blocks.5") is None
     assert set(results.originals) == set(PHOTOS)
@@ -144,11 +163,20 @@ def test_verdict_rule() -> None:
     from infenclave.assess.attacks.runner import ImageResult
 
     def record(recognised: bool, value: float, reference: float) -> ImageResult:
-        return ImageResult(image="x", reconstruction=np.zeros((2, 2, 3), np.uint8), ssim=value,
-                           psnr=10.0, ssim_reference=reference, recognised=recognised,
-                           judge_rank=1 if recognised else 500, judge_kl=0.0,
-                           judge_original_label="", judge_original_prob=0.0,
-                           judge_reconstruction_top5=(), ir_error=None)
+        return ImageResult(
+            image="x",
+            reconstruction=np.zeros((2, 2, 3), np.uint8),
+            ssim=value,
+            psnr=10.0,
+            ssim_reference=reference,
+            recognised=recognised,
+            judge_rank=1 if recognised else 500,
+            judge_kl=0.0,
+            judge_original_label="",
+            judge_original_prob=0.0,
+            judge_reconstruction_top5=(),
+            ir_error=None,
+        )
 
     assert attack_verdict(record(True, 0.05, 0.6))  # recognised, however low the SSIM
     assert attack_verdict(record(False, 0.7, 0.6))  # as close as the photo's 32 px version
@@ -188,10 +216,29 @@ def test_public_names() -> None:
     import infenclave.assess.attacks as attacks
 
     assert set(attacks.__all__) == {
-        "ADVERSARIES", "ATTACKS", "DEFAULT_ADVERSARY", "TINY_IMAGE_SIDE", "AttackResults",
-        "Budgets", "CutAttackResult", "ImageResult", "Judge", "ProgressEvent", "TrainingSet",
-        "attack_verdict", "attacks_for", "default_judge_name", "inversion_grid", "kl_of_probabilities",
-        "load_eval_images", "pixel_sha256", "psnr", "run_attacks", "save_inversion_grid", "ssim",
-        "training_photos"}
+        "ADVERSARIES",
+        "ATTACKS",
+        "DEFAULT_ADVERSARY",
+        "TINY_IMAGE_SIDE",
+        "AttackResults",
+        "Budgets",
+        "CutAttackResult",
+        "ImageResult",
+        "Judge",
+        "ProgressEvent",
+        "TrainingSet",
+        "attack_verdict",
+        "attacks_for",
+        "default_judge_name",
+        "inversion_grid",
+        "kl_of_probabilities",
+        "load_eval_images",
+        "pixel_sha256",
+        "psnr",
+        "run_attacks",
+        "save_inversion_grid",
+        "ssim",
+        "training_photos",
+    }
     for name in attacks.__all__:
         assert getattr(attacks, name) is not None

@@ -75,16 +75,23 @@ def test_decoder_beats_the_mean_image_at_an_early_cut(lite0, lite0_net, eval_ima
     from infenclave.assess.attacks import Budgets, psnr, run_attacks
 
     chosen = {k: eval_images[k] for k in ("chelsea", "coffee", "astronaut")}
-    results = run_attacks(lite0, lite0_net, [EARLY], chosen, "chosen-inputs",
-                          budgets=Budgets(decoder_epochs=EPOCHS), seed=0, training=training)
+    results = run_attacks(
+        lite0,
+        lite0_net,
+        [EARLY],
+        chosen,
+        "chosen-inputs",
+        budgets=Budgets(decoder_epochs=EPOCHS),
+        seed=0,
+        training=training,
+    )
     assert results.attacks == ("decoder",)
     assert results.training is not None
     assert results.training["distinct_photos"] == len(training.photos)
     cut = results.result("decoder", EARLY)
     assert cut is not None and cut.extra["training_views"] == EPOCHS * len(training.photos)
     originals = np.stack(list(results.originals.values()))
-    mean_image = np.broadcast_to(originals.reshape(-1, 3).mean(axis=0).round().astype(np.uint8),
-                                 originals.shape[1:])
+    mean_image = np.broadcast_to(originals.reshape(-1, 3).mean(axis=0).round().astype(np.uint8), originals.shape[1:])
     for img in cut.images:
         baseline = psnr(results.originals[img.image], np.ascontiguousarray(mean_image))
         assert img.psnr > baseline + 4.0, (img.image, img.psnr, baseline)
@@ -93,7 +100,8 @@ def test_decoder_beats_the_mean_image_at_an_early_cut(lite0, lite0_net, eval_ima
 
 
 def test_decoder_refuses_training_photos_that_include_an_evaluation_photo(
-        lite0, lite0_net, eval_images, training) -> None:
+    lite0, lite0_net, eval_images, training
+) -> None:
     from dataclasses import replace
 
     from infenclave.assess.attacks import pixel_sha256, run_attacks
@@ -103,5 +111,4 @@ def test_decoder_refuses_training_photos_that_include_an_evaluation_photo(
     leak = TrainingPhoto("leak", pixel_sha256(eval_images["coffee"]), eval_images["coffee"])
     tainted = replace(training, photos=(*training.photos, leak))
     with pytest.raises(AssessmentError, match="include an evaluation photo"):
-        run_attacks(lite0, lite0_net, [EARLY], {"coffee": eval_images["coffee"]},
-                    "chosen-inputs", training=tainted)
+        run_attacks(lite0, lite0_net, [EARLY], {"coffee": eval_images["coffee"]}, "chosen-inputs", training=tainted)

@@ -23,18 +23,14 @@ EVIDENCE = Path(__file__).resolve().parent / "data" / "evidence"
 REL = Path(os.path.relpath(EVIDENCE, ROOT))  # tests/data/evidence, as a user types it
 SGX_AT = "2025-06-19T11:56:11Z"
 SGX_MRENCLAVE = "33d8736db756ed4997e04ba358d27833188f1932ff7b1d156904d3f560452fbb"
-SNP_MEASUREMENT = (
-    "b07af9620f3b839b47996422ddec6058338951d984e312115131ea82705eaf5b6bdf8a9ece31a5a608eb0cf2e4872b01"
-)
+SNP_MEASUREMENT = "b07af9620f3b839b47996422ddec6058338951d984e312115131ea82705eaf5b6bdf8a9ece31a5a608eb0cf2e4872b01"
 
 
 def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
     """Run the installed console script (fallback: the module) from the project root."""
     script = Path(sys.executable).parent / "infenclave"
     command = [str(script)] if script.exists() else [sys.executable, "-m", "infenclave.cli"]
-    return subprocess.run(
-        [*command, *map(str, args)], capture_output=True, text=True, timeout=120, cwd=ROOT
-    )
+    return subprocess.run([*command, *map(str, args)], capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
 def policy_file(tmp_path: Path, document: dict[str, Any]) -> Path:
@@ -45,8 +41,10 @@ def policy_file(tmp_path: Path, document: dict[str, Any]) -> Path:
 
 def sgx_args(*extra: str | Path) -> list[str | Path]:
     return [
-        "attest", REL / "sgx" / "sgx_quote",
-        "--collateral", REL / "sgx" / "sgx_quote_collateral.json",
+        "attest",
+        REL / "sgx" / "sgx_quote",
+        "--collateral",
+        REL / "sgx" / "sgx_quote_collateral.json",
         *extra,
     ]
 
@@ -103,11 +101,18 @@ def test_tcb_status_refused_exit_3_with_reason(tmp_path: Path) -> None:
 
 
 def test_debug_enclave_refused_exit_3(tmp_path: Path) -> None:
-    policy = {"tee_types": ["sgx"], "measurements": {"mrenclave": [
-        "4000659c8f1c3094f9eefa7fb9ccc5bdb21b6f2893cdb5081f179e737d0c7247"]}}
+    policy = {
+        "tee_types": ["sgx"],
+        "measurements": {"mrenclave": ["4000659c8f1c3094f9eefa7fb9ccc5bdb21b6f2893cdb5081f179e737d0c7247"]},
+    }
     result = cli(
-        "attest", REL / "sgx" / "sgx_quote_debug_enclave.bin", "--at", SGX_AT,
-        "--policy", policy_file(tmp_path, policy), "--json",
+        "attest",
+        REL / "sgx" / "sgx_quote_debug_enclave.bin",
+        "--at",
+        SGX_AT,
+        "--policy",
+        policy_file(tmp_path, policy),
+        "--json",
     )
     assert result.returncode == 3  # ExitCode.REFUSED
     document = json.loads(result.stdout)
@@ -116,11 +121,21 @@ def test_debug_enclave_refused_exit_3(tmp_path: Path) -> None:
 
 
 def test_snp_accepted_with_debug_allowed(tmp_path: Path) -> None:
-    policy = {"tee_types": ["sev-snp"], "measurements": {"snp_measurement": [SNP_MEASUREMENT],
-                                                         "snp_host_data": ["00" * 32]},
-              "allow_debug": True, "snp_vmpls": [0]}
-    result = cli("attest", REL / "snp" / "attestation.bin", "--at", "2025-06-19T12:00:00Z",
-                        "--policy", policy_file(tmp_path, policy), "--json")
+    policy = {
+        "tee_types": ["sev-snp"],
+        "measurements": {"snp_measurement": [SNP_MEASUREMENT], "snp_host_data": ["00" * 32]},
+        "allow_debug": True,
+        "snp_vmpls": [0],
+    }
+    result = cli(
+        "attest",
+        REL / "snp" / "attestation.bin",
+        "--at",
+        "2025-06-19T12:00:00Z",
+        "--policy",
+        policy_file(tmp_path, policy),
+        "--json",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads(result.stdout)["claims"]["details"]["reported_tcb"] == "0200000000000544"
 
@@ -128,18 +143,32 @@ def test_snp_accepted_with_debug_allowed(tmp_path: Path) -> None:
 def test_simulated_evidence_file(tmp_path: Path) -> None:
     key = Ed25519PrivateKey.generate()
     signer = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
-    body = sim_body_bytes({
-        "tee": "simulated", "measurement": "ab" * 32, "report_data": "00" * 64,
-        "debug": False, "issued_at": int(time.time()), "signer": signer,
-    })
+    body = sim_body_bytes(
+        {
+            "tee": "simulated",
+            "measurement": "ab" * 32,
+            "report_data": "00" * 64,
+            "debug": False,
+            "issued_at": int(time.time()),
+            "signer": signer,
+        }
+    )
     evidence = tmp_path / "sim.json"
-    evidence.write_text(json.dumps({
-        "format": "infenclave-sim-evidence/1",
-        "body": base64.b64encode(body).decode(),
-        "signature": base64.b64encode(key.sign(body)).decode(),
-    }))
-    allowing = {"tee_types": ["simulated"], "measurements": {"sim": ["ab" * 32]},
-                "allow_simulation": True, "sim_signers": [signer]}
+    evidence.write_text(
+        json.dumps(
+            {
+                "format": "infenclave-sim-evidence/1",
+                "body": base64.b64encode(body).decode(),
+                "signature": base64.b64encode(key.sign(body)).decode(),
+            }
+        )
+    )
+    allowing = {
+        "tee_types": ["simulated"],
+        "measurements": {"sim": ["ab" * 32]},
+        "allow_simulation": True,
+        "sim_signers": [signer],
+    }
     result = cli("attest", evidence, "--policy", policy_file(tmp_path, allowing), "--json")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SIMULATED" in result.stderr  # the unsafe switch warns at run time
@@ -173,9 +202,20 @@ def test_bad_policy_exit_2(tmp_path: Path) -> None:
 
 def test_public_surface() -> None:
     assert set(infenclave.attest.__all__) == {
-        "ENVELOPE_FORMAT", "SIM_EVIDENCE_FORMAT", "TEE_TYPES", "Claims", "Evidence",
-        "Measurements", "Policy", "PolicyRefusal", "expected_report_data",
-        "load_evidence_file", "load_policy", "parse_evidence_envelope", "sim_body_bytes", "verify",
+        "ENVELOPE_FORMAT",
+        "SIM_EVIDENCE_FORMAT",
+        "TEE_TYPES",
+        "Claims",
+        "Evidence",
+        "Measurements",
+        "Policy",
+        "PolicyRefusal",
+        "expected_report_data",
+        "load_evidence_file",
+        "load_policy",
+        "parse_evidence_envelope",
+        "sim_body_bytes",
+        "verify",
     }
     for name in infenclave.attest.__all__:
         assert getattr(infenclave.attest, name) is not None

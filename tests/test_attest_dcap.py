@@ -34,10 +34,7 @@ TDX_OUTDATED_AT = datetime(2026, 2, 18, 11, 58, 51, tzinfo=UTC)
 SGX_MRENCLAVE = "33d8736db756ed4997e04ba358d27833188f1932ff7b1d156904d3f560452fbb"
 SGX_MRSIGNER = "815f42f11cf64430c30bab7816ba596a1da0130c3b028b673133a66cf9a3e0e6"
 SGX_REPORT_DATA = b"Hello, world!".ljust(64, b"\x00")
-TDX_MRTD = (
-    "91eb2b44d141d4ece09f0c75c2c53d247a3c68edd7fafe8a3520c942a604a407"
-    "de03ae6dc5f87f27428b2538873118b7"
-)
+TDX_MRTD = "91eb2b44d141d4ece09f0c75c2c53d247a3c68edd7fafe8a3520c942a604a407de03ae6dc5f87f27428b2538873118b7"
 DEBUG_MRENCLAVE = "4000659c8f1c3094f9eefa7fb9ccc5bdb21b6f2893cdb5081f179e737d0c7247"
 
 # Offsets inside an SGX quote v3: 48-byte header, then the 384-byte report body.
@@ -67,8 +64,9 @@ TDX_RTMRS = {
 
 
 def tdx_policy() -> Policy:
-    return Policy(tee_types=("tdx",),
-                  measurements=Measurements(mrtd=(TDX_MRTD,), **{k: (v,) for k, v in TDX_RTMRS.items()}))
+    return Policy(
+        tee_types=("tdx",), measurements=Measurements(mrtd=(TDX_MRTD,), **{k: (v,) for k, v in TDX_RTMRS.items()})
+    )
 
 
 def flipped(data: bytes, offset: int, bit: int = 0) -> bytes:
@@ -125,7 +123,9 @@ def test_claims_are_read_only_and_serialisable() -> None:
 # --- refused: tampering, expiry, TCB ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("offset", [MRENCLAVE_OFFSET, MRENCLAVE_OFFSET + 31, REPORT_DATA_OFFSET, REPORT_DATA_OFFSET + 63])
+@pytest.mark.parametrize(
+    "offset", [MRENCLAVE_OFFSET, MRENCLAVE_OFFSET + 31, REPORT_DATA_OFFSET, REPORT_DATA_OFFSET + 63]
+)
 @pytest.mark.parametrize("bit", [0, 7])
 def test_sgx_one_flipped_bit_refused(offset: int, bit: int) -> None:
     good = load_evidence_file(SGX_QUOTE, SGX_COLLATERAL)
@@ -160,10 +160,7 @@ def test_tcb_status_not_in_policy_refused_with_reason() -> None:
     with pytest.raises(PolicyRefusal) as info:
         verify(evidence, policy, expected_report_data=None, now=SGX_AT)
     message = str(info.value)
-    assert (
-        "TCB status ConfigurationAndSWHardeningNeeded is not accepted by the policy "
-        "(accepted: UpToDate" in message
-    )
+    assert "TCB status ConfigurationAndSWHardeningNeeded is not accepted by the policy (accepted: UpToDate" in message
     assert "INTEL-SA-00289" in message
     assert info.value.claims.tcb_status == "ConfigurationAndSWHardeningNeeded"
 
@@ -223,9 +220,7 @@ def test_debug_enclave_refused_by_default_policy() -> None:
 
 def test_debug_enclave_allowed_debug_still_needs_collateral() -> None:
     evidence = load_evidence_file(SGX_DEBUG_QUOTE)
-    policy = Policy(
-        tee_types=("sgx",), measurements=Measurements(mrenclave=(DEBUG_MRENCLAVE,)), allow_debug=True
-    )
+    policy = Policy(tee_types=("sgx",), measurements=Measurements(mrenclave=(DEBUG_MRENCLAVE,)), allow_debug=True)
     with pytest.raises(PolicyRefusal, match=r"step 3d \(TCB\): no collateral"):
         verify(evidence, policy, expected_report_data=None, now=SGX_AT)
 
@@ -271,9 +266,7 @@ def test_pck_certificate_validity_checked_without_collateral() -> None:
 def test_pinned_intel_root_is_the_published_one() -> None:
     der = intel_sgx_root_ca().public_bytes(Encoding.DER)
     assert der == (EVIDENCE / "sgx" / "TrustedRootCA.der").read_bytes()
-    assert hashlib.sha256(der).hexdigest() == (
-        "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3"
-    )
+    assert hashlib.sha256(der).hexdigest() == ("44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3")
 
 
 def test_trailing_data_refused_zero_padding_tolerated() -> None:

@@ -41,8 +41,9 @@ def test_minimal_policy_defaults(tmp_path: Path) -> None:
 def test_full_policy_round_trips_through_json(tmp_path: Path) -> None:
     policy = Policy(
         tee_types=("sgx", "tdx", "simulated"),
-        measurements=Measurements(mrenclave=(MRENCLAVE.upper(),), mrtd=(MRTD,), sim=("ab" * 32,),
-                                  **{f"rtmr{i}": (MRTD,) for i in range(4)}),
+        measurements=Measurements(
+            mrenclave=(MRENCLAVE.upper(),), mrtd=(MRTD,), sim=("ab" * 32,), **{f"rtmr{i}": (MRTD,) for i in range(4)}
+        ),
         allow_debug=False,
         tcb_statuses=("UpToDate", "SWHardeningNeeded"),
         unsafe_allow_simulation=True,
@@ -89,15 +90,28 @@ tcb_statuses: [UpToDate, SWHardeningNeeded]
         (minimal(tee_types=["sgx", "tdx"]), "tee_types accepts 'tdx' but lists no mrtd"),
         (minimal(tee_types=["sgx", "sev"]), "tee_types: unknown TEE type 'sev'"),
         # A confidential VM is pinned by what covers the program, not only by its firmware.
-        (minimal(tee_types=["sgx", "tdx"], measurements={"mrenclave": [MRENCLAVE], "mrtd": [MRTD]}),
-         "accepts 'tdx', which must pin every one of mrtd, rtmr0, rtmr1, rtmr2, rtmr3 (missing: rtmr0, rtmr1, rtmr2, rtmr3)"),
-        (minimal(tee_types=["sev-snp"], measurements={"snp_measurement": [MRTD]}, snp_vmpls=[0]),
-         "accepts 'sev-snp', which must pin every one of snp_measurement, snp_host_data (missing: snp_host_data)"),
-        (minimal(tee_types=["sev-snp"], measurements={"snp_measurement": [MRTD], "snp_host_data": [MRENCLAVE]}),
-         "snp_vmpls: required exactly when"),
+        (
+            minimal(tee_types=["sgx", "tdx"], measurements={"mrenclave": [MRENCLAVE], "mrtd": [MRTD]}),
+            "accepts 'tdx', which must pin every one of mrtd, rtmr0, rtmr1, rtmr2, rtmr3 "
+            "(missing: rtmr0, rtmr1, rtmr2, rtmr3)",
+        ),
+        (
+            minimal(tee_types=["sev-snp"], measurements={"snp_measurement": [MRTD]}, snp_vmpls=[0]),
+            "accepts 'sev-snp', which must pin every one of snp_measurement, snp_host_data (missing: snp_host_data)",
+        ),
+        (
+            minimal(tee_types=["sev-snp"], measurements={"snp_measurement": [MRTD], "snp_host_data": [MRENCLAVE]}),
+            "snp_vmpls: required exactly when",
+        ),
         (minimal(snp_vmpls=[0]), "snp_vmpls: required exactly when"),
-        (minimal(tee_types=["sev-snp"], measurements={"snp_measurement": [MRTD], "snp_host_data": [MRENCLAVE]},
-                 snp_vmpls=[4]), "snp_vmpls: expected a non-empty list of VMPLs 0..3"),
+        (
+            minimal(
+                tee_types=["sev-snp"],
+                measurements={"snp_measurement": [MRTD], "snp_host_data": [MRENCLAVE]},
+                snp_vmpls=[4],
+            ),
+            "snp_vmpls: expected a non-empty list of VMPLs 0..3",
+        ),
         (minimal(tee_types="sgx"), "tee_types: expected a list"),
         (minimal(measurements={"mrenclave": [MRENCLAVE], "mrtd": [MRTD]}), "measurements.mrtd: listed, but tee_types"),
         (minimal(allow_debug="no"), "allow_debug: expected true or false"),

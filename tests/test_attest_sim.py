@@ -99,8 +99,7 @@ def test_simulated_tee_needs_the_unsafe_switch(key: Ed25519PrivateKey) -> None:
         verify(Evidence("simulated", make_sim(key)), policy, expected_report_data=REPORT_DATA, now=NOW)
     # ...and allowing simulation without accepting the tee type is a contradiction.
     with pytest.raises(PolicyError, match="allow_simulation"):
-        Policy(tee_types=("sgx",), measurements=Measurements(mrenclave=("00" * 32,)),
-               unsafe_allow_simulation=True)
+        Policy(tee_types=("sgx",), measurements=Measurements(mrenclave=("00" * 32,)), unsafe_allow_simulation=True)
 
 
 @pytest.mark.parametrize(("age", "reason"), [(301, "issued 301 s ago"), (-120, "in the future")])
@@ -170,7 +169,12 @@ def test_sim_debug_refused(key: Ed25519PrivateKey) -> None:
 
 def test_sim_wrong_measurement_refused(key: Ed25519PrivateKey) -> None:
     with pytest.raises(PolicyRefusal, match=r"step 3e .*sim"):
-        verify(Evidence("simulated", make_sim(key, measurement="ab" * 32)), sim_policy(), expected_report_data=None, now=NOW)
+        verify(
+            Evidence("simulated", make_sim(key, measurement="ab" * 32)),
+            sim_policy(),
+            expected_report_data=None,
+            now=NOW,
+        )
 
 
 def test_non_canonical_body_refused_even_if_signed(key: Ed25519PrivateKey) -> None:

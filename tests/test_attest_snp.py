@@ -24,10 +24,7 @@ from infenclave.errors import VerificationError
 
 EVIDENCE = Path(__file__).resolve().parent / "data" / "evidence"
 REPORT = EVIDENCE / "snp" / "attestation.bin"
-MEASUREMENT = (
-    "b07af9620f3b839b47996422ddec6058338951d984e31211"
-    "5131ea82705eaf5b6bdf8a9ece31a5a608eb0cf2e4872b01"
-)
+MEASUREMENT = "b07af9620f3b839b47996422ddec6058338951d984e312115131ea82705eaf5b6bdf8a9ece31a5a608eb0cf2e4872b01"
 REPORT_DATA = bytes([1, 2, 3, 4, 5]).ljust(64, b"\x00")
 NOW = datetime(2025, 6, 19, 12, 0, 0, tzinfo=UTC)  # within every certificate's validity
 SIGNED_END = 0x2A0
@@ -134,7 +131,8 @@ def _vcek_certificate(
 
     def spl(oid: str, value: int) -> x509.Extension[x509.UnrecognizedExtension]:
         return x509.Extension(
-            x509.ObjectIdentifier(oid), False,
+            x509.ObjectIdentifier(oid),
+            False,
             x509.UnrecognizedExtension(x509.ObjectIdentifier(oid), bytes([2, 1, value])),
         )
 
@@ -147,8 +145,12 @@ def _vcek_certificate(
         .not_valid_before(NOW - timedelta(days=1))
         .not_valid_after(NOW + timedelta(days=1))
     )
-    for oid, value in (("1.3.6.1.4.1.3704.1.3.1", tcb[0]), ("1.3.6.1.4.1.3704.1.3.2", tcb[1]),
-                       ("1.3.6.1.4.1.3704.1.3.3", tcb[6]), ("1.3.6.1.4.1.3704.1.3.8", tcb[7])):
+    for oid, value in (
+        ("1.3.6.1.4.1.3704.1.3.1", tcb[0]),
+        ("1.3.6.1.4.1.3704.1.3.2", tcb[1]),
+        ("1.3.6.1.4.1.3704.1.3.3", tcb[6]),
+        ("1.3.6.1.4.1.3704.1.3.8", tcb[7]),
+    ):
         extension = spl(oid, value)
         builder = builder.add_extension(extension.value, critical=False)
     hwid = x509.ObjectIdentifier("1.3.6.1.4.1.3704.1.4")
@@ -160,7 +162,7 @@ def _resign(report: bytes, key: ec.EllipticCurvePrivateKey) -> bytes:
     """Sign the report body with `key` as a VCEK would: r, s little-endian 72-byte fields."""
     r, s = decode_dss_signature(key.sign(report[:SIGNED_END], ec.ECDSA(hashes.SHA384())))
     signature = r.to_bytes(72, "little") + s.to_bytes(72, "little")
-    return report[:SIGNED_END] + signature + report[SIGNED_END + len(signature):]
+    return report[:SIGNED_END] + signature + report[SIGNED_END + len(signature) :]
 
 
 def test_snp_forged_vcek_under_real_ask_refused(evidence: Evidence) -> None:

@@ -49,19 +49,25 @@ def bad_files(tmp_path_factory, photos) -> dict[str, Path]:
         (d / f"{name}.img").write_bytes(data)
         out[name] = d / f"{name}.img"
     (d / "spec_missing.yaml").write_text("name: x\nonnx: m.onnx\n")
-    (d / "spec_wrongkey.yaml").write_text("name: x\nonnx: m.onnx\nlabels: l.txt\nprepro: {}\npreprocess: {resize: 1, crop: 1, mean: [0,0,0], std: [1,1,1]}\n")
+    (d / "spec_wrongkey.yaml").write_text(
+        "name: x\nonnx: m.onnx\nlabels: l.txt\nprepro: {}\n"
+        "preprocess: {resize: 1, crop: 1, mean: [0,0,0], std: [1,1,1]}\n"
+    )
     (d / "spec_badyaml.yaml").write_text("name: [unclosed\n")
     out.update({k: d / f"{k}.yaml" for k in ("spec_missing", "spec_wrongkey", "spec_badyaml")})
     return out
 
 
-@pytest.mark.parametrize("name,needle", [
-    ("text", "not a recognised image"),
-    ("truncated", "truncated"),
-    ("empty", "empty"),
-    ("tiny", "at least"),
-    ("bomb", "limit"),
-])
+@pytest.mark.parametrize(
+    "name,needle",
+    [
+        ("text", "not a recognised image"),
+        ("truncated", "truncated"),
+        ("empty", "empty"),
+        ("tiny", "at least"),
+        ("bomb", "limit"),
+    ],
+)
 def test_bad_images_are_refused_clearly(bad_files, name: str, needle: str) -> None:
     _one_clear_line(run_cli("predict", "efficientnet-lite0", str(bad_files[name])), needle)
 
@@ -72,11 +78,14 @@ def test_missing_image_and_unknown_model(tmp_path: Path, photos) -> None:
     _one_clear_line(run_cli("inspect", str(tmp_path / "nope.yaml")), "does not exist")
 
 
-@pytest.mark.parametrize("spec,needle", [
-    ("spec_missing", "missing key(s): labels, preprocess"),
-    ("spec_wrongkey", "unknown key(s): prepro"),
-    ("spec_badyaml", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "spec,needle",
+    [
+        ("spec_missing", "missing key(s): labels, preprocess"),
+        ("spec_wrongkey", "unknown key(s): prepro"),
+        ("spec_badyaml", "not valid YAML"),
+    ],
+)
 def test_bad_specs(bad_files, spec: str, needle: str) -> None:
     _one_clear_line(run_cli("inspect", str(bad_files[spec])), needle)
 
@@ -105,20 +114,25 @@ def test_wrong_input_size_in_a_spec_is_refused(tmp_path: Path) -> None:
     import tiny_resnet
     import torch
 
-    torch.onnx.export(tiny_resnet.build(), (torch.zeros(1, 3, 64, 64),), str(tmp_path / "t.onnx"),
-                      dynamo=False, opset_version=17)
+    torch.onnx.export(
+        tiny_resnet.build(), (torch.zeros(1, 3, 64, 64),), str(tmp_path / "t.onnx"), dynamo=False, opset_version=17
+    )
     (tmp_path / "labels.txt").write_text("\n".join(f"c{i}" for i in range(10)))
-    (tmp_path / "s.yaml").write_text("name: t\nonnx: t.onnx\nlabels: labels.txt\n"
-                                     "preprocess: {resize: 256, crop: 224, mean: [0,0,0], std: [1,1,1]}\n")
+    (tmp_path / "s.yaml").write_text(
+        "name: t\nonnx: t.onnx\nlabels: labels.txt\npreprocess: {resize: 256, crop: 224, mean: [0,0,0], std: [1,1,1]}\n"
+    )
     _one_clear_line(run_cli("inspect", str(tmp_path / "s.yaml")), "takes input [3, 64, 64]")
 
 
-@pytest.mark.parametrize(("mean", "std", "warned"), [
-    ("[0.485, 0.456, 0.406]", "[0.229, 0.224, 0.225]", "look like 0-1 units"),
-    ("[123.675, 116.28, 103.53]", "[58.395, 57.12, 57.375]", None),
-    ("[0, 0, 0]", "[1, 1, 1]", None),
-    ("[-1, 0, 0]", "[300, 1, 1]", "outside 0-255"),
-])
+@pytest.mark.parametrize(
+    ("mean", "std", "warned"),
+    [
+        ("[0.485, 0.456, 0.406]", "[0.229, 0.224, 0.225]", "look like 0-1 units"),
+        ("[123.675, 116.28, 103.53]", "[58.395, 57.12, 57.375]", None),
+        ("[0, 0, 0]", "[1, 1, 1]", None),
+        ("[-1, 0, 0]", "[300, 1, 1]", "outside 0-255"),
+    ],
+)
 def test_spec_mean_std_in_other_units_warn(tmp_path: Path, mean: str, std: str, warned: str | None) -> None:
     import warnings
 

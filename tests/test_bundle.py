@@ -45,8 +45,7 @@ def assessed_plan(tmp_path_factory, photos) -> Path:
     from infenclave.assess import AssessOptions, run_assess
 
     out = tmp_path_factory.mktemp("plan") / "a"
-    run_assess(AssessOptions(model="efficientnet-lite0", images=[photos["flower"]], out=out,
-                             adversary="passive"))
+    run_assess(AssessOptions(model="efficientnet-lite0", images=[photos["flower"]], out=out, adversary="passive"))
     return out / "plan.json"
 
 
@@ -63,7 +62,9 @@ def cli_bundle(tmp_path_factory, assessed_plan: Path) -> Path:
     plan.write_text(json.dumps(doc))
     result = subprocess.run(
         [sys.executable, "-m", "infenclave.cli", "partition", MODEL, "--plan", str(plan), "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "model id" in result.stdout
@@ -72,7 +73,8 @@ def cli_bundle(tmp_path_factory, assessed_plan: Path) -> Path:
 
 def test_partition_writes_bundle_key_0600_and_starter_policy(cli_bundle: Path) -> None:
     assert sorted(p.name for p in cli_bundle.iterdir()) == sorted(
-        [MANIFEST_FILE, SIGNATURE_FILE, VERIFY_FILE, *PART_FILES.values()])
+        [MANIFEST_FILE, SIGNATURE_FILE, VERIFY_FILE, *PART_FILES.values()]
+    )
     key_file = key_path_for(cli_bundle)
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     owner_key = owner_key_path_for(cli_bundle)
@@ -111,9 +113,22 @@ def test_manifest_has_hashes_but_no_label_names(cli_bundle: Path) -> None:
 
 def test_partition_refuses_to_overwrite(cli_bundle: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "infenclave.cli", "partition", MODEL, "--front-end", "_blocks.3",
-         "--tail-start", "_conv_head", "--out", str(cli_bundle)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "infenclave.cli",
+            "partition",
+            MODEL,
+            "--front-end",
+            "_blocks.3",
+            "--tail-start",
+            "_conv_head",
+            "--out",
+            str(cli_bundle),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 2 and "--force" in result.stderr
 
@@ -198,5 +213,3 @@ def test_read_plan_is_the_assessments_reader(assessed_plan: Path, tmp_path: Path
     plan.write_text(json.dumps(interrupted))
     with pytest.raises(UsageError):
         read_plan(plan)
-
-

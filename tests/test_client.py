@@ -82,8 +82,9 @@ def test_wrong_measurement_is_refused_before_anything_is_sent(server, bundle, ph
 
 def test_hardware_only_policy_refuses_simulated_evidence(server, bundle, photos, tmp_path) -> None:
     policy = tmp_path / "sgx.json"
-    policy.write_text(json.dumps({"tee_types": ["sgx"], "measurements": {"mrenclave": ["ab" * 32]},
-                                  "model_ids": [bundle.model_id]}))
+    policy.write_text(
+        json.dumps({"tee_types": ["sgx"], "measurements": {"mrenclave": ["ab" * 32]}, "model_ids": [bundle.model_id]})
+    )
     requests = Requests()
     client = Client(server.url, policy, http=requests.http())
     with pytest.raises(VerificationError, match="step 3a"):
@@ -96,8 +97,10 @@ def test_allow_simulation_keeps_the_measurement_check(bundle) -> None:
     assert policy.unsafe_allows_simulation and "simulated" in policy.tee_types
     assert policy.measurements.sim == tuple(_policy_doc(bundle)["measurements"]["sim"])
     with pytest.raises(PolicyError, match="no sim measurement"):
-        resolve_policy({"tee_types": ["sgx"], "measurements": {"mrenclave": ["ab" * 32]},
-                        "model_ids": ["cd" * 32]}, allow_simulation=True)
+        resolve_policy(
+            {"tee_types": ["sgx"], "measurements": {"mrenclave": ["ab" * 32]}, "model_ids": ["cd" * 32]},
+            allow_simulation=True,
+        )
 
 
 def test_key_for_another_model_is_not_sent(server, bundle, tmp_path) -> None:
@@ -113,8 +116,12 @@ def test_key_for_another_model_is_not_sent(server, bundle, tmp_path) -> None:
 
 
 def _post(server, key_id: str, request_id: str, sealed: bytes) -> httpx.Response:
-    return httpx.post(server.url + "/v1/classify", content=sealed, timeout=60,
-                      headers={"X-Infenclave-Enclave-Key": key_id, "X-Infenclave-Request-Id": request_id})
+    return httpx.post(
+        server.url + "/v1/classify",
+        content=sealed,
+        timeout=60,
+        headers={"X-Infenclave-Enclave-Key": key_id, "X-Infenclave-Request-Id": request_id},
+    )
 
 
 def test_request_sealed_for_another_model_or_session_is_refused(server, bundle, photos) -> None:
@@ -125,15 +132,17 @@ def test_request_sealed_for_another_model_or_session_is_refused(server, bundle, 
 
     # Another model: sealed to a real attested key, but for another model id.
     request_id = os.urandom(16).hex()
-    sealed = seal(first.public_key, encode_request(image, reply_public, 5),
-                  context=request_context("ee" * 32, request_id))
+    sealed = seal(
+        first.public_key, encode_request(image, reply_public, 5), context=request_context("ee" * 32, request_id)
+    )
     answer = _post(server, first.key_id, request_id, sealed)
     assert answer.status_code == 400 and answer.json()["error"] == "enclave_refused"
 
     # Another session: sealed to worker 0's key, delivered to worker 1.
     request_id = os.urandom(16).hex()
-    sealed = seal(first.public_key, encode_request(image, reply_public, 5),
-                  context=request_context(client.model_id, request_id))
+    sealed = seal(
+        first.public_key, encode_request(image, reply_public, 5), context=request_context(client.model_id, request_id)
+    )
     answer = _post(server, second.key_id, request_id, sealed)
     assert answer.status_code == 400 and answer.json()["error"] == "enclave_refused"
     # The same ciphertext to the right worker is served: the refusals were about the binding.
@@ -144,9 +153,22 @@ def test_request_sealed_for_another_model_or_session_is_refused(server, bundle, 
 def test_classify_cli_json_matches_predict_shape(server, bundle, photos) -> None:
     image = photos["china"]
     out = subprocess.run(
-        [sys.executable, "-m", "infenclave.cli", "classify", "--url", server.url, "--policy",
-         str(bundle.policy), "--allow-simulation", "--json", str(image)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "infenclave.cli",
+            "classify",
+            "--url",
+            server.url,
+            "--policy",
+            str(bundle.policy),
+            "--allow-simulation",
+            "--json",
+            str(image),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     assert "SIMULATED" in out.stderr  # the warning, on every run
@@ -158,9 +180,20 @@ def test_classify_cli_json_matches_predict_shape(server, bundle, photos) -> None
     assert set(predictions[0]) == {"index", "label", "prob"}
 
     refused = subprocess.run(
-        [sys.executable, "-m", "infenclave.cli", "classify", "--url", server.url, "--policy",
-         str(bundle.policy), str(image)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "infenclave.cli",
+            "classify",
+            "--url",
+            server.url,
+            "--policy",
+            str(bundle.policy),
+            str(image),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert refused.returncode == 3 and "simulation is not allowed" in refused.stderr  # REFUSED
     assert refused.stdout == ""
@@ -172,9 +205,24 @@ def test_classify_cli_names_a_bad_file_and_classifies_the_rest(server, bundle, p
     missing = tmp_path / "missing.png"
     files = [photos["coffee"], bad, missing, photos["chelsea"]]
     out = subprocess.run(
-        [sys.executable, "-m", "infenclave.cli", "classify", "--url", server.url, "--policy",
-         str(bundle.policy), "--allow-simulation", "--json", "-k", "1", *map(str, files)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "infenclave.cli",
+            "classify",
+            "--url",
+            server.url,
+            "--policy",
+            str(bundle.policy),
+            "--allow-simulation",
+            "--json",
+            "-k",
+            "1",
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 2, out.stderr  # ExitCode.USAGE, after the good ones were classified
     assert f"error: {bad}: image refused" in out.stderr
@@ -192,9 +240,23 @@ def test_exit_codes_say_which_kind_of_failure(server, bundle, photos, tmp_path) 
 
     def classify(url: str, policy, *extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "infenclave.cli", "classify", "--url", url, "--policy",
-             str(policy), "--allow-simulation", *extra, str(photos["coffee"])],
-            capture_output=True, text=True, timeout=120)
+            [
+                sys.executable,
+                "-m",
+                "infenclave.cli",
+                "classify",
+                "--url",
+                url,
+                "--policy",
+                str(policy),
+                "--allow-simulation",
+                *extra,
+                str(photos["coffee"]),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     nobody = classify(f"http://127.0.0.1:{free_port()}", bundle.policy)
     assert nobody.returncode == 5 and "cannot reach" in nobody.stderr  # ExitCode.SERVER
@@ -226,13 +288,21 @@ def test_image_refusal_reaches_the_client_only(server, bundle) -> None:
 
 
 def test_serve_refuses_bad_options(bundle, tmp_path) -> None:
-    for args, message in ((["--tee", "gramine-sgx"], "--gramine-dir"), (["--tee", "tdx"], "--tee"),
-                          (["--device", "tpu"], "--device")):
-        out = subprocess.run([sys.executable, "-m", "infenclave.cli", "serve", str(bundle.bundle), *args],
-                             capture_output=True, text=True, timeout=60)
+    for args, message in (
+        (["--tee", "gramine-sgx"], "--gramine-dir"),
+        (["--tee", "tdx"], "--tee"),
+        (["--device", "tpu"], "--device"),
+    ):
+        out = subprocess.run(
+            [sys.executable, "-m", "infenclave.cli", "serve", str(bundle.bundle), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode == 2 and message in out.stderr, out.stderr
-    out = subprocess.run([sys.executable, "-m", "infenclave.cli", "serve", str(tmp_path)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "infenclave.cli", "serve", str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 2 and "not a bundle" in out.stderr
 
 
@@ -245,8 +315,7 @@ def test_classify_takes_a_path_or_bytes_and_a_batch(server, bundle, photos, tmp_
     assert [[p.index for p in a] for a in answers] == [[p.index for p in answers[0]]] * 3
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"GIF89a" + b"\0" * 100)
-    results = client.classify_batch([coffee, bad, photos["chelsea"].read_bytes()], k=1,
-                                    return_image_errors=True)
+    results = client.classify_batch([coffee, bad, photos["chelsea"].read_bytes()], k=1, return_image_errors=True)
     assert results[0][0].label == "espresso" and isinstance(results[2], list)
     assert isinstance(results[1], ImageError) and str(bad) in str(results[1])
     with pytest.raises(ImageError, match="bad.png"):
@@ -261,15 +330,17 @@ def test_attest_reads_a_saved_attestation_answer(server, bundle, tmp_path) -> No
     answer = tmp_path / "attestation.json"
     answer.write_bytes(httpx.get(f"{server.url}/v1/attestation", params={"nonce": nonce}).content)
     doc = _policy_doc(bundle)
-    doc.update(allow_simulation=True,
-               tee_types=sorted({*doc.get("tee_types", []), "simulated"}))
+    doc.update(allow_simulation=True, tee_types=sorted({*doc.get("tee_types", []), "simulated"}))
     policy = tmp_path / "sim-allowed.json"
     policy.write_text(json.dumps(doc))
 
     def attest(*extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "infenclave.cli", "attest", str(answer),
-                               "--policy", str(policy), "--json", *extra],
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "infenclave.cli", "attest", str(answer), "--policy", str(policy), "--json", *extra],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     accepted = attest("--nonce", nonce)
     assert accepted.returncode == 0, accepted.stdout + accepted.stderr

@@ -41,9 +41,16 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("tiny")
     (tmp / "tiny_resnet.py").write_text((Path(tiny_resnet.__file__)).read_text())
     write_spec(tmp, "tiny-torch", "torch: tiny_resnet:build")
-    torch.onnx.export(tiny_resnet.build(), (torch.zeros(1, 3, 64, 64),), str(tmp / "tiny.onnx"),
-                      dynamo=False, input_names=["image"], output_names=["logits"],
-                      dynamic_axes={"image": {0: "b"}, "logits": {0: "b"}}, opset_version=17)
+    torch.onnx.export(
+        tiny_resnet.build(),
+        (torch.zeros(1, 3, 64, 64),),
+        str(tmp / "tiny.onnx"),
+        dynamo=False,
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_axes={"image": {0: "b"}, "logits": {0: "b"}},
+        opset_version=17,
+    )
     write_spec(tmp, "tiny-onnx", "onnx: tiny.onnx")
     return tmp
 
@@ -93,8 +100,13 @@ def test_onnx_model_with_two_inputs_is_refused(tmp_path: Path) -> None:
         def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return torch.flatten(a + b, 1)[:, :10]
 
-    torch.onnx.export(TwoInputs(), (torch.zeros(1, 3, 64, 64), torch.zeros(1, 3, 64, 64)),
-                      str(tmp_path / "two.onnx"), dynamo=False, opset_version=17)
+    torch.onnx.export(
+        TwoInputs(),
+        (torch.zeros(1, 3, 64, 64), torch.zeros(1, 3, 64, 64)),
+        str(tmp_path / "two.onnx"),
+        dynamo=False,
+        opset_version=17,
+    )
     spec = write_spec(tmp_path, "two", "onnx: two.onnx")
     res = run_cli("inspect", str(spec))
     assert res.returncode == 2

@@ -49,8 +49,7 @@ TDX_MEASUREMENTS = {
     "rtmr2": "d833feef2cd945148aa38ead2c53e9b7f138190aaaebfc551dccd829fc207aa3ba80b70870d7330733642e01d48c3132",
     "rtmr3": "00" * 48,
 }
-SNP_MEASUREMENT = ("b07af9620f3b839b47996422ddec6058338951d984e31211"
-                   "5131ea82705eaf5b6bdf8a9ece31a5a608eb0cf2e4872b01")
+SNP_MEASUREMENT = "b07af9620f3b839b47996422ddec6058338951d984e312115131ea82705eaf5b6bdf8a9ece31a5a608eb0cf2e4872b01"
 
 pytestmark = pytest.mark.filterwarnings("ignore::cryptography.utils.CryptographyDeprecationWarning")
 
@@ -58,8 +57,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::cryptography.utils.Cryptography
 def snp_certificate_table() -> bytes:
     """The GHCB certificate table (what SNP's auxblob holds) of the real VCEK, ASK and ARK."""
     ask, ark = x509.load_pem_x509_certificates((EVIDENCE / "snp" / "ask_ark_milan.pem").read_bytes())
-    ders = {"vcek": (EVIDENCE / "snp" / "vcek.der").read_bytes(),
-            "ask": ask.public_bytes(Encoding.DER), "ark": ark.public_bytes(Encoding.DER)}
+    ders = {
+        "vcek": (EVIDENCE / "snp" / "vcek.der").read_bytes(),
+        "ask": ask.public_bytes(Encoding.DER),
+        "ark": ark.public_bytes(Encoding.DER),
+    }
     offset = 24 * (len(ders) + 1)
     entries, blobs = b"", b""
     for name, der in ders.items():
@@ -71,8 +73,7 @@ def snp_certificate_table() -> bytes:
 class FakeTsm:
     """The kernel's side of configfs-tsm, for one provider (see module docstring)."""
 
-    def __init__(self, root: Path, provider: str, outblob: bytes, auxblob: bytes = b"",
-                 racing: bool = False) -> None:
+    def __init__(self, root: Path, provider: str, outblob: bytes, auxblob: bytes = b"", racing: bool = False) -> None:
         self.root, self.provider, self.outblob, self.auxblob = root, provider, outblob, auxblob
         self.racing = racing
         self.inblobs: list[bytes] = []
@@ -125,8 +126,9 @@ def tdx_producer(tmp_path: Path, **fake: object) -> tuple[ConfigfsTsmEvidencePro
 
 def snp_producer(tmp_path: Path, **fake: object) -> tuple[ConfigfsTsmEvidenceProducer, FakeTsm]:
     kernel = FakeTsm(tmp_path / "tsm" / "report", "sev_guest", SNP_REPORT, snp_certificate_table(), **fake)  # type: ignore[arg-type]
-    return ConfigfsTsmEvidenceProducer("sev-snp", kernel.root, privlevel=0, mkdir=kernel.mkdir,
-                                       rmdir=kernel.rmdir), kernel
+    return ConfigfsTsmEvidenceProducer(
+        "sev-snp", kernel.root, privlevel=0, mkdir=kernel.mkdir, rmdir=kernel.rmdir
+    ), kernel
 
 
 def tdx_policy(**changes: str) -> Policy:
@@ -136,8 +138,12 @@ def tdx_policy(**changes: str) -> Policy:
 
 def snp_policy(vmpls: tuple[int, ...] = (0,), host_data: str = "00" * 32) -> Policy:
     # The sample report comes from a DEBUG guest (policy bit 19): allow_debug only for it.
-    return Policy(tee_types=("sev-snp",), allow_debug=True, snp_vmpls=vmpls,
-                  measurements=Measurements(snp_measurement=(SNP_MEASUREMENT,), snp_host_data=(host_data,)))
+    return Policy(
+        tee_types=("sev-snp",),
+        allow_debug=True,
+        snp_vmpls=vmpls,
+        measurements=Measurements(snp_measurement=(SNP_MEASUREMENT,), snp_host_data=(host_data,)),
+    )
 
 
 def ours() -> bytes:
@@ -155,8 +161,7 @@ def test_tdx_quote_with_its_own_report_data_accepted(tmp_path: Path) -> None:
     assert raw == TDX_QUOTE and aux == b""
     assert kernel.inblobs == [own] and kernel.privlevels == [b""]
     assert len(kernel.removed) == 1 and not any(kernel.root.iterdir())  # entry removed
-    claims = verify(Evidence("tdx", raw, collateral=TDX_COLLATERAL), tdx_policy(),
-                    expected_report_data=own, now=TDX_AT)
+    claims = verify(Evidence("tdx", raw, collateral=TDX_COLLATERAL), tdx_policy(), expected_report_data=own, now=TDX_AT)
     assert claims.tcb_status == "UpToDate" and claims.measurements["rtmr2"] == TDX_MEASUREMENTS["rtmr2"]
 
 
@@ -168,8 +173,12 @@ def test_tdx_quote_refused_with_our_report_data(tmp_path: Path) -> None:
     assert kernel.inblobs == [report_data] and len(kernel.removed) == 1
     # And the client's verifier refuses it too, at step 4, were the enclave to pass it on.
     with pytest.raises(PolicyRefusal, match="step 4"):
-        verify(Evidence("tdx", TDX_QUOTE, collateral=TDX_COLLATERAL), tdx_policy(),
-               expected_report_data=report_data, now=TDX_AT)
+        verify(
+            Evidence("tdx", TDX_QUOTE, collateral=TDX_COLLATERAL),
+            tdx_policy(),
+            expected_report_data=report_data,
+            now=TDX_AT,
+        )
 
 
 def test_tdx_policy_pins_the_rtmrs(tmp_path: Path) -> None:
@@ -234,7 +243,7 @@ def test_snp_refused_with_our_report_data(tmp_path: Path) -> None:
 
 def test_malformed_certificate_table_refused_by_the_host() -> None:
     table = snp_certificate_table()
-    for bad in (table[:30], bytes(8) + table[8:], table[:24 * 4]):
+    for bad in (table[:30], bytes(8) + table[8:], table[: 24 * 4]):
         frame = Frame(MsgType.EVIDENCE_OK, 1, {"tee": "sev-snp", "aux_bytes": len(bad)}, SNP_REPORT + bad)
         with pytest.raises(EnclaveError):
             split_evidence(frame)

@@ -106,9 +106,7 @@ def test_sim_signing_key_persistent_and_private(tmp_path: Path) -> None:
     key_file = tmp_path / SIM_SIGNING_KEY_FILE
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert SimEvidenceProducer(tmp_path, MEASUREMENT).signer_public_hex == first.signer_public_hex
-    assert SimEvidenceProducer(tmp_path / "other", MEASUREMENT).signer_public_hex != (
-        first.signer_public_hex
-    )
+    assert SimEvidenceProducer(tmp_path / "other", MEASUREMENT).signer_public_hex != (first.signer_public_hex)
 
 
 def test_sim_refuses_bad_inputs(tmp_path: Path) -> None:
@@ -199,9 +197,7 @@ def test_enclave_modules_import_only_the_allowed_set() -> None:
         "import infenclave.enclave.sandbox, infenclave.enclave.sealing, infenclave.enclave.evidence\n"
         "print(json.dumps(sorted(sys.modules)))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
-    ).stdout
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60).stdout
     modules = set(json.loads(out))
     ours = {m for m in modules if m == "infenclave" or m.startswith("infenclave.")}
     assert ours <= {

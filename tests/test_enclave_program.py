@@ -47,9 +47,22 @@ class Enclave:
     def __init__(self, bundle: Path, state: Path) -> None:
         parent, child = socket.socketpair()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "infenclave.enclave", "--tee", "sim", "--channel", "stdio",
-             "--bundles", str(bundle.parent), "--state", str(state)],
-            stdin=child, stdout=child, stderr=subprocess.PIPE,
+            [
+                sys.executable,
+                "-m",
+                "infenclave.enclave",
+                "--tee",
+                "sim",
+                "--channel",
+                "stdio",
+                "--bundles",
+                str(bundle.parent),
+                "--state",
+                str(state),
+            ],
+            stdin=child,
+            stdout=child,
+            stderr=subprocess.PIPE,
         )
         child.close()
         self.sock = parent
@@ -61,8 +74,9 @@ class Enclave:
         self.public_key = bytes.fromhex(hello.meta["public_key"])
         self.bundle = bundle
 
-    def call(self, msg: MsgType, meta: dict | None = None, body: bytes | memoryview = b"",
-             tag: int | None = None) -> Frame:
+    def call(
+        self, msg: MsgType, meta: dict | None = None, body: bytes | memoryview = b"", tag: int | None = None
+    ) -> Frame:
         if tag is None:
             self._tag += 1
             tag = self._tag
@@ -122,12 +136,22 @@ def _ready(bundle, state: Path) -> Enclave:
     return enclave
 
 
-def _request(enclave: Enclave, model_id: str, image: bytes, *, k: int = 5,
-             recipient: bytes | None = None, request_id: str | None = None):
+def _request(
+    enclave: Enclave,
+    model_id: str,
+    image: bytes,
+    *,
+    k: int = 5,
+    recipient: bytes | None = None,
+    request_id: str | None = None,
+):
     request_id = request_id or os.urandom(16).hex()
     reply_private, reply_public = generate_keypair()
-    sealed = seal(recipient or enclave.public_key, encode_request(image, reply_public, k),
-                  context=request_context(model_id, request_id))
+    sealed = seal(
+        recipient or enclave.public_key,
+        encode_request(image, reply_public, k),
+        context=request_context(model_id, request_id),
+    )
     return request_id, reply_private, sealed
 
 
@@ -137,11 +161,11 @@ def _classify(enclave: Enclave, bundle, image: bytes, backnet) -> list[dict]:
     assert ir1.type == MsgType.IR1
     x = tensor_from_frame(ir1)
     outputs = backnet(x)  # [IR2, *what the enclave checks it with] (a verified BackNet)
-    result = enclave.call(MsgType.IR2, tensors_meta(outputs),
-                          b"".join(memoryview(y).cast("B") for y in outputs), tag=ir1.tag)
+    result = enclave.call(
+        MsgType.IR2, tensors_meta(outputs), b"".join(memoryview(y).cast("B") for y in outputs), tag=ir1.tag
+    )
     assert result.type == MsgType.RESULT
-    answer = open_sealed(reply_private, bytes(result.body),
-                         context=response_context(bundle.model_id, request_id))
+    answer = open_sealed(reply_private, bytes(result.body), context=response_context(bundle.model_id, request_id))
     return json.loads(answer)["predictions"]
 
 
@@ -174,16 +198,18 @@ def test_evidence_binds_key_and_nonce(enclave_a, bundles) -> None:
     policy = resolve_policy(bundles[0].policy, allow_simulation=True)
     now = datetime.now(UTC)
     model_id = bundles[0].model_id
-    claims = verify(evidence, policy,
-                    expected_report_data=expected_report_data(enclave_a.public_key, nonce, model_id), now=now)
+    claims = verify(
+        evidence, policy, expected_report_data=expected_report_data(enclave_a.public_key, nonce, model_id), now=now
+    )
     assert claims.measurements["measurement"] == sim_measurement().hex()
     # Another nonce, another key or another model is not what this evidence binds.
-    for key, other_nonce, other_model in ((enclave_a.public_key, os.urandom(32), model_id),
-                                          (os.urandom(32), nonce, model_id),
-                                          (enclave_a.public_key, nonce, bundles[1].model_id)):
+    for key, other_nonce, other_model in (
+        (enclave_a.public_key, os.urandom(32), model_id),
+        (os.urandom(32), nonce, model_id),
+        (enclave_a.public_key, nonce, bundles[1].model_id),
+    ):
         with pytest.raises(PolicyRefusal, match="step 4"):
-            verify(evidence, policy, expected_report_data=expected_report_data(key, other_nonce, other_model),
-                   now=now)
+            verify(evidence, policy, expected_report_data=expected_report_data(key, other_nonce, other_model), now=now)
     short = enclave_a.call(MsgType.EVIDENCE, {"nonce": "00" * 8})
     assert short.type == MsgType.ERROR and short.meta["error"] == "bad_nonce"
 
@@ -248,8 +274,9 @@ def test_image_refusal_is_sealed_to_the_client(enclave_a, bundles) -> None:
     request_id, reply_private, sealed = _request(enclave_a, bundles[0].model_id, b"not an image at all")
     frame = enclave_a.call(MsgType.REQUEST, {"request_id": request_id}, sealed)
     assert frame.type == MsgType.RESULT  # the host cannot tell a refusal from an answer
-    answer = json.loads(open_sealed(reply_private, bytes(frame.body),
-                                    context=response_context(bundles[0].model_id, request_id)))
+    answer = json.loads(
+        open_sealed(reply_private, bytes(frame.body), context=response_context(bundles[0].model_id, request_id))
+    )
     assert answer["error"].startswith("image refused")
 
 
@@ -309,6 +336,10 @@ def test_enclave_imports_stay_in_the_tcb(bundles, tmp_path) -> None:
         "'infenclave.bundle', 'httpx', 'fastapi', 'uvicorn', 'dcap_qvl'))]\n"
         "print('BAD', bad)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(bundles[0].bundle.parent), str(tmp_path)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(bundles[0].bundle.parent), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "BAD []" in out.stdout, out.stdout + out.stderr

@@ -18,8 +18,11 @@ def test_every_evidence_file_matches_its_published_digest() -> None:
     for line in (EVIDENCE / "SHA256SUMS").read_text().splitlines():
         digest, name = line.split(maxsplit=1)
         listed[name] = digest
-    present = {p.relative_to(EVIDENCE).as_posix() for p in EVIDENCE.rglob("*")
-               if p.is_file() and p.name not in ("SHA256SUMS", "README.md")}
+    present = {
+        p.relative_to(EVIDENCE).as_posix()
+        for p in EVIDENCE.rglob("*")
+        if p.is_file() and p.name not in ("SHA256SUMS", "README.md")
+    }
     assert present == set(listed)
     for name, digest in listed.items():
         assert hashlib.sha256((EVIDENCE / name).read_bytes()).hexdigest() == digest, name

@@ -9,9 +9,17 @@ import infenclave
 
 
 def test_public_names() -> None:
-    assert set(infenclave.__all__) == {"__version__", "Client", "load_model", "analyse",
-                                       "ternary_split", "AssessOptions", "run_assess",
-                                       "partition", "InfenclaveError"}
+    assert set(infenclave.__all__) == {
+        "__version__",
+        "Client",
+        "load_model",
+        "analyse",
+        "ternary_split",
+        "AssessOptions",
+        "run_assess",
+        "partition",
+        "InfenclaveError",
+    }
     for name in infenclave.__all__:
         assert getattr(infenclave, name) is not None
 

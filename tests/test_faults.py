@@ -142,7 +142,8 @@ def test_requests_a_crashed_worker_held_fail_clearly_and_are_not_retried(server,
     client.close()
     crashed = _count(server, "worker_crashed") - crashed_before
     assert crashed >= 1, f"the crash caught no request in the enclave: {load.errors[:3]} " + "\n".join(
-        line for line in server.log().splitlines() if " 503" in line or "WARNING" in line)
+        line for line in server.log().splitlines() if " 503" in line or "WARNING" in line
+    )
     assert load.errors and all(isinstance(e, WorkerCrashed) for e in load.errors), load.errors[:3]
     assert len(load.errors) == crashed  # one client error per crashed request: none retried
     assert "crashed (SIGSEGV)" in server.log()
@@ -304,8 +305,7 @@ def test_a_killed_host_restarts_from_sealed_state_and_damage_asks_for_the_owner(
     assert load.slowest < 25
 
     # Started again on the same state: workers unseal the stored key, no owner needed.
-    second = ServerProcess(bundle.bundle, workers=2, state=state,
-                           ready=lambda h: h["workers_ready"] == 2)
+    second = ServerProcess(bundle.bundle, workers=2, state=state, ready=lambda h: h["workers_ready"] == 2)
     try:
         user = sim_client(second.url, bundle.policy)
         assert all(e.provisioned for e in user.attest())
@@ -347,8 +347,9 @@ def tiny_state():
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs to fill needs root")
     mount = Path(tempfile.mkdtemp(prefix="state-tmpfs-"))
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     yield mount
@@ -363,8 +364,9 @@ def test_a_full_state_disk_and_a_bomb_under_the_memory_limit(bundle, photos, tin
     pixel cap raised to the enclave's own, a 64-megapixel PNG bomb is contained by the
     worker's memory limit: that worker is OOM-killed, the request fails clearly and is not
     retried, the worker restarts and the others keep serving."""
-    server = ServerProcess(bundle.bundle, workers=2, state=tiny_state,
-                           extra=("--max-pixels", "64000000", "--worker-memory", "640M"))
+    server = ServerProcess(
+        bundle.bundle, workers=2, state=tiny_state, extra=("--max-pixels", "64000000", "--worker-memory", "640M")
+    )
     try:
         if "memory limit 640 MiB" not in server.log():
             pytest.skip("no writable cgroup memory controller here: " + server.log()[-300:])

@@ -156,11 +156,17 @@ def _manifest_seeds() -> tuple[bytes, ...]:
         "format": bf.BUNDLE_FORMAT,
         "model": {"name": "efficientnet-lite0"},
         "preprocess": {"resize": 256, "crop": 224, "mean": [127, 127, 127], "std": [128, 128, 128]},
-        "output": "logits", "num_classes": 1000, "input_shape": [3, 224, 224],
-        "cuts": {"front_end": {"name": "_blocks.3", "tensor": "ir1", "shape": [40, 28, 28]},
-                 "tail_start": {"name": "_conv_head", "tensor": "ir2", "shape": [320, 7, 7]}},
-        "parts": {name: {"file": file, "encrypted": name in bf.ENCRYPTED_PARTS, **part}
-                  for name, file in bf.PART_FILES.items()},
+        "output": "logits",
+        "num_classes": 1000,
+        "input_shape": [3, 224, 224],
+        "cuts": {
+            "front_end": {"name": "_blocks.3", "tensor": "ir1", "shape": [40, 28, 28]},
+            "tail_start": {"name": "_conv_head", "tensor": "ir2", "shape": [320, 7, 7]},
+        },
+        "parts": {
+            name: {"file": file, "encrypted": name in bf.ENCRYPTED_PARTS, **part}
+            for name, file in bf.PART_FILES.items()
+        },
     }
     keys = getattr(bf, "_MANIFEST_KEYS", ())
     if "owner_key" in keys:
@@ -169,9 +175,10 @@ def _manifest_seeds() -> tuple[bytes, ...]:
     if "backnet" in keys:  # both BackNet modes: unverified, and Freivalds-verified
         from infenclave.protocol.backnet_verify import VERIFY_FILE
 
-        sections = [{"verification": "unverified"},
-                    {"verification": "freivalds", "max_failures": 1, "file": VERIFY_FILE,
-                     "sha256": "1" * 64, "size": 4096}]
+        sections = [
+            {"verification": "unverified"},
+            {"verification": "freivalds", "max_failures": 1, "file": VERIFY_FILE, "sha256": "1" * 64, "size": 4096},
+        ]
     seeds = []
     for section in sections:
         if section is not None:
@@ -217,8 +224,15 @@ def _image_seeds() -> tuple[bytes, ...]:
     from PIL import Image
 
     seeds = [_png(16, 12)]
-    for fmt, mode in (("JPEG", "RGB"), ("GIF", "P"), ("BMP", "RGB"), ("WEBP", "RGB"),
-                      ("TIFF", "RGB"), ("PNG", "RGBA"), ("PNG", "I;16")):
+    for fmt, mode in (
+        ("JPEG", "RGB"),
+        ("GIF", "P"),
+        ("BMP", "RGB"),
+        ("WEBP", "RGB"),
+        ("TIFF", "RGB"),
+        ("PNG", "RGBA"),
+        ("PNG", "I;16"),
+    ):
         out = io.BytesIO()
         Image.new(mode, (24, 16)).save(out, fmt)
         seeds.append(out.getvalue())
@@ -255,7 +269,7 @@ def mutated(draw: st.DrawFn, seeds: tuple[bytes, ...]) -> bytes:
         if op == 0 and data:
             data[pos] = draw(st.integers(0, 255))
         elif op == 1:
-            del data[pos:pos + draw(st.integers(1, 64))]
+            del data[pos : pos + draw(st.integers(1, 64))]
         elif op == 2:
             data[pos:pos] = draw(st.binary(min_size=1, max_size=32))
         elif op == 3:
@@ -264,7 +278,7 @@ def mutated(draw: st.DrawFn, seeds: tuple[bytes, ...]) -> bytes:
             value = draw(st.sampled_from((*_BOUNDARY, len(data))))
             fmt = draw(st.sampled_from(("<I", ">I", "<H", ">H", "<Q")))
             packed = struct.pack(fmt, value & ((1 << (8 * struct.calcsize(fmt))) - 1))
-            data[pos:pos + len(packed)] = packed
+            data[pos : pos + len(packed)] = packed
     return bytes(data[:MAX_INPUT])
 
 
@@ -289,8 +303,7 @@ def test_seeds_are_accepted_or_refused_cleanly(name: str) -> None:
 def test_parser_refuses_hostile_bytes_cleanly(name: str) -> None:
     target = _TARGETS[name]
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(mutated(target.seeds))
     def run(data: bytes) -> None:
         check_one(target, data)

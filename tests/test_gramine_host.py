@@ -36,9 +36,17 @@ def gramine_dir(tmp_path_factory):
 
 def _pool(gramine_dir, bundle, threads: int, **kwargs) -> EnclavePool:
     manifest = parse_manifest((bundle.bundle / "manifest.json").read_bytes())
-    return EnclavePool(bundle_dir=bundle.bundle, manifest=manifest, state_dir=gramine_dir / "state",
-                       tee="gramine-sgx", workers=1, metrics=Metrics(), enclave_threads=threads,
-                       gramine_dir=gramine_dir, **kwargs)
+    return EnclavePool(
+        bundle_dir=bundle.bundle,
+        manifest=manifest,
+        state_dir=gramine_dir / "state",
+        tee="gramine-sgx",
+        workers=1,
+        metrics=Metrics(),
+        enclave_threads=threads,
+        gramine_dir=gramine_dir,
+        **kwargs,
+    )
 
 
 def test_enclave_threads_must_match_the_manifest(gramine_dir) -> None:

@@ -73,20 +73,29 @@ def makefile_defines(**overrides: str) -> dict[str, str]:
     """The -D variables the Makefile passes to gramine-manifest (``make -n``, nothing run but
     its ``$(shell ...)`` fact-finding)."""
     multiarch = sysconfig.get_config_var("MULTIARCH") or "x86_64-linux-gnu"
-    args = [f"ARCH_LIBDIR=lib/{multiarch}", f"VENV={Path(sys.prefix)}",
-            *(f"{k}={v}" for k, v in overrides.items())]
-    out = subprocess.run(["make", "-n", "-s", "-C", str(GRAMINE_DIR), "infenclave-enclave.manifest",
-                          *args], capture_output=True, text=True, check=True, timeout=60).stdout
-    command = out[out.index("gramine-manifest"):]
+    args = [f"ARCH_LIBDIR=lib/{multiarch}", f"VENV={Path(sys.prefix)}", *(f"{k}={v}" for k, v in overrides.items())]
+    out = subprocess.run(
+        ["make", "-n", "-s", "-C", str(GRAMINE_DIR), "infenclave-enclave.manifest", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    command = out[out.index("gramine-manifest") :]
     command = command.replace("\\\n", " ").split(">")[0]
     defines: dict[str, str] = {}
     for token in shlex.split(command):
         if token.startswith("-D"):
             key, _, value = token[2:].partition("=")
             if value.startswith("$("):  # a command substitution the recipe's shell runs
-                value = subprocess.run(["bash", "-c", f"echo {value}"], capture_output=True,
-                                       text=True, check=True, timeout=60,
-                                       cwd=GRAMINE_DIR).stdout.strip()
+                value = subprocess.run(
+                    ["bash", "-c", f"echo {value}"],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    timeout=60,
+                    cwd=GRAMINE_DIR,
+                ).stdout.strip()
             defines[key] = value
     return defines
 
@@ -121,21 +130,57 @@ _SIZE = str
 _SCHEMA: dict[str, dict[str, object]] = {
     "fs": {"mounts": list, "root": dict, "start_dir": str, "insecure__keys": dict},
     "libos": {"entrypoint": str, "check_invalid_pointers": bool},
-    "loader": {"entrypoint": dict, "argv": list, "argv_src_file": str, "env": dict,
-               "env_src_file": str, "gid": int, "insecure__use_cmdline_argv": bool,
-               "insecure__use_host_env": bool, "insecure__disable_aslr": bool, "log_file": str,
-               "log_level": str, "uid": int},
-    "sgx": {"allowed_files": list, "cpu_features": dict, "debug": bool, "edmm_enable": bool,
-            "enable_stats": bool, "enclave_size": _SIZE, "file_check_policy": str,
-            "insecure__allow_memfaults_without_exinfo": bool, "insecure__rpc_thread_num": int,
-            "isvprodid": int, "isvsvn": int, "max_threads": int, "preheat_enclave": bool,
-            "profile": dict, "ra_client_linkable": bool, "ra_client_spid": str,
-            "remote_attestation": str, "seal_key": dict, "trusted_files": list,
-            "use_exinfo": bool, "vtune_profile": bool, "trusted_files_cache_size": _SIZE},
-    "sys": {"allowed_ioctls": list, "brk": dict, "disallow_subprocesses": bool,
-            "enable_extra_runtime_domain_names_conf": bool, "enable_sigterm_injection": bool,
-            "experimental__enable_flock": bool, "insecure__allow_eventfd": bool,
-            "ioctl_structs": dict, "debug__mock_syscalls": list, "stack": dict, "fds": dict},
+    "loader": {
+        "entrypoint": dict,
+        "argv": list,
+        "argv_src_file": str,
+        "env": dict,
+        "env_src_file": str,
+        "gid": int,
+        "insecure__use_cmdline_argv": bool,
+        "insecure__use_host_env": bool,
+        "insecure__disable_aslr": bool,
+        "log_file": str,
+        "log_level": str,
+        "uid": int,
+    },
+    "sgx": {
+        "allowed_files": list,
+        "cpu_features": dict,
+        "debug": bool,
+        "edmm_enable": bool,
+        "enable_stats": bool,
+        "enclave_size": _SIZE,
+        "file_check_policy": str,
+        "insecure__allow_memfaults_without_exinfo": bool,
+        "insecure__rpc_thread_num": int,
+        "isvprodid": int,
+        "isvsvn": int,
+        "max_threads": int,
+        "preheat_enclave": bool,
+        "profile": dict,
+        "ra_client_linkable": bool,
+        "ra_client_spid": str,
+        "remote_attestation": str,
+        "seal_key": dict,
+        "trusted_files": list,
+        "use_exinfo": bool,
+        "vtune_profile": bool,
+        "trusted_files_cache_size": _SIZE,
+    },
+    "sys": {
+        "allowed_ioctls": list,
+        "brk": dict,
+        "disallow_subprocesses": bool,
+        "enable_extra_runtime_domain_names_conf": bool,
+        "enable_sigterm_injection": bool,
+        "experimental__enable_flock": bool,
+        "insecure__allow_eventfd": bool,
+        "ioctl_structs": dict,
+        "debug__mock_syscalls": list,
+        "stack": dict,
+        "fds": dict,
+    },
 }
 _REQUIRED = (("fs", "mounts"), ("libos", "entrypoint"), ("loader", "entrypoint"))
 _LOG_LEVELS = {"none", "error", "warning", "debug", "trace", "all"}
@@ -164,8 +209,11 @@ def schema_errors(manifest: dict) -> list[str]:
     if manifest.get("loader", {}).get("log_level", "error") not in _LOG_LEVELS:
         errors.append("bad loader.log_level")
     for name, env in manifest.get("loader", {}).get("env", {}).items():
-        if not (isinstance(env, str) or env in ({"passthrough": True},)
-                or (isinstance(env, dict) and set(env) == {"value"} and isinstance(env["value"], str))):
+        if not (
+            isinstance(env, str)
+            or env in ({"passthrough": True},)
+            or (isinstance(env, dict) and set(env) == {"value"} and isinstance(env["value"], str))
+        ):
             errors.append(f"loader.env.{name} is neither a string, {{value}} nor {{passthrough = true}}")
     for mount in manifest.get("fs", {}).get("mounts", []):
         kind = mount.get("type", "chroot")
@@ -180,8 +228,7 @@ def schema_errors(manifest: dict) -> list[str]:
     for entry in manifest.get("sgx", {}).get("trusted_files", []):
         if not (isinstance(entry, str) or (isinstance(entry, dict) and "uri" in entry)):
             errors.append(f"bad trusted file entry {entry!r}")
-    ways = [k for k in ("argv", "argv_src_file", "insecure__use_cmdline_argv")
-            if k in manifest.get("loader", {})]
+    ways = [k for k in ("argv", "argv_src_file", "insecure__use_cmdline_argv") if k in manifest.get("loader", {})]
     if len(ways) > 1:
         errors.append(f"more than one way of passing arguments: {ways}")
     return errors
@@ -194,6 +241,7 @@ def parse_size(value: str) -> int:
 
 
 # --- fixtures ---------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def trusted_module():
@@ -223,6 +271,7 @@ def manifest(rendered) -> dict:
 
 # --- tests ------------------------------------------------------------------------------------
 
+
 def test_template_leaves_loader_entrypoint_to_gramine_manifest(rendered) -> None:
     """G1: a `loader.entrypoint` string is an error in Gramine 1.9."""
     assert "entrypoint" not in tomllib.loads(rendered).get("loader", {})
@@ -251,7 +300,7 @@ def test_trusted_files_exist_once_and_are_well_formed(manifest, trusted_module) 
     """G4 and no file hashed twice: by URI, by real file, or through a listed directory."""
     uris = [e if isinstance(e, str) else e["uri"] for e in manifest["sgx"]["trusted_files"]]
     assert len(uris) == len(set(uris)), "a trusted URI is listed twice"
-    host = [u[len("file:"):] for u in uris if not u.startswith(f"file:{GRAMINE_PKGLIBDIR}")]
+    host = [u[len("file:") :] for u in uris if not u.startswith(f"file:{GRAMINE_PKGLIBDIR}")]
     directories = [p for p in host if p.endswith("/")]
     assert directories == [], f"host directories listed whole: {directories}"
     for path in host:
@@ -260,8 +309,11 @@ def test_trusted_files_exist_once_and_are_well_formed(manifest, trusted_module) 
     twice = {r for r in real if real.count(r) > 1}
     assert not twice, f"one file under two names: {sorted(twice)[:5]}"
     assert not any("/__pycache__/" in p or p.endswith(".pyc") for p in host)
-    assert not any("/site-packages/" in p and "/lib/python3" in p and p.startswith(sys.base_prefix)
-                   for p in host if sys.base_prefix != sys.prefix), "base site-packages listed"
+    assert not any(
+        "/site-packages/" in p and "/lib/python3" in p and p.startswith(sys.base_prefix)
+        for p in host
+        if sys.base_prefix != sys.prefix
+    ), "base site-packages listed"
     # Gramine's own glibc comes from its runtime directory, never from the host.
     assert not any(Path(p).name in trusted_module.GRAMINE_GLIBC_LIBS for p in host)
     assert f"file:{GRAMINE_PKGLIBDIR}/runtime/glibc/" in uris
@@ -269,7 +321,7 @@ def test_trusted_files_exist_once_and_are_well_formed(manifest, trusted_module) 
 
 def test_no_glibc_newer_than_gramines(manifest, trusted_module) -> None:
     uris = [e if isinstance(e, str) else e["uri"] for e in manifest["sgx"]["trusted_files"]]
-    host = [Path(u[len("file:"):]) for u in uris if not u.startswith(f"file:{GRAMINE_PKGLIBDIR}")]
+    host = [Path(u[len("file:") :]) for u in uris if not u.startswith(f"file:{GRAMINE_PKGLIBDIR}")]
     newest = trusted_module.needed_glibc(host)
     assert newest > (2, 0), "readelf found no GLIBC_ version needs: the check did not run"
     assert newest <= trusted_module.GRAMINE_GLIBC, newest
@@ -288,14 +340,17 @@ def test_mounts_are_used_once_and_cover_every_trusted_file(manifest) -> None:
         used = any(u.startswith(root) or u + "/" == root for u in uris + allowed)
         assert used, f"mount {mount['path']} holds no trusted or allowed file"
         others = [o for o in host_mounts if o is not mount]
-        assert not any(root.startswith(o["uri"].rstrip("/") + "/") and
-                       mount["path"].startswith(o["path"].rstrip("/") + "/") and
-                       mount["path"][len(o["path"]):] == mount["uri"][len(o["uri"]):]
-                       for o in others), f"mount {mount['path']} repeats a mount above it"
+        assert not any(
+            root.startswith(o["uri"].rstrip("/") + "/")
+            and mount["path"].startswith(o["path"].rstrip("/") + "/")
+            and mount["path"][len(o["path"]) :] == mount["uri"][len(o["uri"]) :]
+            for o in others
+        ), f"mount {mount['path']} repeats a mount above it"
     for uri in uris:
-        path = uri[len("file:"):]
-        assert any(path.startswith(m["uri"][len("file:"):].rstrip("/") + "/") for m in host_mounts), \
+        path = uri[len("file:") :]
+        assert any(path.startswith(m["uri"][len("file:") :].rstrip("/") + "/") for m in host_mounts), (
             f"trusted file outside every mount: {path}"
+        )
 
 
 def test_security_choices(manifest) -> None:
@@ -328,10 +383,15 @@ def test_size_and_threads_fit(manifest, defines, trusted_module) -> None:
 
 def test_makefile_refuses_threads_that_do_not_fit() -> None:
     script = GRAMINE_DIR / "trusted_files.py"
-    ok = subprocess.run([sys.executable, str(script), "--check-threads", "2", "8"],
-                        capture_output=True, text=True, timeout=60)
+    ok = subprocess.run(
+        [sys.executable, str(script), "--check-threads", "2", "8"], capture_output=True, text=True, timeout=60
+    )
     assert ok.returncode == 0, ok.stderr
     for threads, max_threads in (("4", "8"), ("0", "64")):
-        refused = subprocess.run([sys.executable, str(script), "--check-threads", threads, max_threads],
-                                 capture_output=True, text=True, timeout=60)
+        refused = subprocess.run(
+            [sys.executable, str(script), "--check-threads", threads, max_threads],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert refused.returncode == 1 and "refusing" in refused.stderr

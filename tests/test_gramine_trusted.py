@@ -134,7 +134,9 @@ def serve_one_request(process: subprocess.Popen, parent: socket.socket, bundle) 
         request_id = os.urandom(16).hex()
         reply_private, reply_public = generate_keypair()
         image = builtin_images()["chelsea"].read_bytes()
-        sealed = seal(public_key, encode_request(image, reply_public, 5), context=request_context(key.model_id, request_id))
+        sealed = seal(
+            public_key, encode_request(image, reply_public, 5), context=request_context(key.model_id, request_id)
+        )
         ir1 = call(MsgType.REQUEST, {"request_id": request_id}, sealed)
         assert ir1.type == MsgType.IR1
         with open(f"/proc/{process.pid}/status") as handle:
@@ -143,8 +145,9 @@ def serve_one_request(process: subprocess.Popen, parent: socket.socket, bundle) 
         body = b"".join(memoryview(np.ascontiguousarray(y, dtype=np.float32)).cast("B") for y in outputs)
         result = call(MsgType.IR2, tensors_meta(outputs), body, at=ir1.tag)
         assert result.type == MsgType.RESULT
-        answer = json.loads(open_sealed(reply_private, bytes(result.body),
-                                        context=response_context(key.model_id, request_id)))
+        answer = json.loads(
+            open_sealed(reply_private, bytes(result.body), context=response_context(key.model_id, request_id))
+        )
         assert len(answer["predictions"]) == 5
     finally:
         parent.close()
@@ -163,8 +166,14 @@ def probe_run(gramine_manifest, tmp_path_factory) -> dict:
     report = work / "report.json"
     env = dict(gramine_manifest["loader"]["env"], INFENCLAVE_PROBE_REPORT=str(report))
     parent, child = socket.socketpair()
-    process = subprocess.Popen(_probe_command(gramine_manifest, bundle.bundle.parent, work),
-                               stdin=child, stdout=child, stderr=subprocess.PIPE, env=env, cwd=work)
+    process = subprocess.Popen(
+        _probe_command(gramine_manifest, bundle.bundle.parent, work),
+        stdin=child,
+        stdout=child,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=work,
+    )
     child.close()
     threads = serve_one_request(process, parent, bundle)
     assert process.returncode == 0, process.stderr.read().decode() if process.stderr else ""
@@ -176,17 +185,19 @@ def probe_run(gramine_manifest, tmp_path_factory) -> dict:
 def test_every_loaded_file_is_trusted(gramine_manifest, probe_run) -> None:
     trusted_module = load_trusted_files_module()
     uris = [e if isinstance(e, str) else e["uri"] for e in gramine_manifest["sgx"]["trusted_files"]]
-    trusted = {os.path.realpath(u[len("file:"):]) for u in uris
-               if not u.startswith(f"file:{GRAMINE_PKGLIBDIR}")}
+    trusted = {os.path.realpath(u[len("file:") :]) for u in uris if not u.startswith(f"file:{GRAMINE_PKGLIBDIR}")}
     loaded = [p for p in probe_run["modules"] + probe_run["mapped"] if os.path.isfile(p)]
     assert any("onnxruntime_pybind11_state" in p for p in loaded), "the probe did not run ORT"
     assert any(p.endswith("infenclave/enclave/program.py") for p in loaded)
-    outside = sorted({
-        p for p in loaded
-        if os.path.realpath(p) not in trusted
-        and Path(p).name not in trusted_module.GRAMINE_GLIBC_LIBS  # Gramine's glibc instead
-        and not any(marker in p for marker in SIM_ONLY)
-    })
+    outside = sorted(
+        {
+            p
+            for p in loaded
+            if os.path.realpath(p) not in trusted
+            and Path(p).name not in trusted_module.GRAMINE_GLIBC_LIBS  # Gramine's glibc instead
+            and not any(marker in p for marker in SIM_ONLY)
+        }
+    )
     assert outside == [], f"loaded but not trusted: {outside}"
 
 
@@ -201,8 +212,10 @@ def test_probe_fits_the_stated_sizing(gramine_manifest, probe_run, trusted_modul
     # Inside SGX a mapped library occupies its whole size in enclave memory: add them all.
     mapped_bytes = sum(os.path.getsize(p) for p in probe_run["mapped"] if os.path.isfile(p))
     need = probe_run["vm_hwm_kb"] * 1024 + mapped_bytes
-    print(f"probe: {probe_run['threads']} threads, VmHWM {probe_run['vm_hwm_kb'] / 1024:.0f} MiB, "
-          f"mapped files {mapped_bytes / 2**20:.0f} MiB, enclave {size}")
+    print(
+        f"probe: {probe_run['threads']} threads, VmHWM {probe_run['vm_hwm_kb'] / 1024:.0f} MiB, "
+        f"mapped files {mapped_bytes / 2**20:.0f} MiB, enclave {size}"
+    )
     assert need * 2 <= enclave_bytes, f"{need / 2**20:.0f} MiB needs more than half of {size}"
 
 
@@ -218,9 +231,25 @@ def test_serves_with_stdout_and_stderr_aliased_to_the_channel(tmp_path) -> None:
     parent, child = socket.socketpair()
     env = dict(os.environ, PYTHONWARNINGS="always")  # warnings are output too: none may leak
     process = subprocess.Popen(
-        [sys.executable, "-m", "infenclave.enclave", "--tee", "sim", "--channel", "stdio",
-         "--bundles", str(bundle.bundle.parent), "--state", str(tmp_path), "--threads", "1"],
-        stdin=child, stdout=child, stderr=child, env=env,
+        [
+            sys.executable,
+            "-m",
+            "infenclave.enclave",
+            "--tee",
+            "sim",
+            "--channel",
+            "stdio",
+            "--bundles",
+            str(bundle.bundle.parent),
+            "--state",
+            str(tmp_path),
+            "--threads",
+            "1",
+        ],
+        stdin=child,
+        stdout=child,
+        stderr=child,
+        env=env,
     )
     child.close()
     serve_one_request(process, parent, bundle)

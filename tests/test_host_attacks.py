@@ -178,14 +178,14 @@ def _with_external_frontnet(result, tmp_path: Path) -> Path:
     manifest = read_manifest(bundle)
     key = read_key_file(result.key_file).key
     front = onnx.load_model_from_string(
-        decrypt_part(manifest, "frontnet", (bundle / PART_FILES["frontnet"]).read_bytes(), key))
+        decrypt_part(manifest, "frontnet", (bundle / PART_FILES["frontnet"]).read_bytes(), key)
+    )
     tail = decrypt_part(manifest, "tail", (bundle / PART_FILES["tail"]).read_bytes(), key)
     external_data_helper.set_external_data(front.graph.initializer[0], location="sim-seal.key")
     front.graph.initializer[0].ClearField("raw_data")
     front_bytes = front.SerializeToString()
     doc = json.loads(manifest.raw)
-    doc["parts"]["frontnet"].update(sha256=hashlib.sha256(front_bytes).hexdigest(),
-                                    size=len(front_bytes))
+    doc["parts"]["frontnet"].update(sha256=hashlib.sha256(front_bytes).hexdigest(), size=len(front_bytes))
     raw = json.dumps(doc, indent=2, sort_keys=True).encode()
     digest = hashlib.sha256(raw).digest()
     (bundle / MANIFEST_FILE).write_bytes(raw)
@@ -216,18 +216,27 @@ def test_onnx_functions_and_foreign_operators_are_refused() -> None:
     from onnx import helper
 
     node = helper.make_node("Relu", ["x"], ["y"])
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
     check_model_is_data(helper.make_model(graph).SerializeToString())  # plain data passes
-    custom = helper.make_model(helper.make_graph(
-        [helper.make_node("Gelu", ["x"], ["y"], domain="com.microsoft")], "g", graph.input, graph.output),
-        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    custom = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Gelu", ["x"], ["y"], domain="com.microsoft")], "g", graph.input, graph.output
+        ),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+    )
     with pytest.raises(NotData, match="domain"):
         check_model_is_data(custom.SerializeToString())
-    function = helper.make_function("local", "f", ["a"], ["b"], [helper.make_node("Relu", ["a"], ["b"])],
-                                    [helper.make_opsetid("", 17)])
-    with_function = helper.make_model(graph, functions=[function],
-                                      opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)])
+    function = helper.make_function(
+        "local", "f", ["a"], ["b"], [helper.make_node("Relu", ["a"], ["b"])], [helper.make_opsetid("", 17)]
+    )
+    with_function = helper.make_model(
+        graph, functions=[function], opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)]
+    )
     with pytest.raises(NotData):
         check_model_is_data(with_function.SerializeToString())
 
@@ -236,19 +245,35 @@ def test_partition_warns_that_a_public_tail_protects_no_label(tmp_path) -> None:
     from conftest import run_cli
 
     with warnings.catch_warnings():
-        done = run_cli("partition", MODEL, "--front-end", "_blocks.3", "--tail-start", "_conv_head",
-                       "--out", str(tmp_path / "b"))
+        done = run_cli(
+            "partition", MODEL, "--front-end", "_blocks.3", "--tail-start", "_conv_head", "--out", str(tmp_path / "b")
+        )
     assert done.returncode == 0, done.stderr
     assert "weights are public" in done.stderr and "--tail-start" in done.stderr
 
 
-@pytest.mark.parametrize("field, value", [("resize", 100_000), ("crop", 10_000), ("std", [0.0, 1.0, 1.0]),
-                                          ("mean", [float("nan"), 0.0, 0.0]), ("layout", "NCWH")])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("resize", 100_000),
+        ("crop", 10_000),
+        ("std", [0.0, 1.0, 1.0]),
+        ("mean", [float("nan"), 0.0, 0.0]),
+        ("layout", "NCWH"),
+    ],
+)
 def test_hostile_preprocess_values_in_a_manifest_are_refused(field, value) -> None:
     from infenclave.enclave.imaging import Preprocess
     from infenclave.errors import ModelError
 
-    doc = {"resize": 256, "crop": 224, "mean": [127.0] * 3, "std": [128.0] * 3,
-           "channel_order": "RGB", "layout": "NCHW", field: value}
+    doc = {
+        "resize": 256,
+        "crop": 224,
+        "mean": [127.0] * 3,
+        "std": [128.0] * 3,
+        "channel_order": "RGB",
+        "layout": "NCHW",
+        field: value,
+    }
     with pytest.raises(ModelError, match="preprocess"):
         Preprocess.from_dict(doc)

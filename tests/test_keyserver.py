@@ -78,18 +78,54 @@ def deployment():
     ks_log, log = work / "keyserver.log", work / "serve.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     keyserver = subprocess.Popen(
-        [sys.executable, "-m", "infenclave.cli", "keyserver", str(bundle.key), "--policy", str(policy),
-         "--allow-simulation", "--listen", f"127.0.0.1:{ks_port}", "--audit-log", str(audit),
-         "--nonce-ttl", str(NONCE_TTL_S), "--rate-burst", "30", "--rate", "0.2"],
-        stdout=open(ks_log, "wb"), stderr=subprocess.STDOUT, env=env)
+        [
+            sys.executable,
+            "-m",
+            "infenclave.cli",
+            "keyserver",
+            str(bundle.key),
+            "--policy",
+            str(policy),
+            "--allow-simulation",
+            "--listen",
+            f"127.0.0.1:{ks_port}",
+            "--audit-log",
+            str(audit),
+            "--nonce-ttl",
+            str(NONCE_TTL_S),
+            "--rate-burst",
+            "30",
+            "--rate",
+            "0.2",
+        ],
+        stdout=open(ks_log, "wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     server = None
     try:
         _wait_port(ks_port, keyserver, ks_log)
         started = time.monotonic()
         server = subprocess.Popen(
-            [sys.executable, "-m", "infenclave.cli", "serve", str(bundle.bundle), "--port", str(port),
-             "--workers", "2", "--state", str(state), "--keyserver", f"http://127.0.0.1:{ks_port}"],
-            stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env)
+            [
+                sys.executable,
+                "-m",
+                "infenclave.cli",
+                "serve",
+                str(bundle.bundle),
+                "--port",
+                str(port),
+                "--workers",
+                "2",
+                "--state",
+                str(state),
+                "--keyserver",
+                f"http://127.0.0.1:{ks_port}",
+            ],
+            stdout=open(log, "wb"),
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
         url = f"http://127.0.0.1:{port}"
         deadline, health = time.monotonic() + 120, {}
         while time.monotonic() < deadline and health.get("workers_ready") != 2:
@@ -102,11 +138,23 @@ def deployment():
             time.sleep(0.05)
         ready_s = time.monotonic() - started
         assert health.get("workers_ready") == 2, log.read_text(errors="replace")
-        released = [line.split("worker ")[1] for line in log.read_text(errors="replace").splitlines()
-                    if "released by the key server" in line]
+        released = [
+            line.split("worker ")[1]
+            for line in log.read_text(errors="replace").splitlines()
+            if "released by the key server" in line
+        ]
         print(f"\nserve --keyserver: 2 fresh workers ready {ready_s:.2f} s after start; {released}")
-        yield {"bundle": bundle, "state": state, "policy": policy, "audit": audit, "url": url,
-               "ks": f"http://127.0.0.1:{ks_port}", "log": log, "ready_s": ready_s, "ks_log": ks_log}
+        yield {
+            "bundle": bundle,
+            "state": state,
+            "policy": policy,
+            "audit": audit,
+            "url": url,
+            "ks": f"http://127.0.0.1:{ks_port}",
+            "log": log,
+            "ready_s": ready_s,
+            "ks_log": ks_log,
+        }
     finally:
         if server is not None:
             _stop(server)
@@ -119,8 +167,9 @@ def _audit(deployment) -> list[dict]:
 
 
 def _challenge(deployment, model_id: str | None = None) -> httpx.Response:
-    return httpx.post(deployment["ks"] + CHALLENGE_PATH,
-                      json={"model_id": model_id or deployment["bundle"].model_id}, timeout=10)
+    return httpx.post(
+        deployment["ks"] + CHALLENGE_PATH, json={"model_id": model_id or deployment["bundle"].model_id}, timeout=10
+    )
 
 
 def _worker_evidence(deployment, nonce: bytes) -> tuple[bytes, bytes]:
@@ -131,8 +180,9 @@ def _worker_evidence(deployment, nonce: bytes) -> tuple[bytes, bytes]:
 
 
 def _ask_key(deployment, model_id: str, nonce: bytes, public_key: bytes, envelope: bytes) -> httpx.Response:
-    return httpx.post(deployment["ks"] + KEY_PATH, timeout=30,
-                      json=encode_key_request(model_id, nonce, public_key, envelope))
+    return httpx.post(
+        deployment["ks"] + KEY_PATH, timeout=30, json=encode_key_request(model_id, nonce, public_key, envelope)
+    )
 
 
 def _forged_sim(deployment, nonce: bytes, **claims: object) -> tuple[bytes, bytes]:
@@ -141,10 +191,17 @@ def _forged_sim(deployment, nonce: bytes, **claims: object) -> tuple[bytes, byte
     key = load_or_create_key_file(deployment["state"] / SIM_SIGNING_KEY_FILE, ED25519_KEY_SIZE)
     _, public = generate_keypair()
     policy = json.loads(deployment["policy"].read_text())
-    body = sim_body_bytes({
-        "tee": "simulated", "measurement": policy["measurements"]["sim"][0],
-        "report_data": expected_report_data(public, nonce, deployment["bundle"].model_id).hex(),
-        "debug": False, "issued_at": int(time.time()), "signer": policy["sim_signers"][0], **claims})
+    body = sim_body_bytes(
+        {
+            "tee": "simulated",
+            "measurement": policy["measurements"]["sim"][0],
+            "report_data": expected_report_data(public, nonce, deployment["bundle"].model_id).hex(),
+            "debug": False,
+            "issued_at": int(time.time()),
+            "signer": policy["sim_signers"][0],
+            **claims,
+        }
+    )
     return public, encode_envelope("simulated", sim_evidence_bytes(body, ed25519_sign(key, body)))
 
 
@@ -170,9 +227,12 @@ def test_released_key_is_the_model_key_sealed_to_that_enclave(deployment) -> Non
     assert answer.status_code == 200, answer.text
     sealed = base64.b64decode(answer.json()["sealed_key"])
     # The enclave opens it and finds the very key it holds already.
-    provision = httpx.post(deployment["url"] + "/v1/provision", content=sealed, timeout=30,
-                           headers={KEY_HEADER: public_key.hex(),
-                                    "Content-Type": "application/octet-stream"})
+    provision = httpx.post(
+        deployment["url"] + "/v1/provision",
+        content=sealed,
+        timeout=30,
+        headers={KEY_HEADER: public_key.hex(), "Content-Type": "application/octet-stream"},
+    )
     assert provision.status_code == 409 and provision.json()["error"] == "already_provisioned", provision.text
     # The same nonce again: single use.
     again = _ask_key(deployment, deployment["bundle"].model_id, nonce, public_key, envelope)
@@ -198,13 +258,16 @@ def test_refusals_are_opaque_and_audited(deployment) -> None:
     refused(_ask_key(deployment, "ab" * 32, nonce, public_key, envelope), "K2 another model")
     # Evidence of another measurement, signed by the pinned signer: step 3e.
     nonce = bytes.fromhex(_challenge(deployment).json()["nonce"])
-    entry = refused(_ask_key(deployment, model_id, nonce, *_forged_sim(deployment, nonce, measurement="11" * 32)),
-                    "step 3e (measurement)")
+    entry = refused(
+        _ask_key(deployment, model_id, nonce, *_forged_sim(deployment, nonce, measurement="11" * 32)),
+        "step 3e (measurement)",
+    )
     assert entry["measurements"] == {"measurement": "11" * 32}
     # A debug enclave: step 3c.
     nonce = bytes.fromhex(_challenge(deployment).json()["nonce"])
-    entry = refused(_ask_key(deployment, model_id, nonce, *_forged_sim(deployment, nonce, debug=True)),
-                    "step 3c (debug)")
+    entry = refused(
+        _ask_key(deployment, model_id, nonce, *_forged_sim(deployment, nonce, debug=True)), "step 3c (debug)"
+    )
     assert entry["debug"] is True
     # Evidence for another nonce than the one presented: step 4.
     nonce, other = (bytes.fromhex(_challenge(deployment).json()["nonce"]) for _ in range(2))

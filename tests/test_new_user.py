@@ -53,11 +53,14 @@ def test_flags_render_as_flags() -> None:
     assert out.returncode == 2 and "'true'" in out.stderr, out.stderr
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--log-level", "verbose"], "--log-level must be one of"),
-    (["--log-format", "xml"], "--log-format must be"),
-    (["--device", "cuda"], "no CUDA provider"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--log-level", "verbose"], "--log-level must be one of"),
+        (["--log-format", "xml"], "--log-format must be"),
+        (["--device", "cuda"], "no CUDA provider"),
+    ],
+)
 def test_serve_refuses_bad_options_in_one_line(bundle, args: list[str], message: str) -> None:
     import onnxruntime
 
@@ -74,8 +77,7 @@ def test_serve_port_in_use_fails_before_any_worker_starts(bundle, tmp_path) -> N
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        out = run_cli("serve", str(bundle.bundle), "--port", str(port), "--state",
-                      str(tmp_path / "state"), timeout=60)
+        out = run_cli("serve", str(bundle.bundle), "--port", str(port), "--state", str(tmp_path / "state"), timeout=60)
     assert out.returncode == 2
     assert out.stderr.strip() == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
     assert not (tmp_path / "state").exists()  # nothing started
@@ -83,14 +85,23 @@ def test_serve_port_in_use_fails_before_any_worker_starts(bundle, tmp_path) -> N
 
 def test_assess_unsafe_verdict_exits_4(photos, tmp_path) -> None:
     # The Tail starts at the stem: whatever cut is safe, no BackNet can remain -> no safe cut.
-    out = run_cli("assess", MODEL, "--adversary", "passive", "--images", str(photos["flower"]),
-                  "--tail-start", "_conv_stem", "--out", str(tmp_path / "a"))
+    out = run_cli(
+        "assess",
+        MODEL,
+        "--adversary",
+        "passive",
+        "--images",
+        str(photos["flower"]),
+        "--tail-start",
+        "_conv_stem",
+        "--out",
+        str(tmp_path / "a"),
+    )
     assert out.returncode == 4, out.stderr  # ExitCode.UNSAFE; plan and report still written
     assert "error: no-safe-cut:" in out.stderr
     assert (tmp_path / "a" / "plan.json").is_file() and (tmp_path / "a" / "report.html").is_file()
     # partition reads that plan with the assessment's reader, and refuses it with its reason.
-    refused = run_cli("partition", MODEL, "--plan", str(tmp_path / "a" / "plan.json"),
-                      "--out", str(tmp_path / "b"))
+    refused = run_cli("partition", MODEL, "--plan", str(tmp_path / "a" / "plan.json"), "--out", str(tmp_path / "b"))
     assert refused.returncode == 2 and "recommends no partition" in refused.stderr
     assert not (tmp_path / "b").exists()
 
@@ -114,9 +125,10 @@ def test_liveness_and_readiness(server, bundle) -> None:
 def test_openapi_declares_the_sealed_bodies_and_headers(server) -> None:
     schema = httpx.get(server.url + "/openapi.json").json()
     assert schema["openapi"].startswith("3.1")
-    for path, headers in (("/v1/classify", {"X-Infenclave-Enclave-Key", "X-Infenclave-Request-Id",
-                                            "X-Infenclave-Model"}),
-                          ("/v1/provision", {"X-Infenclave-Enclave-Key"})):
+    for path, headers in (
+        ("/v1/classify", {"X-Infenclave-Enclave-Key", "X-Infenclave-Request-Id", "X-Infenclave-Model"}),
+        ("/v1/provision", {"X-Infenclave-Enclave-Key"}),
+    ):
         operation = schema["paths"][path]["post"]
         body = operation["requestBody"]
         assert body["required"] and set(body["content"]) == {"application/octet-stream"}
@@ -156,6 +168,7 @@ def test_exit_code_table_is_in_the_readme() -> None:
 
 
 def test_cli_module_runs_as_a_script() -> None:
-    out = subprocess.run([sys.executable, "-m", "infenclave.cli", "--version"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "infenclave.cli", "--version"], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0 and out.stdout.startswith("infenclave ")

@@ -30,8 +30,9 @@ def test_bigger_zoo_models_load_strictly_and_agree(name: str, photos) -> None:
 
 
 def test_predict_cli_json(photos) -> None:
-    res = run_cli("predict", "efficientnet-lite0", str(photos["coffee"]), str(photos["chelsea"]),
-                  "--json", "--top", "3")
+    res = run_cli(
+        "predict", "efficientnet-lite0", str(photos["coffee"]), str(photos["chelsea"]), "--json", "--top", "3"
+    )
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     assert [r["file"] for r in doc] == [str(photos["coffee"]), str(photos["chelsea"])]
@@ -44,8 +45,9 @@ def test_predict_cli_json(photos) -> None:
 def test_predict_names_a_bad_file_and_classifies_the_rest(photos, tmp_path) -> None:
     bad = tmp_path / "notimage.jpg"
     bad.write_text("not an image")
-    res = run_cli("predict", "efficientnet-lite0", str(photos["coffee"]), str(bad),
-                  str(photos["chelsea"]), "--json", "--top", "1")
+    res = run_cli(
+        "predict", "efficientnet-lite0", str(photos["coffee"]), str(bad), str(photos["chelsea"]), "--json", "--top", "1"
+    )
     assert res.returncode == 2  # ExitCode.USAGE, at the end
     assert f"error: {bad}: not a recognised image file" in res.stderr
     doc = json.loads(res.stdout)

@@ -66,8 +66,13 @@ _PROBE = textwrap.dedent(
 def test_sandbox_allows_accept_on_the_listening_socket_only(tmp_path: Path) -> None:
     bundles = tmp_path / "bundles"
     bundles.mkdir()
-    probe = subprocess.Popen([sys.executable, "-c", _PROBE, str(bundles)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, env=_enclave_env(), cwd=tmp_path)
+    probe = subprocess.Popen(
+        [sys.executable, "-c", _PROBE, str(bundles)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_enclave_env(),
+        cwd=tmp_path,
+    )
     try:
         port = int(probe.stdout.readline())  # type: ignore[union-attr]
         with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
@@ -113,17 +118,48 @@ def test_classify_through_a_local_worker_and_a_remote_enclave(photos) -> None:
     enclave_port, port = free_port(), free_port()
     enclave_log, log = work / "enclave.log", work / "serve.log"
     enclave = subprocess.Popen(
-        [sys.executable, "-m", "infenclave.enclave", "--tee", "sim", "--listen", f"127.0.0.1:{enclave_port}",
-         "--bundles", str(bundle.bundle.parent), "--state", str(state)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(enclave_log, "wb"),
-        env=_enclave_env(), cwd=work)
+        [
+            sys.executable,
+            "-m",
+            "infenclave.enclave",
+            "--tee",
+            "sim",
+            "--listen",
+            f"127.0.0.1:{enclave_port}",
+            "--bundles",
+            str(bundle.bundle.parent),
+            "--state",
+            str(state),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=open(enclave_log, "wb"),
+        env=_enclave_env(),
+        cwd=work,
+    )
     server = None
     try:
         _wait_log(enclave_log, "listening on", enclave)
         server = subprocess.Popen(
-            [sys.executable, "-m", "infenclave.cli", "serve", str(bundle.bundle), "--port", str(port),
-             "--workers", "1", "--enclave", f"127.0.0.1:{enclave_port}", "--state", str(state)],
-            stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            [
+                sys.executable,
+                "-m",
+                "infenclave.cli",
+                "serve",
+                str(bundle.bundle),
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--enclave",
+                f"127.0.0.1:{enclave_port}",
+                "--state",
+                str(state),
+            ],
+            stdout=open(log, "wb"),
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
         url = f"http://127.0.0.1:{port}"
         deadline, health = time.monotonic() + 120, {}
         while time.monotonic() < deadline and health.get("workers") != 2:

@@ -132,7 +132,8 @@ _WORKER = textwrap.dedent(
     esc["list_cwd_nonempty"] = attempt(lambda: "ok" if os.listdir(".") else "empty")
     esc["mkdir_tmp"] = attempt(lambda: os.mkdir("/tmp/infenclave-escape-dir-%d" % os.getpid()))
     esc["truncate_bundle_file"] = attempt(lambda: os.truncate(targets["bundle"] + "/manifest.json", 0))
-    esc["mount_tmpfs"] = "ok" if libc.mount(b"none", b"/tmp", b"tmpfs", 0, None) == 0 else errno.errorcode[ctypes.get_errno()]
+    mounted = libc.mount(b"none", b"/tmp", b"tmpfs", 0, None) == 0
+    esc["mount_tmpfs"] = "ok" if mounted else errno.errorcode[ctypes.get_errno()]
     esc["unshare_user"] = raw(272, 0x10000000)
     esc["unshare_mount"] = raw(272, 0x00020000)
     esc["setns"] = raw(308, 0, 0)
@@ -189,12 +190,14 @@ def _tiny_onnx(path: Path) -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    weight = numpy_helper.from_array(
-        np.array([[1, -1], [2, -2], [3, -3], [4, -4]], dtype=np.float32), name="W")
+    weight = numpy_helper.from_array(np.array([[1, -1], [2, -2], [3, -3], [4, -4]], dtype=np.float32), name="W")
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["X", "W"], ["Z"]), helper.make_node("Relu", ["Z"], ["Y"])],
-        "tiny", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 2])], [weight])
+        "tiny",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 2])],
+        [weight],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 10
     onnx.save(model, str(path))
@@ -207,8 +210,7 @@ class _Listeners:
         self.received: list[bytes] = []
         self.unix_path = str(root / "listener.sock")
         self.abstract = f"infenclave-sandbox-test-{root.name}"
-        self.socks = [socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX),
-                      socket.socket(socket.AF_INET)]
+        self.socks = [socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX), socket.socket(socket.AF_INET)]
         self.socks[0].bind(self.unix_path)
         os.chmod(self.unix_path, 0o777)  # so that file permissions are not what stops it
         self.socks[1].bind("\0" + self.abstract)
@@ -262,21 +264,46 @@ def _run_worker(as_user: bool) -> tuple[dict[str, Any], list[bytes], str]:
         listeners = _Listeners(root)
         from infenclave.enclave.sealing import SIM_SECRET_FILE
 
-        targets = {"unix_path": listeners.unix_path, "abstract": listeners.abstract,
-                   "tcp_port": listeners.tcp_port, "bundle_key": str(paths["key"]),
-                   "bundle": str(paths["bundle"]), "state": str(paths["state"]),
-                   "state_secret": str(paths["state"] / SIM_SECRET_FILE)}
+        targets = {
+            "unix_path": listeners.unix_path,
+            "abstract": listeners.abstract,
+            "tcp_port": listeners.tcp_port,
+            "bundle_key": str(paths["key"]),
+            "bundle": str(paths["bundle"]),
+            "state": str(paths["state"]),
+            "state_secret": str(paths["state"] / SIM_SECRET_FILE),
+        }
         # Exactly the pool's arguments, environment and descriptors (enclave_pool._spawn).
-        command = [sys.executable, "-c", _WORKER, "--tee", "sim", "--channel", "stdio",
-                   "--bundles", str(paths["bundles"]), "--state", str(paths["state"]),
-                   "--threads", "1"]
+        command = [
+            sys.executable,
+            "-c",
+            _WORKER,
+            "--tee",
+            "sim",
+            "--channel",
+            "stdio",
+            "--bundles",
+            str(paths["bundles"]),
+            "--state",
+            str(paths["state"]),
+            "--threads",
+            "1",
+        ]
         if as_user:
-            command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                       _AS_USER.format(uid=uid), "sh", *command]
+            command = [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                _AS_USER.format(uid=uid),
+                "sh",
+                *command,
+            ]
         env = {**_enclave_env(), "SANDBOX_TEST_TARGETS": json.dumps(targets)}
         parent, child = socket.socketpair()
-        process = subprocess.Popen(command, stdin=child, stdout=child, stderr=subprocess.PIPE,
-                                   env=env, close_fds=True)
+        process = subprocess.Popen(command, stdin=child, stdout=child, stderr=subprocess.PIPE, env=env, close_fds=True)
         child.close()
         try:
             parent.settimeout(_TIMEOUT)
@@ -305,13 +332,43 @@ def _run_worker(as_user: bool) -> tuple[dict[str, Any], list[bytes], str]:
 
 
 _ESCAPES = (
-    "unix_path_connect", "unix_abstract_connect", "inet_connect", "socketpair", "netlink_socket",
-    "read_etc_shadow", "read_owner_bundle_key", "read_state_secret", "read_host_environ",
-    "write_tmp", "write_bundle", "write_state", "write_cwd", "mkdir_tmp", "truncate_bundle_file",
-    "mount_tmpfs", "unshare_user", "unshare_mount", "setns", "host_mem_rw", "neighbour_mem_read",
-    "neighbour_ptrace_attach", "host_ptrace_attach", "neighbour_process_vm_readv", "kill_host",
-    "kill_neighbour", "execve", "fork", "clone_new_namespace", "clone_fork_like", "clone3",
-    "setuid_root", "set_dumpable", "io_uring_setup", "memfd_create", "bpf", "list_cwd_nonempty",
+    "unix_path_connect",
+    "unix_abstract_connect",
+    "inet_connect",
+    "socketpair",
+    "netlink_socket",
+    "read_etc_shadow",
+    "read_owner_bundle_key",
+    "read_state_secret",
+    "read_host_environ",
+    "write_tmp",
+    "write_bundle",
+    "write_state",
+    "write_cwd",
+    "mkdir_tmp",
+    "truncate_bundle_file",
+    "mount_tmpfs",
+    "unshare_user",
+    "unshare_mount",
+    "setns",
+    "host_mem_rw",
+    "neighbour_mem_read",
+    "neighbour_ptrace_attach",
+    "host_ptrace_attach",
+    "neighbour_process_vm_readv",
+    "kill_host",
+    "kill_neighbour",
+    "execve",
+    "fork",
+    "clone_new_namespace",
+    "clone_fork_like",
+    "clone3",
+    "setuid_root",
+    "set_dumpable",
+    "io_uring_setup",
+    "memfd_create",
+    "bpf",
+    "list_cwd_nonempty",
 )
 
 
@@ -320,21 +377,42 @@ def test_every_escape_fails_inside_a_worker(as_user: bool) -> None:
     verdict, received, root_sees = _run_worker(as_user)
     escapes = verdict["escapes"]
     assert set(escapes) == set(_ESCAPES)
-    succeeded = {name: outcome for name, outcome in escapes.items()
-                 if outcome == "ok" or str(outcome).startswith("ok:")}
+    succeeded = {
+        name: outcome for name, outcome in escapes.items() if outcome == "ok" or str(outcome).startswith("ok:")
+    }
     assert succeeded == {}, succeeded
     assert received == []  # no listener got a byte, nor even a connection
     # Socket creation, exec, namespaces, ptrace are refused by seccomp (EPERM) before any
     # other check; clone3 answers ENOSYS so that glibc falls back to (thread-only) clone.
-    for name in ("unix_path_connect", "inet_connect", "socketpair", "execve", "fork",
-                 "mount_tmpfs", "unshare_user", "setns", "neighbour_ptrace_attach",
-                 "neighbour_process_vm_readv", "clone_new_namespace", "set_dumpable",
-                 "io_uring_setup", "memfd_create"):
+    for name in (
+        "unix_path_connect",
+        "inet_connect",
+        "socketpair",
+        "execve",
+        "fork",
+        "mount_tmpfs",
+        "unshare_user",
+        "setns",
+        "neighbour_ptrace_attach",
+        "neighbour_process_vm_readv",
+        "clone_new_namespace",
+        "set_dumpable",
+        "io_uring_setup",
+        "memfd_create",
+    ):
         assert escapes[name] == "EPERM", (name, escapes[name])
     assert escapes["clone3"] == "ENOSYS"
     # Files outside the four read-only trees: refused by Landlock (EACCES).
-    for name in ("read_etc_shadow", "read_owner_bundle_key", "read_state_secret",
-                 "write_tmp", "write_bundle", "write_state", "host_mem_rw", "neighbour_mem_read"):
+    for name in (
+        "read_etc_shadow",
+        "read_owner_bundle_key",
+        "read_state_secret",
+        "write_tmp",
+        "write_bundle",
+        "write_state",
+        "host_mem_rw",
+        "neighbour_mem_read",
+    ):
         assert escapes[name] == "EACCES", (name, escapes[name])
 
     report = verdict["report"]
@@ -370,6 +448,5 @@ def test_a_multithreaded_process_is_refused() -> None:
             print("refused:", exc)
         """
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=_TIMEOUT, check=False)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=_TIMEOUT, check=False)
     assert proc.stdout.startswith("refused: sandbox: the process already runs several threads"), proc.stderr

@@ -42,7 +42,8 @@ class Recorder:
 
     def on_request(self, request: httpx.Request) -> None:
         head = f"{request.method} {request.url}\n".encode() + b"".join(
-            k + b": " + v + b"\n" for k, v in request.headers.raw)
+            k + b": " + v + b"\n" for k, v in request.headers.raw
+        )
         with self._lock:
             self.requests.append((request.method, request.url.path))
             self.chunks.append(head + request.read())
@@ -54,8 +55,7 @@ class Recorder:
             self.chunks.append(head + body)
 
     def client(self) -> httpx.Client:
-        return httpx.Client(timeout=60, event_hooks={"request": [self.on_request],
-                                                     "response": [self.on_response]})
+        return httpx.Client(timeout=60, event_hooks={"request": [self.on_request], "response": [self.on_response]})
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +130,7 @@ def test_host_learns_nothing(results, photos, bundle, server, tap_dir, recorder)
         needles[f"{name} model input"] = prepare(data, pre).tobytes()
     split = ternary_split(analyse(loaded_model(MODEL)), *LITE_CUTS)
     for part, proto in (("frontnet", split.front), ("tail", split.tail)):
-        needles[f"{part} weights"] = b"".join(
-            numpy_helper.to_array(t).tobytes() for t in proto.graph.initializer)
+        needles[f"{part} weights"] = b"".join(numpy_helper.to_array(t).tobytes() for t in proto.graph.initializer)
     model_key = read_key_file(bundle.key).key
     for where, data in seen.items():
         assert model_key not in data and model_key.hex().encode() not in data, where
@@ -176,8 +175,7 @@ def test_killing_a_worker_mid_load_loses_no_request(server, client, bundle, phot
     def on_request(request: httpx.Request) -> None:
         if request.url.path == "/v1/classify":
             with lock:
-                sent.append((request.headers["x-infenclave-request-id"],
-                             hashlib.sha256(request.read()).digest()))
+                sent.append((request.headers["x-infenclave-request-id"], hashlib.sha256(request.read()).digest()))
 
     http = httpx.Client(timeout=60, event_hooks={"request": [on_request]})
     user = sim_client(server.url, bundle.policy, http=http)  # no provisioning: sealed on the host
@@ -235,9 +233,11 @@ def test_killing_a_worker_mid_load_loses_no_request(server, client, bundle, phot
 def _count(server, outcome: str) -> float:
     """``infenclave_requests_total{endpoint="classify",outcome=...}`` from /metrics, all codes."""
     prefix = f'infenclave_requests_total{{endpoint="classify",outcome="{outcome}",code="'
-    return sum(float(line.rsplit(" ", 1)[1])
-               for line in httpx.get(server.url + "/metrics").text.splitlines()
-               if line.startswith(prefix))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in httpx.get(server.url + "/metrics").text.splitlines()
+        if line.startswith(prefix)
+    )
 
 
 def test_metrics_openapi_and_limits(server, client, photos) -> None:
@@ -254,17 +254,20 @@ def test_metrics_openapi_and_limits(server, client, photos) -> None:
 
     key = client.attest()[0].key_id  # fresh: a worker was replaced by the test above
     headers = {"X-Infenclave-Enclave-Key": key, "X-Infenclave-Request-Id": "ab" * 16}
-    too_big = httpx.post(server.url + "/v1/classify", headers=headers,
-                         content=b"\0" * (33 * 1024 * 1024 + 1), timeout=60)
+    too_big = httpx.post(
+        server.url + "/v1/classify", headers=headers, content=b"\0" * (33 * 1024 * 1024 + 1), timeout=60
+    )
     assert too_big.status_code == 413 and too_big.json()["error"] == "too_large"
     garbage = httpx.post(server.url + "/v1/classify", headers=headers, content=os.urandom(2048))
     assert garbage.status_code == 400 and garbage.json()["error"] == "enclave_refused"
     # A body declared as anything but application/octet-stream never reaches an enclave.
-    typed = httpx.post(server.url + "/v1/classify", content=os.urandom(2048),
-                       headers={**headers, "Content-Type": "text/plain"})
+    typed = httpx.post(
+        server.url + "/v1/classify", content=os.urandom(2048), headers={**headers, "Content-Type": "text/plain"}
+    )
     assert typed.status_code == 415 and typed.json()["error"] == "unsupported_media_type"
-    unknown = httpx.post(server.url + "/v1/classify", content=b"x",
-                         headers={**headers, "X-Infenclave-Enclave-Key": "00" * 32})
+    unknown = httpx.post(
+        server.url + "/v1/classify", content=b"x", headers={**headers, "X-Infenclave-Enclave-Key": "00" * 32}
+    )
     assert unknown.status_code == 409 and unknown.json()["error"] == "unknown_enclave_key"
     assert httpx.get(server.url + "/v1/attestation", params={"nonce": "00"}).status_code == 422
 

@@ -75,9 +75,16 @@ def free_port() -> int:
 class ServerProcess:
     """`infenclave serve` as a real subprocess; its stdout and stderr go to `log_path`."""
 
-    def __init__(self, bundle: Path, *, workers: int = 2, tap_dir: Path | None = None,
-                 extra: tuple[str, ...] = (), state: Path | None = None,
-                 ready: Callable[[dict], bool] | None = None) -> None:
+    def __init__(
+        self,
+        bundle: Path,
+        *,
+        workers: int = 2,
+        tap_dir: Path | None = None,
+        extra: tuple[str, ...] = (),
+        state: Path | None = None,
+        ready: Callable[[dict], bool] | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.state = state or Path(tempfile.mkdtemp(prefix="state-", dir=_ROOT))
@@ -87,9 +94,25 @@ class ServerProcess:
             env["INFENCLAVE_HOST_TAP"] = str(tap_dir)
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "infenclave.cli", "serve", str(bundle), "--port", str(self.port),
-             "--workers", str(workers), "--state", str(self.state), "--log-level", "info", *extra],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env,
+            [
+                sys.executable,
+                "-m",
+                "infenclave.cli",
+                "serve",
+                str(bundle),
+                "--port",
+                str(self.port),
+                "--workers",
+                str(workers),
+                "--state",
+                str(self.state),
+                "--log-level",
+                "info",
+                *extra,
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         self.wait_ready(ready or (lambda h: h["workers"] == workers))
 

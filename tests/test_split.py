@@ -37,7 +37,7 @@ def _worst_pair_error(net: Network, x: np.ndarray) -> tuple[float, int]:
     fronts: dict[str, np.ndarray] = {}
     worst, pairs = 0.0, 0
     for i, f in enumerate(names):
-        for t in names[i + 1:]:
+        for t in names[i + 1 :]:
             parts = ternary_split(net, f, t, extractor=ex).parts_bytes()
             if f not in fronts:
                 fronts[f] = OnnxPart(parts["front"], threads=1)(x)
@@ -62,15 +62,23 @@ def test_every_split_of_an_onnx_model_is_exact(lite0, lite0_net, photos, tmp_pat
     # The user brings an ONNX file: a plain export of Lite0 with its real weights, analysed on
     # its own graph (which reads the input's batch size at the very end: see
     # `graph.localise_batch_reads`).
-    torch.onnx.export(lite0.torch_module, (torch.zeros(1, 3, 224, 224),), str(tmp_path / "lite0.onnx"),
-                      dynamo=False, opset_version=17, input_names=["image"], output_names=["logits"],
-                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+    torch.onnx.export(
+        lite0.torch_module,
+        (torch.zeros(1, 3, 224, 224),),
+        str(tmp_path / "lite0.onnx"),
+        dynamo=False,
+        opset_version=17,
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+    )
     from infenclave.models.zoo import imagenet_labels
 
     (tmp_path / "labels.txt").write_text("\n".join(imagenet_labels()) + "\n")
     (tmp_path / "spec.yaml").write_text(
         "name: lite0-onnx\nonnx: lite0.onnx\nlabels: labels.txt\n"
-        "preprocess: {resize: 256, crop: 224, mean: [127, 127, 127], std: [128, 128, 128]}\n")
+        "preprocess: {resize: 256, crop: 224, mean: [127, 127, 127], std: [128, 128, 128]}\n"
+    )
     net = analyse(load_model(str(tmp_path / "spec.yaml")))
     assert net.fx is None
     assert [c.name for c in net.cuts] == [c.name for c in lite0_net.cuts]

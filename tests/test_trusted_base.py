@@ -30,8 +30,13 @@ BUDGET_FILE = PACKAGE / "enclave" / "TCB_BUDGET"
 
 
 def _measure_probe() -> dict[str, object]:
-    done = subprocess.run([sys.executable, "-m", "infenclave.enclave", "--measure"],
-                          capture_output=True, text=True, timeout=120, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "infenclave.enclave", "--measure"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     return json.loads(done.stdout)
 
 
@@ -85,12 +90,14 @@ def code_lines(path: Path) -> int:
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             first = node.body[0] if node.body else None
-            if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
-                    and isinstance(first.value.value, str)):
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
                 docstrings.update(range(first.lineno, (first.end_lineno or first.lineno) + 1))
     lines: set[int] = set()
-    skip = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
-            tokenize.ENDMARKER}
+    skip = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER}
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
         if token.type not in skip:
             lines.update(n for n in range(token.start[0], token.end[0] + 1) if n not in docstrings)
@@ -100,8 +107,10 @@ def code_lines(path: Path) -> int:
 def test_measured_set_is_exactly_what_the_enclave_imports(probe: dict[str, object]) -> None:
     measured = set(probe["files"])  # type: ignore[arg-type]
     static = _static_closure(PACKAGE / "enclave" / "__main__.py")
-    assert measured == static, {"imported later than measured": sorted(static - measured),
-                                "measured but not imported": sorted(measured - static)}
+    assert measured == static, {
+        "imported later than measured": sorted(static - measured),
+        "measured but not imported": sorted(measured - static),
+    }
     assert bytes.fromhex(probe["measurement"]) == measure_files(measured)  # type: ignore[arg-type]
 
 
@@ -111,9 +120,9 @@ def test_no_untrusted_package_enters_the_enclave(probe: dict[str, object]) -> No
 
 
 def test_the_enclave_refuses_to_start_with_an_untrusted_module_loaded() -> None:
-    script = ("import infenclave.host.metrics\n"
-              "from infenclave.enclave.__main__ import _measure_loaded\n"
-              "_measure_loaded()\n")
+    script = (
+        "import infenclave.host.metrics\nfrom infenclave.enclave.__main__ import _measure_loaded\n_measure_loaded()\n"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "untrusted project modules loaded: infenclave.host" in done.stderr
@@ -127,7 +136,10 @@ def test_trusted_base_stays_within_its_budget(probe: dict[str, object]) -> None:
 
 def test_code_line_count_ignores_docstrings_comments_and_blanks(tmp_path: Path) -> None:
     sample = tmp_path / "m.py"
-    sample.write_text('"""Doc.\n\nMore."""\n\n# comment\nx = 1  # trailing\n\ndef f():\n    """Doc."""\n    return (1,\n            2)\n')
+    sample.write_text(
+        '"""Doc.\n\nMore."""\n\n# comment\nx = 1  # trailing\n\n'
+        'def f():\n    """Doc."""\n    return (1,\n            2)\n'
+    )
     assert code_lines(sample) == 4
 
 
@@ -135,8 +147,9 @@ def test_protocol_imports_no_side_of_any_boundary() -> None:
     for path in (PACKAGE / "protocol").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("infenclave."):
-                assert node.module.startswith(("infenclave.protocol", "infenclave.errors", "infenclave.crypto")), \
+                assert node.module.startswith(("infenclave.protocol", "infenclave.errors", "infenclave.crypto")), (
                     f"{path.name} imports {node.module}"
+                )
 
 
 def test_measurement_changes_with_any_measured_byte(tmp_path: Path, probe: dict[str, object]) -> None:

@@ -49,8 +49,7 @@ def state(tmp_path_factory) -> Path:
 
 def _send(enclave: Enclave, tag: int, outputs: list[np.ndarray]):
     outputs = [np.ascontiguousarray(y, dtype=np.float32) for y in outputs]
-    return enclave.call(MsgType.IR2, tensors_meta(outputs),
-                        b"".join(memoryview(y).cast("B") for y in outputs), tag=tag)
+    return enclave.call(MsgType.IR2, tensors_meta(outputs), b"".join(memoryview(y).cast("B") for y in outputs), tag=tag)
 
 
 def _start(enclave: Enclave, bundle, image: bytes):
@@ -105,8 +104,9 @@ def _forge_swap(outs, other):
     return other  # the other live request's honest tensors
 
 
-@pytest.mark.parametrize("forge", [_forge_zeros, _forge_permutation, _forge_noise, _forge_edit, _forge_channel,
-                                   _forge_swap])
+@pytest.mark.parametrize(
+    "forge", [_forge_zeros, _forge_permutation, _forge_noise, _forge_edit, _forge_channel, _forge_swap]
+)
 def test_forged_backnet_output_is_refused_then_everything(forge, bundle, backnet, state, photos) -> None:
     enclave = _ready(bundle, state)
     try:
@@ -194,7 +194,8 @@ def test_plain_torch_resnet50_backnet_is_fully_covered(tmp_path) -> None:
     (tmp_path / "labels.txt").write_text("\n".join(f"class{i}" for i in range(10)) + "\n")
     (tmp_path / "r50.yaml").write_text(
         "name: resnet50-plain\ntorch: resnet50_plain:build\npreprocess:\n  resize: [224, 224]\n"
-        "  mean: [123.675, 116.28, 103.53]\n  std: [58.395, 57.12, 57.375]\nlabels: labels.txt\n")
+        "  mean: [123.675, 116.28, 103.53]\n  std: [58.395, 57.12, 57.375]\nlabels: labels.txt\n"
+    )
     sys.path.insert(0, str(tmp_path))
     try:
         _widest_backnet_ops(load_model(str(tmp_path / "r50.yaml")))
@@ -212,16 +213,25 @@ def test_dense_strided_grouped_and_gemm_checks_accept_honest_and_refuse_edits() 
     from infenclave.verify_build import build_verification
 
     rng = np.random.default_rng(0)
-    init = [numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name) for name, shape in
-            [("w1", (6, 4, 3, 3)), ("b1", (6,)), ("w2", (6, 3, 3, 3)), ("w3", (5, 6)), ("b3", (5,))]]
-    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], strides=[2, 2], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c1"], ["r1"]),
-             helper.make_node("Conv", ["r1", "w2"], ["c2"], group=2, pads=[1, 0, 1, 0], dilations=[1, 2]),
-             helper.make_node("GlobalAveragePool", ["c2"], ["g"]),
-             helper.make_node("Flatten", ["g"], ["f"]),
-             helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], transB=1)]
-    graph = helper.make_graph(nodes, "small", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 9, 9])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=init)
+    init = [
+        numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name)
+        for name, shape in [("w1", (6, 4, 3, 3)), ("b1", (6,)), ("w2", (6, 3, 3, 3)), ("w3", (5, 6)), ("b3", (5,))]
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], group=2, pads=[1, 0, 1, 0], dilations=[1, 2]),
+        helper.make_node("GlobalAveragePool", ["c2"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "small",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 9, 9])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=init,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     raw, back = build_verification(model, (4, 9, 9))
     spec = parse_verify_file(raw)

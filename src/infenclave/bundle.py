@@ -149,12 +149,18 @@ def sim_measurement() -> bytes:
     list kept here that could drift from what runs.
     """
     try:
-        done = subprocess.run([sys.executable, "-m", "infenclave.enclave", "--measure"],
-                              capture_output=True, text=True, timeout=120, check=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "infenclave.enclave", "--measure"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
         return bytes.fromhex(json.loads(done.stdout)["measurement"])
     except (OSError, subprocess.SubprocessError, ValueError, KeyError) as exc:
-        raise BundleError("could not measure the enclave program (python -m infenclave.enclave "
-                          "--measure failed)") from exc
+        raise BundleError(
+            "could not measure the enclave program (python -m infenclave.enclave --measure failed)"
+        ) from exc
 
 
 def partition(
@@ -177,9 +183,7 @@ def partition(
     key_file, policy_file = key_path_for(out), policy_path_for(out)
     existing = [p for p in (out, key_file, policy_file) if os.path.lexists(p)]
     if existing and not force:
-        raise UsageError(
-            f"{', '.join(map(str, existing))} already exist(s); pass --force to replace"
-        )
+        raise UsageError(f"{', '.join(map(str, existing))} already exist(s); pass --force to replace")
     owner_key = load_or_create_key_file(owner_key_path_for(out), ED25519_KEY_SIZE)
     owner_public = ed25519_public_key(owner_key).hex()
     parts = _split_parts(model, front_end, tail_start, verified=not unverified_backnet)
@@ -200,9 +204,17 @@ def partition(
         _write(out / PART_FILES[name], aead_encrypt(key, parts.plaintext[name], part_aad(manifest.digest, name)))
     write_key_file(key_file, ModelKey(manifest.model_id, key))
     policy_file.write_text(
-        json.dumps(starter_policy(measurement, model_id=manifest.model_id, owner_key=owner_public,
-                                  sim_signer=local_sim_signer(default_state_dir(out)),
-                                  mrenclave=mrenclave, mrsigner=mrsigner), indent=2)
+        json.dumps(
+            starter_policy(
+                measurement,
+                model_id=manifest.model_id,
+                owner_key=owner_public,
+                sim_signer=local_sim_signer(default_state_dir(out)),
+                mrenclave=mrenclave,
+                mrsigner=mrsigner,
+            ),
+            indent=2,
+        )
         + "\n"
     )
     return PartitionResult(
@@ -249,15 +261,15 @@ def _split_parts(model: Any, front_end: str, tail_start: str, *, verified: bool)
         except UnsupportedOp as exc:
             raise UsageError(f"{exc}") from exc
         parts["back"] = checked_back.SerializeToString()
-        backnet_policy = BackNetPolicy("freivalds", DEFAULT_MAX_FAILURES,
-                                       hashlib.sha256(verify_file).hexdigest(), len(verify_file))
+        backnet_policy = BackNetPolicy(
+            "freivalds", DEFAULT_MAX_FAILURES, hashlib.sha256(verify_file).hexdigest(), len(verify_file)
+        )
     tail_container = encode_tail(parts["tail"], list(model.labels))
     plaintext = {"frontnet": parts["front"], "backnet": parts["back"], "tail": tail_container}
     for name, data in plaintext.items():
         if len(data) > MAX_PART_BYTES:
             raise BundleError(f"{name} is {len(data)} bytes, over the {MAX_PART_BYTES} limit")
-    return _Parts(plaintext, split.front_end, split.tail_start, tuple(net.input_shape[1:]),
-                  verify_file, backnet_policy)
+    return _Parts(plaintext, split.front_end, split.tail_start, tuple(net.input_shape[1:]), verify_file, backnet_policy)
 
 
 def _manifest_bytes(model: Any, parts: _Parts, owner_public: str) -> bytes:
@@ -298,8 +310,13 @@ STARTER_TCB_STATUSES = ("UpToDate", "SWHardeningNeeded")
 
 
 def starter_policy(
-    sim_measurement_hex: str, *, model_id: str, owner_key: str, sim_signer: str | None = None,
-    mrenclave: tuple[str, ...] = (), mrsigner: tuple[str, ...] = (),
+    sim_measurement_hex: str,
+    *,
+    model_id: str,
+    owner_key: str,
+    sim_signer: str | None = None,
+    mrenclave: tuple[str, ...] = (),
+    mrsigner: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """The starter client policy for a bundle: this model, this release's measurements, no simulation.
 
@@ -407,14 +424,18 @@ def read_plan(path: Path, weights_sha256: str | None = None) -> tuple[str, str]:
     except AssessmentError as exc:
         raise UsageError(f"{path}: {exc}") from exc
     if weights_sha256 is not None and plan.weights_sha256 != weights_sha256:
-        raise UsageError(f"{path} was made for other weights ({plan.weights_sha256[:12]}...) "
-                         f"than this model's ({weights_sha256[:12]}...)")
+        raise UsageError(
+            f"{path} was made for other weights ({plan.weights_sha256[:12]}...) "
+            f"than this model's ({weights_sha256[:12]}...)"
+        )
     if plan.partial:
         raise UsageError(f"{path} is a partial (interrupted) assessment: run it to the end")
     partition = plan.doc["partition"]
     if partition is None:
-        raise UsageError(f"{path} recommends no partition: {plan.doc['recommendation']['reason']} "
-                         "(give --front-end and --tail-start to choose one anyway)")
+        raise UsageError(
+            f"{path} recommends no partition: {plan.doc['recommendation']['reason']} "
+            "(give --front-end and --tail-start to choose one anyway)"
+        )
     return str(partition["frontnet"]["end"]), str(partition["tail"]["start"])
 
 

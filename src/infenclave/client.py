@@ -148,8 +148,11 @@ def resolve_policy(policy: Any, *, allow_simulation: bool) -> Any:
         if "simulated" not in tee_types:
             document["tee_types"] = [*tee_types, "simulated"]
         if not document.get("sim_signers"):
-            warnings.warn("the policy pins no sim_signers: simulated evidence signed by ANY key "
-                          "is accepted", SimulationWarning, stacklevel=3)
+            warnings.warn(
+                "the policy pins no sim_signers: simulated evidence signed by ANY key is accepted",
+                SimulationWarning,
+                stacklevel=3,
+            )
         return Policy.from_mapping(document)
     parsed = Policy.from_mapping(document)
     if not parsed.unsafe_allows_simulation and set(parsed.tee_types) == {"simulated"}:
@@ -178,8 +181,7 @@ class Client:
         self.url = url.rstrip("/")
         self.allow_simulation = allow_simulation
         if allow_simulation:
-            msg = ("accepting a SIMULATED enclave: no hardware protection; for development "
-                   "only, never with real data")
+            msg = "accepting a SIMULATED enclave: no hardware protection; for development only, never with real data"
             warnings.warn(msg, SimulationWarning, stacklevel=2)
         self.policy = resolve_policy(policy, allow_simulation=allow_simulation)
         self._http = http or httpx.Client(timeout=timeout, verify=verify_tls)
@@ -233,9 +235,12 @@ class Client:
         verified = []
         for index, entry in enumerate(answer.enclaves):
             try:
-                claims = verify(entry.evidence, self.policy,
-                                expected_report_data=expected_report_data(entry.public_key, nonce, model_id),
-                                now=now)
+                claims = verify(
+                    entry.evidence,
+                    self.policy,
+                    expected_report_data=expected_report_data(entry.public_key, nonce, model_id),
+                    now=now,
+                )
             except VerificationError as exc:
                 raise VerificationError(f"enclave {index} refused: {exc}") from exc
             verified.append(AttestedEnclave(entry.public_key, claims, entry.provisioned))
@@ -283,9 +288,12 @@ class Client:
         with self._lock:
             # Workers were lost since the last attestation: one thread attests again (at most
             # once a second) to find their replacements; the others go on with those known.
-            refresh = (bool(self._enclaves) and len(self._enclaves) < self._attested_count
-                       and not self._reattesting
-                       and time.monotonic() - self._attested_at >= REATTEST_INTERVAL_S)
+            refresh = (
+                bool(self._enclaves)
+                and len(self._enclaves) < self._attested_count
+                and not self._reattesting
+                and time.monotonic() - self._attested_at >= REATTEST_INTERVAL_S
+            )
             if self._enclaves and self.model_id is not None and not refresh:
                 return next(self._cycle), self.model_id
             self._reattesting = True
@@ -322,8 +330,10 @@ class Client:
         if response.status_code == 409 and _error_code(response) == "already_provisioned":
             return sum(1 for e in self.attest() if e.provisioned)
         if response.status_code == 409 and _error_code(response) == "other_key_provisioned":
-            raise UsageError("the server's enclaves already hold a different model key than "
-                             f"{key_file}: refusing (restart the server with fresh state to change it)")
+            raise UsageError(
+                "the server's enclaves already hold a different model key than "
+                f"{key_file}: refusing (restart the server with fresh state to change it)"
+            )
         _raise_for(response, "provision")
         return int(_json(response, "provision").get("workers_ready", 0))
 
@@ -344,8 +354,9 @@ class Client:
                 raise ImageError(f"{os.fspath(image)}: {exc}") from exc
             raise
 
-    def classify_batch(self, images: Iterable[ImageInput], k: int = 5, *,
-                       return_image_errors: bool = False) -> list[Any]:
+    def classify_batch(
+        self, images: Iterable[ImageInput], k: int = 5, *, return_image_errors: bool = False
+    ) -> list[Any]:
         """`classify` for each image, several at a time; results in the order given.
 
         With *return_image_errors*, an image that cannot be read or that the enclave refuses
@@ -397,26 +408,30 @@ class Client:
     def _classify_once(self, enclave: AttestedEnclave, model_id: str, image: bytes, k: int) -> list[Prediction]:
         request_id = os.urandom(16).hex()
         reply_private, reply_public = generate_keypair()
-        sealed = seal(enclave.public_key, encode_request(image, reply_public, k),
-                      context=request_context(model_id, request_id))
-        response = self._post(CLASSIFY_PATH, sealed, {
-            KEY_HEADER: enclave.key_id, REQUEST_ID_HEADER: request_id, MODEL_HEADER: model_id})
+        sealed = seal(
+            enclave.public_key, encode_request(image, reply_public, k), context=request_context(model_id, request_id)
+        )
+        response = self._post(
+            CLASSIFY_PATH, sealed, {KEY_HEADER: enclave.key_id, REQUEST_ID_HEADER: request_id, MODEL_HEADER: model_id}
+        )
         if response.status_code == 409 and _error_code(response) == "unknown_enclave_key":
             raise _StaleEnclave()
         if response.status_code == 503 and _error_code(response) == "worker_lost":
             self._forget(enclave)
-            raise WorkerLost("the enclave worker handling this request stopped before answering; "
-                             "the next call attests again")
+            raise WorkerLost(
+                "the enclave worker handling this request stopped before answering; the next call attests again"
+            )
         if response.status_code == 503 and _error_code(response) == "worker_crashed":
             self._forget(enclave)
-            raise WorkerCrashed("the enclave worker crashed or ran out of memory while it held this "
-                                "request (the image may be the cause); not retried")
+            raise WorkerCrashed(
+                "the enclave worker crashed or ran out of memory while it held this "
+                "request (the image may be the cause); not retried"
+            )
         _raise_for(response, "classify")
         if len(response.content) > MAX_RESPONSE_BYTES:
             raise ServerError("the answer is larger than any honest answer")
         try:
-            plaintext = open_sealed(reply_private, response.content,
-                                    context=response_context(model_id, request_id))
+            plaintext = open_sealed(reply_private, response.content, context=response_context(model_id, request_id))
         except CryptoError as exc:
             raise VerificationError("the answer was not sealed by the attested enclave for this request") from exc
         answer = loads_object(plaintext, "the enclave's answer", VerificationError)
@@ -431,8 +446,9 @@ class Client:
 
     def _post(self, path: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
         try:
-            return self._http.post(self.url + path, content=body,
-                                   headers={**headers, "Content-Type": "application/octet-stream"})
+            return self._http.post(
+                self.url + path, content=body, headers={**headers, "Content-Type": "application/octet-stream"}
+            )
         except httpx.HTTPError as exc:
             raise ServerError(f"cannot reach {self.url}: {exc}") from exc
 
@@ -471,8 +487,7 @@ def _image_bytes(image: ImageInput) -> bytes:
     else:
         raise UsageError(f"an image is a path or bytes, not {type(image).__name__}")
     if not data:
-        raise ImageError(f"{image} is empty" if isinstance(image, (str, os.PathLike))
-                         else "the image is empty")
+        raise ImageError(f"{image} is empty" if isinstance(image, (str, os.PathLike)) else "the image is empty")
     return data
 
 

@@ -170,8 +170,9 @@ def seal(recipient_public: bytes, plaintext: bytes, *, context: bytes) -> bytes:
         raise CryptoError("recipient public key refused") from exc
 
 
-def open_sealed(private_key: x25519.X25519PrivateKey, ciphertext: bytes | bytearray | memoryview, *,
-                context: bytes) -> bytes:
+def open_sealed(
+    private_key: x25519.X25519PrivateKey, ciphertext: bytes | bytearray | memoryview, *, context: bytes
+) -> bytes:
     """Open an HPKE ciphertext made by `seal` for *private_key* under the same *context*.
 
     Any failure (wrong key, wrong context, a flipped bit, truncation) raises one opaque
@@ -243,9 +244,7 @@ def derive_key(secret: bytes, *, salt: bytes, info: bytes, length: int = AEAD_KE
         raise CryptoError("key derivation input shorter than 16 bytes")
     if not 16 <= length <= 64:
         raise CryptoError("derived key length must be 16..64 bytes")
-    return HKDF(algorithm=hashes.SHA256(), length=length, salt=bytes(salt), info=bytes(info)).derive(
-        bytes(secret)
-    )
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=bytes(salt), info=bytes(info)).derive(bytes(secret))
 
 
 # --- Ed25519 (simulation evidence) -------------------------------------------------------

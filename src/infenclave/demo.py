@@ -41,8 +41,14 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
-def run_demo(*, workdir: Path, model_ref: str = "efficientnet-lite0", workers: int = 2,
-             front_end: str | None = None, tail_start: str | None = None) -> int:
+def run_demo(
+    *,
+    workdir: Path,
+    model_ref: str = "efficientnet-lite0",
+    workers: int = 2,
+    front_end: str | None = None,
+    tail_start: str | None = None,
+) -> int:
     """Run the demo (see module docstring); return the process exit code."""
     started = time.perf_counter()
     _prepare_workdir(workdir)
@@ -58,25 +64,44 @@ def run_demo(*, workdir: Path, model_ref: str = "efficientnet-lite0", workers: i
 
     bundle_dir = workdir / "bundle"
     result = partition(model, front_end, tail_start, bundle_dir)
-    _say(f"[2/5] partitioned {model.name}: FrontNet ..{front_end} "
-         f"({result.part_sizes['frontnet'] / 2**20:.2f} MiB, encrypted), BackNet "
-         f"({result.part_sizes['backnet'] / 2**20:.2f} MiB, clear), Tail {tail_start}.. "
-         f"({result.part_sizes['tail'] / 2**20:.2f} MiB with labels, encrypted); "
-         f"key {result.key_file} (0600)")
+    _say(
+        f"[2/5] partitioned {model.name}: FrontNet ..{front_end} "
+        f"({result.part_sizes['frontnet'] / 2**20:.2f} MiB, encrypted), BackNet "
+        f"({result.part_sizes['backnet'] / 2**20:.2f} MiB, clear), Tail {tail_start}.. "
+        f"({result.part_sizes['tail'] / 2**20:.2f} MiB with labels, encrypted); "
+        f"key {result.key_file} (0600)"
+    )
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = workdir / "server.log"
     with open(log_path, "wb") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "infenclave.cli", "serve", str(bundle_dir), "--port", str(port),
-             "--workers", str(workers), "--state", str(workdir / "state"), "--log-level", "warning"],
-            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            [
+                sys.executable,
+                "-m",
+                "infenclave.cli",
+                "serve",
+                str(bundle_dir),
+                "--port",
+                str(port),
+                "--workers",
+                str(workers),
+                "--state",
+                str(workdir / "state"),
+                "--log-level",
+                "warning",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
         )
     try:
         health = _wait_ready(url, server, workers, log_path)
-        _say(f"[3/5] server pid {server.pid} on {url}: {workers} sim enclave worker(s) "
-             f"(pids {', '.join(map(str, health['worker_pids'].values()))}), log {log_path}")
+        _say(
+            f"[3/5] server pid {server.pid} on {url}: {workers} sim enclave worker(s) "
+            f"(pids {', '.join(map(str, health['worker_pids'].values()))}), log {log_path}"
+        )
         return _client_side(url, result, model, health, server.pid, started)
     finally:
         server.send_signal(signal.SIGINT)
@@ -88,38 +113,49 @@ def run_demo(*, workdir: Path, model_ref: str = "efficientnet-lite0", workers: i
         _say("server stopped")
 
 
-def _assess(model_ref: str, model: LoadedModel, workdir: Path, front_end: str | None,
-            tail_start: str | None) -> tuple[str, str]:
+def _assess(
+    model_ref: str, model: LoadedModel, workdir: Path, front_end: str | None, tail_start: str | None
+) -> tuple[str, str]:
     try:
         from infenclave.assess import AssessOptions, run_assess
         from infenclave.bundle import read_plan
     except ImportError:
-        _say(f"[1/5] the assessment library is not available: using the fixed cut "
-             f"{_FALLBACK_CUTS[0]} / {_FALLBACK_CUTS[1]}")
+        _say(
+            f"[1/5] the assessment library is not available: using the fixed cut "
+            f"{_FALLBACK_CUTS[0]} / {_FALLBACK_CUTS[1]}"
+        )
         return front_end or _FALLBACK_CUTS[0], tail_start or _FALLBACK_CUTS[1]
     t0 = time.perf_counter()
     out = workdir / "assessment"
-    _say(f"[1/5] assessing {model.name} on the built-in photos (KL method, early stop; "
-         "`infenclave assess` adds the default knows-weights inversion attacks)...")
-    run_assess(AssessOptions(model=model_ref, out=out, tail_start=tail_start, force=True,
-                             adversary="passive"),
-               log=lambda m: _say(f"      {m}"))
+    _say(
+        f"[1/5] assessing {model.name} on the built-in photos (KL method, early stop; "
+        "`infenclave assess` adds the default knows-weights inversion attacks)..."
+    )
+    run_assess(
+        AssessOptions(model=model_ref, out=out, tail_start=tail_start, force=True, adversary="passive"),
+        log=lambda m: _say(f"      {m}"),
+    )
     try:
         plan_front, plan_tail = read_plan(out / "plan.json", model.weights_sha256)
     except UsageError as exc:
         # The demo must go on to show serving; it says loudly that the cut is not assessed.
         _say(f"      {exc}")
-        _say(f"      NOTE: the demo continues with the fixed cut {_FALLBACK_CUTS[0]} / "
-             f"{_FALLBACK_CUTS[1]}, which this assessment did NOT find safe for every photo; "
-             f"see {out / 'report.html'}")
+        _say(
+            f"      NOTE: the demo continues with the fixed cut {_FALLBACK_CUTS[0]} / "
+            f"{_FALLBACK_CUTS[1]}, which this assessment did NOT find safe for every photo; "
+            f"see {out / 'report.html'}"
+        )
         return front_end or _FALLBACK_CUTS[0], tail_start or _FALLBACK_CUTS[1]
-    _say(f"      plan: FrontNet ends at {plan_front}, Tail starts at {plan_tail} "
-         f"({time.perf_counter() - t0:.0f} s; report {out / 'report.html'})")
+    _say(
+        f"      plan: FrontNet ends at {plan_front}, Tail starts at {plan_tail} "
+        f"({time.perf_counter() - t0:.0f} s; report {out / 'report.html'})"
+    )
     return front_end or plan_front, tail_start or plan_tail
 
 
-def _client_side(url: str, result: PartitionResult, model: LoadedModel, health: dict[str, Any], server_pid: int,
-                 started: float) -> int:
+def _client_side(
+    url: str, result: PartitionResult, model: LoadedModel, health: dict[str, Any], server_pid: int, started: float
+) -> int:
     from infenclave.client import Client, SimulationWarning
     from infenclave.predict import Predictor
     from infenclave.sample_images import builtin_images
@@ -131,12 +167,13 @@ def _client_side(url: str, result: PartitionResult, model: LoadedModel, health: 
     with client:
         enclaves = client.attest()
         claims = enclaves[0].claims
-        _say(f"[4/5] attested {len(enclaves)} enclave(s): tee {claims.tee}, measurement "
-             f"{claims.measurements['measurement'][:16]}... matches the policy, evidence binds "
-             f"each worker key to a fresh nonce")
+        _say(
+            f"[4/5] attested {len(enclaves)} enclave(s): tee {claims.tee}, measurement "
+            f"{claims.measurements['measurement'][:16]}... matches the policy, evidence binds "
+            f"each worker key to a fresh nonce"
+        )
         ready = client.provision(result.key_file)
-        _say(f"      owner provisioned the model key (HPKE-sealed to an attested key); "
-             f"{ready} worker(s) unsealed it")
+        _say(f"      owner provisioned the model key (HPKE-sealed to an attested key); {ready} worker(s) unsealed it")
         predictor = Predictor(model)
         rows, agree_all = [], True
         for name, path in builtin_images().items():
@@ -146,7 +183,8 @@ def _client_side(url: str, result: PartitionResult, model: LoadedModel, health: 
             latency = (time.perf_counter() - t0) * 1e3
             plain = predictor.predict(data, 5)
             agree = [p.index for p in confidential] == [p.index for p in plain] and all(
-                abs(a.prob - b.prob) <= 1e-4 for a, b in zip(confidential, plain))
+                abs(a.prob - b.prob) <= 1e-4 for a, b in zip(confidential, plain)
+            )
             agree_all &= agree
             rows.append((name, confidential, plain, latency, agree))
     _say("[5/5] confidential top-5 vs plain `infenclave predict` top-5:")
@@ -156,14 +194,19 @@ def _client_side(url: str, result: PartitionResult, model: LoadedModel, health: 
             _say(f"      {c.prob:7.2%} {_short(c.label):<28} | {p.prob:7.2%} {_short(p.label)}")
     pids = ", ".join(map(str, health["worker_pids"].values()))
     _say("where each part ran:")
-    _say(f"  decrypt + decode + FrontNet  enclave worker processes {pids} (sim sandbox: seccomp, "
-         "own network namespace, not dumpable)")
-    _say(f"  BackNet                      host server process {server_pid} (CPU, batched; it "
-         "saw only ciphertext, IR1 and IR2)")
+    _say(
+        f"  decrypt + decode + FrontNet  enclave worker processes {pids} (sim sandbox: seccomp, "
+        "own network namespace, not dumpable)"
+    )
+    _say(
+        f"  BackNet                      host server process {server_pid} (CPU, batched; it "
+        "saw only ciphertext, IR1 and IR2)"
+    )
     _say(f"  Tail + top-5 + labels + seal enclave worker processes {pids}")
     _say(_stage_summary(url))
-    _say(f"{'all' if agree_all else 'NOT all'} {len(rows)} photos agree; demo took "
-         f"{time.perf_counter() - started:.0f} s")
+    _say(
+        f"{'all' if agree_all else 'NOT all'} {len(rows)} photos agree; demo took {time.perf_counter() - started:.0f} s"
+    )
     return 0 if agree_all else 1
 
 
@@ -177,9 +220,11 @@ def _stage_summary(url: str) -> str:
     text = httpx.get(url + "/metrics", timeout=10).text
     sums = dict(re.findall(r'infenclave_stage_seconds_sum\{stage="(\w+)"\} ([0-9.]+)', text))
     counts = dict(re.findall(r'infenclave_stage_seconds_count\{stage="(\w+)"\} ([0-9]+)', text))
-    parts = [f"{stage} {float(sums[stage]) / int(counts[stage]) * 1e3:.1f}"
-             for stage in ("open", "decode", "frontnet", "backnet", "tail", "seal", "total")
-             if stage in sums and int(counts.get(stage, 0))]
+    parts = [
+        f"{stage} {float(sums[stage]) / int(counts[stage]) * 1e3:.1f}"
+        for stage in ("open", "decode", "frontnet", "backnet", "tail", "seal", "total")
+        if stage in sums and int(counts.get(stage, 0))
+    ]
     return "mean ms per stage (from /metrics): " + ", ".join(parts)
 
 
@@ -204,8 +249,9 @@ def _wait_ready(url: str, server: subprocess.Popen[bytes], workers: int, log_pat
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise ServerError(f"the server exited during start-up; see {log_path}:\n"
-                              + log_path.read_text(errors="replace")[-2000:])
+            raise ServerError(
+                f"the server exited during start-up; see {log_path}:\n" + log_path.read_text(errors="replace")[-2000:]
+            )
         try:
             health = httpx.get(url + "/healthz", timeout=2).json()
             if health.get("workers") == workers:

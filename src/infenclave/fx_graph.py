@@ -22,20 +22,60 @@ from infenclave.graph import Op
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _PASSTHROUGH_MODULES = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.SiLU,
-    nn.Sigmoid, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU, nn.ELU, nn.Tanh,
-    nn.Dropout, nn.Dropout2d, nn.Identity, nn.Flatten, nn.Unflatten, nn.LayerNorm, nn.GroupNorm,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.Hardtanh,
+    nn.SiLU,
+    nn.Sigmoid,
+    nn.GELU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Tanh,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Identity,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.LayerNorm,
+    nn.GroupNorm,
     nn.InstanceNorm2d,
 )
 _PASSTHROUGH_FUNCTIONS = {
-    torch.relu, torch.nn.functional.relu, torch.nn.functional.relu6, torch.nn.functional.hardtanh,
-    torch.sigmoid, torch.nn.functional.silu, torch.nn.functional.gelu, torch.flatten,
-    torch.nn.functional.dropout, torch.clamp, torch.tanh, torch.reshape, torch.squeeze,
-    torch.unsqueeze, torch.nn.functional.hardswish, torch.nn.functional.batch_norm,
+    torch.relu,
+    torch.nn.functional.relu,
+    torch.nn.functional.relu6,
+    torch.nn.functional.hardtanh,
+    torch.sigmoid,
+    torch.nn.functional.silu,
+    torch.nn.functional.gelu,
+    torch.flatten,
+    torch.nn.functional.dropout,
+    torch.clamp,
+    torch.tanh,
+    torch.reshape,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.nn.functional.hardswish,
+    torch.nn.functional.batch_norm,
 }
 _PASSTHROUGH_METHODS = {
-    "view", "reshape", "flatten", "relu", "sigmoid", "clamp", "squeeze", "unsqueeze",
-    "contiguous", "clone", "tanh", "size",
+    "view",
+    "reshape",
+    "flatten",
+    "relu",
+    "sigmoid",
+    "clamp",
+    "squeeze",
+    "unsqueeze",
+    "contiguous",
+    "clone",
+    "tanh",
+    "size",
 }
 
 
@@ -59,17 +99,26 @@ def _localise_batch_reads(gm: fx.GraphModule) -> None:
     """
     graph = gm.graph
     for node in list(graph.nodes):
-        is_size0 = node.op == "call_method" and node.target == "size" and (
-            node.args[1:] == (0,) or node.kwargs.get("dim") == 0)
-        is_shape0 = (node.op == "call_function" and node.target is operator.getitem
-                     and node.args[1] == 0 and isinstance(node.args[0], fx.Node)
-                     and node.args[0].op == "call_function" and node.args[0].target is getattr
-                     and node.args[0].args[1] == "shape")
+        is_size0 = (
+            node.op == "call_method"
+            and node.target == "size"
+            and (node.args[1:] == (0,) or node.kwargs.get("dim") == 0)
+        )
+        is_shape0 = (
+            node.op == "call_function"
+            and node.target is operator.getitem
+            and node.args[1] == 0
+            and isinstance(node.args[0], fx.Node)
+            and node.args[0].op == "call_function"
+            and node.args[0].target is getattr
+            and node.args[0].args[1] == "shape"
+        )
         if not (is_size0 or is_shape0):
             continue
         for user in list(node.users):
-            local = next((a for a in user.args if isinstance(a, fx.Node) and a is not node
-                          and a.op not in ("get_attr",)), None)
+            local = next(
+                (a for a in user.args if isinstance(a, fx.Node) and a is not node and a.op not in ("get_attr",)), None
+            )
             if local is None:
                 continue
             with graph.inserting_before(user):
@@ -134,8 +183,15 @@ def fx_ops(gm: fx.GraphModule) -> tuple[list[Op], str, str]:
         # `size(0)` reads are local after tracing (see `_localise_batch_reads`): the tensor
         # they read is an input of the same consumer, so they add nothing to liveness
         inputs = tuple(a.name for a in node.all_input_nodes if a in act and not _is_size(a))
-        ops.append(Op(name=node.name, unit=_unit(node), passthrough=_is_passthrough(node, gm),
-                      inputs=inputs, outputs=(node.name,)))
+        ops.append(
+            Op(
+                name=node.name,
+                unit=_unit(node),
+                passthrough=_is_passthrough(node, gm),
+                inputs=inputs,
+                outputs=(node.name,),
+            )
+        )
     return ops, placeholders[0].name, result.name
 
 
@@ -160,9 +216,14 @@ def export_onnx(gm: fx.GraphModule, cut_nodes: dict[str, str], example: torch.Te
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(  # the TorchScript exporter writes to a file object; its stub says path
-            wrapper, (example,), buf,  # type: ignore[arg-type]
-            dynamo=False, opset_version=17, do_constant_folding=True,
-            input_names=names[:1], output_names=names[1:],
+            wrapper,
+            (example,),
+            buf,  # type: ignore[arg-type]
+            dynamo=False,
+            opset_version=17,
+            do_constant_folding=True,
+            input_names=names[:1],
+            output_names=names[1:],
             dynamic_axes={n: {0: "batch"} for n in names},
         )
     return buf.getvalue()
@@ -192,7 +253,7 @@ def segment(gm: fx.GraphModule, start: str | None, end: str | None) -> fx.GraphM
             env[n] = graph.node_copy(n, lambda m: env[m])
         return env[n]
 
-    for n in nodes[order[first] + 1: order[last] + 1]:
+    for n in nodes[order[first] + 1 : order[last] + 1]:
         if n in act:
             copy(n)
     graph.output(env[last])

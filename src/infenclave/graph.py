@@ -33,9 +33,28 @@ if TYPE_CHECKING:
 
 # ONNX op types whose output says nothing new about their (single activation) input.
 ONNX_PASSTHROUGH = {
-    "BatchNormalization", "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu",
-    "Elu", "Selu", "Gelu", "Tanh", "Softplus", "PRelu", "Dropout", "Identity", "Flatten",
-    "Reshape", "Squeeze", "Unsqueeze", "Shape", "Cast", "InstanceNormalization",
+    "BatchNormalization",
+    "Relu",
+    "Clip",
+    "Sigmoid",
+    "HardSigmoid",
+    "HardSwish",
+    "LeakyRelu",
+    "Elu",
+    "Selu",
+    "Gelu",
+    "Tanh",
+    "Softplus",
+    "PRelu",
+    "Dropout",
+    "Identity",
+    "Flatten",
+    "Reshape",
+    "Squeeze",
+    "Unsqueeze",
+    "Shape",
+    "Cast",
+    "InstanceNormalization",
     "LayerNormalization",
 }
 
@@ -149,14 +168,16 @@ def onnx_ops(graph: onnx.GraphProto) -> tuple[list[Op], str, str]:
         data = tuple(t for t in inputs if t not in shape_only)
         if node.op_type == "Shape" or not data:
             shape_only.update(outputs)
-        ops.append(Op(
-            name=node.name or f"{node.op_type}_{k}",
-            unit=onnx_scope_unit(node.name),
-            passthrough=node.op_type in ONNX_PASSTHROUGH and len(data) <= 1,
-            inputs=inputs,
-            outputs=outputs,
-            data_inputs=data,
-        ))
+        ops.append(
+            Op(
+                name=node.name or f"{node.op_type}_{k}",
+                unit=onnx_scope_unit(node.name),
+                passthrough=node.op_type in ONNX_PASSTHROUGH and len(data) <= 1,
+                inputs=inputs,
+                outputs=outputs,
+                data_inputs=data,
+            )
+        )
     return ops, graph_input, graph.output[0].name
 
 
@@ -178,7 +199,9 @@ def localise_batch_reads(graph: onnx.GraphProto) -> int:
     consts: dict[str, np.ndarray | None] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     for n in graph.node:
         if n.op_type == "Constant" and n.attribute:
-            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t) if n.attribute[0].t.dims or n.attribute[0].t.raw_data else None
+            consts[n.output[0]] = (
+                numpy_helper.to_array(n.attribute[0].t) if n.attribute[0].t.dims or n.attribute[0].t.raw_data else None
+            )
     users: dict[str, list[onnx.NodeProto]] = {}
     for n in graph.node:
         for t in n.input:
@@ -198,7 +221,8 @@ def localise_batch_reads(graph: onnx.GraphProto) -> int:
             t = frontier.pop()
             for u in users.get(t, []):
                 if u.op_type in shape_derived_ops and all(
-                        i in consts or _is_shape_derived(i, graph, consts) for i in u.input):
+                    i in consts or _is_shape_derived(i, graph, consts) for i in u.input
+                ):
                     frontier.extend(u.output)
                 elif sink is None or sink is u:
                     sink = u

@@ -44,9 +44,14 @@ class CutPoint:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "index": self.index, "name": self.name, "tensor": self.tensor, "shape": list(self.shape),
-            "front_param_bytes": self.front_param_bytes, "front_flops": self.front_flops,
-            "back_param_bytes": self.back_param_bytes, "back_flops": self.back_flops,
+            "index": self.index,
+            "name": self.name,
+            "tensor": self.tensor,
+            "shape": list(self.shape),
+            "front_param_bytes": self.front_param_bytes,
+            "front_flops": self.front_flops,
+            "back_param_bytes": self.back_param_bytes,
+            "back_flops": self.back_flops,
         }
 
 
@@ -69,8 +74,9 @@ class Network:
 
     def part_cost(self, start: CutPoint | None, end: CutPoint | None) -> tuple[int, int, int]:
         """(parameter bytes, FLOPs, peak activation bytes) of the part between two cuts."""
-        nodes = _part_nodes(self.onnx_model.graph, start.tensor if start else self.input_name,
-                            end.tensor if end else self.output_name)
+        nodes = _part_nodes(
+            self.onnx_model.graph, start.tensor if start else self.input_name, end.tensor if end else self.output_name
+        )
         return _cost(self.onnx_model.graph, nodes, self._shapes())
 
     def _shapes(self) -> dict[str, tuple[int, ...]]:
@@ -145,25 +151,33 @@ def _build(model: LoadedModel, proto: onnx.ModelProto, raw: list[RawCut]) -> Net
     graph = proto.graph
     initializers = {t.name for t in graph.initializer}
     input_name = next(i.name for i in graph.input if i.name not in initializers)
-    net = Network(model=model, onnx_model=proto, input_name=input_name,
-                  output_name=graph.output[0].name, cuts=[])
+    net = Network(model=model, onnx_model=proto, input_name=input_name, output_name=graph.output[0].name, cuts=[])
     shapes = net._shapes()
     expected = _expected_input(model)
     if input_name in shapes and shapes[input_name][1:] != expected:
-        raise ModelError(f"{model.name}: the model takes input {list(shapes[input_name][1:])} but the "
-                         f"preprocessing produces {list(expected)}")
+        raise ModelError(
+            f"{model.name}: the model takes input {list(shapes[input_name][1:])} but the "
+            f"preprocessing produces {list(expected)}"
+        )
     out_shape = shapes.get(net.output_name)
     if out_shape is not None and out_shape[-1] != model.num_classes:
-        raise ModelError(f"{model.name}: the model has {out_shape[-1]} outputs but "
-                         f"{model.num_classes} labels")
+        raise ModelError(f"{model.name}: the model has {out_shape[-1]} outputs but {model.num_classes} labels")
     total_params, total_flops, _ = _cost(graph, list(range(len(graph.node))), shapes)
     for i, rc in enumerate(raw):
         front = _part_nodes(graph, input_name, rc.tensor)
         fp, ff, _ = _cost(graph, front, shapes)
-        net.cuts.append(CutPoint(index=i, name=rc.name, tensor=rc.tensor,
-                                 shape=tuple(shapes[rc.tensor][1:]), front_param_bytes=fp,
-                                 front_flops=ff, back_param_bytes=total_params - fp,
-                                 back_flops=total_flops - ff))
+        net.cuts.append(
+            CutPoint(
+                index=i,
+                name=rc.name,
+                tensor=rc.tensor,
+                shape=tuple(shapes[rc.tensor][1:]),
+                front_param_bytes=fp,
+                front_flops=ff,
+                back_param_bytes=total_params - fp,
+                back_flops=total_flops - ff,
+            )
+        )
     return net
 
 

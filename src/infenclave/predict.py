@@ -36,8 +36,9 @@ class Predictor:
         return self._part(prepare(image_bytes, self.model.preprocess))[0]
 
     def predict(self, image_bytes: bytes, k: int = 5) -> list[Prediction]:
-        return top_k(self.scores(image_bytes), self.model.labels, k,
-                     already_probabilities=self.model.output == "probabilities")
+        return top_k(
+            self.scores(image_bytes), self.model.labels, k, already_probabilities=self.model.output == "probabilities"
+        )
 
 
 def predict_files(model: LoadedModel, paths: list[Path], k: int) -> list[list[Prediction]]:

@@ -26,8 +26,11 @@ class TernarySplit:
     tail: onnx.ModelProto
 
     def parts_bytes(self) -> dict[str, bytes]:
-        return {"front": self.front.SerializeToString(), "back": self.back.SerializeToString(),
-                "tail": self.tail.SerializeToString()}
+        return {
+            "front": self.front.SerializeToString(),
+            "back": self.back.SerializeToString(),
+            "tail": self.tail.SerializeToString(),
+        }
 
 
 def check_pair(net: Network, front_end: str, tail_start: str) -> tuple[CutPoint, CutPoint]:
@@ -37,13 +40,15 @@ def check_pair(net: Network, front_end: str, tail_start: str) -> tuple[CutPoint,
     return f, t
 
 
-def ternary_split(net: Network, front_end: str, tail_start: str, *,
-                  extractor: onnx.utils.Extractor | None = None) -> TernarySplit:
+def ternary_split(
+    net: Network, front_end: str, tail_start: str, *, extractor: onnx.utils.Extractor | None = None
+) -> TernarySplit:
     """Cut `net` into three parts at the named cut points (pass an extractor to reuse it)."""
     f, t = check_pair(net, front_end, tail_start)
     ex = extractor or onnx.utils.Extractor(net.onnx_model)
     return TernarySplit(
-        front_end=f, tail_start=t,
+        front_end=f,
+        tail_start=t,
         front=_extract(ex, net.input_name, f.tensor, "frontnet"),
         back=_extract(ex, f.tensor, t.tensor, "backnet"),
         tail=_extract(ex, t.tensor, net.output_name, "tail"),

@@ -28,6 +28,7 @@ from infenclave.protocol.backnet_verify import SENT_OPS, encode_verify_file
 
 __all__ = ["UnsupportedOp", "build_verification", "uncovered_ops"]
 
+
 class UnsupportedOp(GraphError):
     """A BackNet operator that the verifier does not cover."""
 
@@ -89,22 +90,25 @@ def uncovered_ops(back: onnx.ModelProto, input_shape: tuple[int, ...]) -> list[s
     return []
 
 
-def _node_shape(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]],
-                consts: dict[str, np.ndarray], model: onnx.ModelProto) -> tuple[int, ...]:
+def _node_shape(
+    node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]], consts: dict[str, np.ndarray], model: onnx.ModelProto
+) -> tuple[int, ...]:
     import onnxruntime as ort
 
     h = onnx.helper
     data = [i for i in dict.fromkeys(node.input) if i and i not in consts]
     missing = [i for i in data if i not in shapes]
     if missing:
-        raise UnsupportedOp(f"verified BackNet: {node.op_type} ({node.name}) reads {missing[0]!r}, "
-                            "neither input nor constant")
+        raise UnsupportedOp(
+            f"verified BackNet: {node.op_type} ({node.name}) reads {missing[0]!r}, neither input nor constant"
+        )
     graph = h.make_graph(
-        [node], "shape",
+        [node],
+        "shape",
         [h.make_tensor_value_info(i, onnx.TensorProto.FLOAT, list(shapes[i])) for i in data],
         [h.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, None)],
-        initializer=[numpy_helper.from_array(consts[i], i) for i in dict.fromkeys(node.input)
-                     if i and i in consts])
+        initializer=[numpy_helper.from_array(consts[i], i) for i in dict.fromkeys(node.input) if i and i in consts],
+    )
     one = h.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
     session = ort.InferenceSession(one.SerializeToString(), providers=["CPUExecutionProvider"])
     (y,) = session.run([node.output[0]], {i: np.zeros(shapes[i], np.float32) for i in data})
@@ -135,8 +139,13 @@ def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
     return default
 
 
-def _translate(node: onnx.NodeProto, consts: dict[str, np.ndarray], ids: dict[str, int],
-               shapes: dict[str, tuple[int, ...]], weight: Any) -> dict[str, Any]:
+def _translate(
+    node: onnx.NodeProto,
+    consts: dict[str, np.ndarray],
+    ids: dict[str, int],
+    shapes: dict[str, tuple[int, ...]],
+    weight: Any,
+) -> dict[str, Any]:
     kind = node.op_type
     where = f"{kind} ({node.name or node.output[0]})"
     out_shape = shapes.get(node.output[0])
@@ -148,10 +157,10 @@ def _translate(node: onnx.NodeProto, consts: dict[str, np.ndarray], ids: dict[st
             raise UnsupportedOp(f"verified BackNet: {where} reads {name!r}, neither input nor constant")
         return ids[name]
 
-    def op(name: str, inputs: list[int], attrs: dict[str, Any] | None = None,
-           weights: dict[str, Any] | None = None) -> dict[str, Any]:
-        return {"op": name, "in": inputs, "shape": [1, *out_shape[1:]], "attrs": attrs or {},
-                "weights": weights or {}}
+    def op(
+        name: str, inputs: list[int], attrs: dict[str, Any] | None = None, weights: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        return {"op": name, "in": inputs, "shape": [1, *out_shape[1:]], "attrs": attrs or {}, "weights": weights or {}}
 
     x = node.input[0]
     if kind == "Conv":
@@ -161,14 +170,26 @@ def _translate(node: onnx.NodeProto, consts: dict[str, np.ndarray], ids: dict[st
         weights = {"weight": weight(w)}
         if len(node.input) > 2 and node.input[2]:
             weights["bias"] = weight(consts[node.input[2]])
-        return op("conv", [tensor(x)], {
-            "group": int(_attr(node, "group", 1)), "strides": list(_attr(node, "strides", [1, 1])),
-            "pads": list(_attr(node, "pads", [0, 0, 0, 0])),
-            "dilations": list(_attr(node, "dilations", [1, 1]))}, weights)
+        return op(
+            "conv",
+            [tensor(x)],
+            {
+                "group": int(_attr(node, "group", 1)),
+                "strides": list(_attr(node, "strides", [1, 1])),
+                "pads": list(_attr(node, "pads", [0, 0, 0, 0])),
+                "dilations": list(_attr(node, "dilations", [1, 1])),
+            },
+            weights,
+        )
     if kind in ("Gemm", "MatMul"):
         b = consts.get(node.input[1])
-        if b is None or b.ndim != 2 or _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0 \
-                or _attr(node, "beta", 1.0) != 1.0:
+        if (
+            b is None
+            or b.ndim != 2
+            or _attr(node, "transA", 0)
+            or _attr(node, "alpha", 1.0) != 1.0
+            or _attr(node, "beta", 1.0) != 1.0
+        ):
             raise UnsupportedOp(f"verified BackNet: {where} needs constant 2-D weights, alpha = beta = 1")
         w = b if (kind == "Gemm" and _attr(node, "transB", 0)) else b.T  # (N, K)
         weights = {"weight": weight(w)}
@@ -196,9 +217,14 @@ def _translate(node: onnx.NodeProto, consts: dict[str, np.ndarray], ids: dict[st
     if kind == "Pad":
         pads = consts.get(node.input[1]) if len(node.input) > 1 else None
         value = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        if (_attr(node, "mode", b"constant") not in (b"constant", "constant") or pads is None
-                or pads.size != 8 or (pads < 0).any() or (value is not None and float(value) != 0.0)
-                or len(node.input) > 3):
+        if (
+            _attr(node, "mode", b"constant") not in (b"constant", "constant")
+            or pads is None
+            or pads.size != 8
+            or (pads < 0).any()
+            or (value is not None and float(value) != 0.0)
+            or len(node.input) > 3
+        ):
             raise UnsupportedOp(f"verified BackNet: {where} must be a zero pad on a 4-D tensor")
         return op("pad", [tensor(x)], {"pads": [int(p) for p in pads]})
     if kind in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout"):
@@ -206,25 +232,40 @@ def _translate(node: onnx.NodeProto, consts: dict[str, np.ndarray], ids: dict[st
     if kind == "GlobalAveragePool" or (kind == "ReduceMean" and _reduce_hw(node, consts)):
         return op("gap", [tensor(x)])
     if kind == "MaxPool":
-        if _attr(node, "ceil_mode", 0) or any(d != 1 for d in _attr(node, "dilations", [1, 1])) \
-                or len(node.output) > 1 or _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        if (
+            _attr(node, "ceil_mode", 0)
+            or any(d != 1 for d in _attr(node, "dilations", [1, 1]))
+            or len(node.output) > 1
+            or _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
+        ):
             raise UnsupportedOp(f"verified BackNet: {where} with ceil_mode, dilation or indices")
-        return op("maxpool", [tensor(x)], {"kernel": list(_attr(node, "kernel_shape")),
-                                           "strides": list(_attr(node, "strides", [1, 1])),
-                                           "pads": list(_attr(node, "pads", [0, 0, 0, 0]))})
+        return op(
+            "maxpool",
+            [tensor(x)],
+            {
+                "kernel": list(_attr(node, "kernel_shape")),
+                "strides": list(_attr(node, "strides", [1, 1])),
+                "pads": list(_attr(node, "pads", [0, 0, 0, 0])),
+            },
+        )
     if kind == "BatchNormalization":
-        return op("batchnorm", [tensor(x)], {"epsilon": float(_attr(node, "epsilon", 1e-5))},
-                  {k: weight(consts[n]) for k, n in zip(("scale", "bias", "mean", "var"), node.input[1:5])})
+        return op(
+            "batchnorm",
+            [tensor(x)],
+            {"epsilon": float(_attr(node, "epsilon", 1e-5))},
+            {k: weight(consts[n]) for k, n in zip(("scale", "bias", "mean", "var"), node.input[1:5])},
+        )
     if kind == "Concat":
         axis = int(_attr(node, "axis"))
         return op("concat", [tensor(i) for i in node.input], {"axis": axis if axis >= 0 else axis + 4})
-    raise UnsupportedOp(f"verified BackNet: op {where} is not covered by the verifier "
-                        "(partition with --unverified-backnet to serve this BackNet unverified)")
+    raise UnsupportedOp(
+        f"verified BackNet: op {where} is not covered by the verifier "
+        "(partition with --unverified-backnet to serve this BackNet unverified)"
+    )
 
 
 def _reduce_hw(node: onnx.NodeProto, consts: dict[str, np.ndarray]) -> bool:
     axes = _attr(node, "axes")
     if axes is None and len(node.input) > 1:
         axes = consts.get(node.input[1])
-    return axes is not None and sorted(int(a) for a in np.ravel(axes)) == [2, 3] \
-        and _attr(node, "keepdims", 1) == 1
+    return axes is not None and sorted(int(a) for a in np.ravel(axes)) == [2, 3] and _attr(node, "keepdims", 1) == 1

@@ -55,8 +55,10 @@ from infenclave.network import CutPoint, Network
 
 AttackProgressFn = Callable[[ProgressEvent], None]
 GRID_PHOTOS = 8  # rows of the report's inversion picture (every photo's figures are in the plan)
-SELECTION = ("fixed-sequence test, deepest candidate first, each cut at the full 5% level; "
-             "the recommendation is the shallowest cut of the unbroken chain of safe cuts")
+SELECTION = (
+    "fixed-sequence test, deepest candidate first, each cut at the full 5% level; "
+    "the recommendation is the shallowest cut of the unbroken chain of safe cuts"
+)
 
 
 @dataclass
@@ -83,17 +85,23 @@ class AdversaryVerdict:
         return self.results.cut_evidence(cut) if self.results is not None else None
 
     def to_plan(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {"name": self.name, "attacks": list(self.attacks),
-                               "front_end": self.front_end.name if self.front_end else None,
-                               "attacked_cuts": self.attacked, "max_recovery": self.max_recovery,
-                               "selection": SELECTION, "photo_sets": self.photo_sets}
+        doc: dict[str, Any] = {
+            "name": self.name,
+            "attacks": list(self.attacks),
+            "front_end": self.front_end.name if self.front_end else None,
+            "attacked_cuts": self.attacked,
+            "max_recovery": self.max_recovery,
+            "selection": SELECTION,
+            "photo_sets": self.photo_sets,
+        }
         if self.results is not None:
             doc["results"] = self.results.to_dict()
         return doc
 
 
-def build_gallery(model: LoadedModel, panel: JudgePanel, eval_images: dict[str, np.ndarray],
-                  sets: dict[str, PhotoSet]) -> Gallery:
+def build_gallery(
+    model: LoadedModel, panel: JudgePanel, eval_images: dict[str, np.ndarray], sets: dict[str, PhotoSet]
+) -> Gallery:
     """Every evaluation photo plus every offline photo, at the model's input crop."""
     photos = {n: resize_and_crop(rgb, model.preprocess) for n, rgb in eval_images.items()}
     for s in sets.values():
@@ -102,12 +110,24 @@ def build_gallery(model: LoadedModel, panel: JudgePanel, eval_images: dict[str, 
     return Gallery(photos, panel.features)
 
 
-def assess_adversary(model: LoadedModel, net: Network, result: ScanResult, oracle: Oracle,
-                     eval_images: dict[str, np.ndarray] | None, *, adversary: str, tail: CutPoint,
-                     full: bool, budgets: Budgets, judge: str | None, seed: int,
-                     max_recovery: float = DEFAULT_MAX_RECOVERY, surrogate: Network | None = None,
-                     progress: AttackProgressFn | None = None,
-                     say: Callable[[str], None] = lambda _m: None) -> AdversaryVerdict:
+def assess_adversary(
+    model: LoadedModel,
+    net: Network,
+    result: ScanResult,
+    oracle: Oracle,
+    eval_images: dict[str, np.ndarray] | None,
+    *,
+    adversary: str,
+    tail: CutPoint,
+    full: bool,
+    budgets: Budgets,
+    judge: str | None,
+    seed: int,
+    max_recovery: float = DEFAULT_MAX_RECOVERY,
+    surrogate: Network | None = None,
+    progress: AttackProgressFn | None = None,
+    say: Callable[[str], None] = lambda _m: None,
+) -> AdversaryVerdict:
     """Run the adversary's attacks where they can change the answer; merge KL results.
 
     `eval_images` None: the offline evaluation set (`photosets`, >= 40 photos).
@@ -117,8 +137,7 @@ def assess_adversary(model: LoadedModel, net: Network, result: ScanResult, oracl
     chosen = attacks_for(adversary)
     kl_rec = result.recommended
     if not chosen:
-        return AdversaryVerdict(adversary, chosen, kl_rec.cut if kl_rec else None, None,
-                                max_recovery=max_recovery)
+        return AdversaryVerdict(adversary, chosen, kl_rec.cut if kl_rec else None, None, max_recovery=max_recovery)
     say("loading the offline photo sets (training, evaluation, confirmation)")
     sets = offline_sets()
     if eval_images is None:
@@ -126,10 +145,16 @@ def assess_adversary(model: LoadedModel, net: Network, result: ScanResult, oracl
         sets_doc = {k: v.summary() for k, v in sets.items()}
     else:
         sets_doc = {k: v.summary() for k, v in sets.items() if k != "evaluation"}
-        sets_doc["evaluation"] = {"role": "evaluation", "photos": len(eval_images), "target": 0,
-                                  "by_source": {"--attack-images": len(eval_images)},
-                                  "names": list(eval_images), "sha256": [], "excluded": [],
-                                  "missing_packages": []}
+        sets_doc["evaluation"] = {
+            "role": "evaluation",
+            "photos": len(eval_images),
+            "target": 0,
+            "by_source": {"--attack-images": len(eval_images)},
+            "names": list(eval_images),
+            "sha256": [],
+            "excluded": [],
+            "missing_packages": [],
+        }
     maps = [c for c in net.cuts if c.is_feature_map and c.index < tail.index]
     if full:
         candidates = maps
@@ -143,17 +168,31 @@ def assess_adversary(model: LoadedModel, net: Network, result: ScanResult, oracl
     training: TrainingSet | None = training_photos(exclude=eval_images) if "decoder" in chosen else None
 
     def attack(cuts: list[CutPoint], *, stop_when_unsafe: bool = True) -> AttackResults:
-        return run_attacks(model, net, [c.name for c in cuts], eval_images, adversary, budgets,
-                           panel, seed, progress=progress, training=training, gallery=gallery,
-                           max_recovery=max_recovery, stop_when_unsafe=stop_when_unsafe,
-                           surrogate=surrogate)
+        return run_attacks(
+            model,
+            net,
+            [c.name for c in cuts],
+            eval_images,
+            adversary,
+            budgets,
+            panel,
+            seed,
+            progress=progress,
+            training=training,
+            gallery=gallery,
+            max_recovery=max_recovery,
+            stop_when_unsafe=stop_when_unsafe,
+            surrogate=surrogate,
+        )
 
     # the input-side cut as a reference point: what the host would see at the very start
     merged = attack(maps[:1]) if maps and maps[0] not in candidates else None
     front_end: CutPoint | None = None
     deepest_verdict = "unsafe"
-    say(f"testing {len(candidates)} candidate cut point(s) as a {adversary} adversary "
-        f"({', '.join(chosen)}; {len(eval_images)} photos), deepest first")
+    say(
+        f"testing {len(candidates)} candidate cut point(s) as a {adversary} adversary "
+        f"({', '.join(chosen)}; {len(eval_images)} photos), deepest first"
+    )
     chain_open = True
     for i, cut in enumerate(reversed(candidates)):
         part = attack([cut])
@@ -167,12 +206,23 @@ def assess_adversary(model: LoadedModel, net: Network, result: ScanResult, oracl
             front_end = cut
         elif not full:
             break  # --full attacks every cut for the report; the chain is already decided
-    verdict = "safe" if front_end is not None else (
-        "not-enough-evidence" if deepest_verdict == "not-enough-evidence" else "unsafe")
-    return AdversaryVerdict(adversary, chosen, front_end, merged,
-                            attacked=[c.cut for c in merged.cuts] if merged else [],
-                            max_recovery=max_recovery, verdict=verdict, photo_sets=sets_doc,
-                            eval_photos=dict(eval_images), training_photos=sets["training"].images())
+    verdict = (
+        "safe"
+        if front_end is not None
+        else ("not-enough-evidence" if deepest_verdict == "not-enough-evidence" else "unsafe")
+    )
+    return AdversaryVerdict(
+        adversary,
+        chosen,
+        front_end,
+        merged,
+        attacked=[c.cut for c in merged.cuts] if merged else [],
+        max_recovery=max_recovery,
+        verdict=verdict,
+        photo_sets=sets_doc,
+        eval_photos=dict(eval_images),
+        training_photos=sets["training"].images(),
+    )
 
 
 def public_surrogate(model: LoadedModel, net: Network, name: str | None = None) -> Network:
@@ -187,12 +237,15 @@ def public_surrogate(model: LoadedModel, net: Network, name: str | None = None) 
         cand = analyse(load_model(n))
         if [(c.name, c.shape) for c in cand.cuts] == [(c.name, c.shape) for c in net.cuts]:
             if cand.model.weights_sha256 == model.weights_sha256:
-                raise AssessmentError(f"{model.name} has exactly the public weights of {n}: "
-                                      "use --adversary knows-weights")
+                raise AssessmentError(
+                    f"{model.name} has exactly the public weights of {n}: use --adversary knows-weights"
+                )
             return cand
-    raise AssessmentError(f"no public zoo model has {model.name}'s architecture"
-                          + (f" ({name} differs)" if name else "")
-                          + "; the surrogate-weights adversary needs the public starting point")
+    raise AssessmentError(
+        f"no public zoo model has {model.name}'s architecture"
+        + (f" ({name} differs)" if name else "")
+        + "; the surrogate-weights adversary needs the public starting point"
+    )
 
 
 def _kl_safe(net: Network, result: ScanResult, oracle: Oracle, cut: CutPoint, seed: int) -> bool:
@@ -238,15 +291,22 @@ def attack_figures(verdict: AdversaryVerdict) -> list[Figure]:
         grid = inversion_grid(res, attack, images=list(res.originals)[:GRID_PHOTOS])
         buf = io.BytesIO()
         Image.fromarray(grid).save(buf, format="PNG", optimize=True)
-        figs.append(Figure(
-            id=f"inversion-{attack}", section=section,
-            title=f"{attack} inversion: each photo beside its reconstruction",
-            caption=("Left: the photo as the model sees it. Then one column per attacked cut "
-                     "point: what an attacker rebuilt from the IR alone, with its SSIM and whether "
-                     "it was re-identified (its own photo ranked first in the gallery) or "
-                     "recognised by a judge. A recovered photo counts against that cut; the "
-                     "verdict is the bound in the attack evidence table, never a picture."),
-            png=buf.getvalue(), alt=f"{attack} reconstructions per cut point"))
+        figs.append(
+            Figure(
+                id=f"inversion-{attack}",
+                section=section,
+                title=f"{attack} inversion: each photo beside its reconstruction",
+                caption=(
+                    "Left: the photo as the model sees it. Then one column per attacked cut "
+                    "point: what an attacker rebuilt from the IR alone, with its SSIM and whether "
+                    "it was re-identified (its own photo ranked first in the gallery) or "
+                    "recognised by a judge. A recovered photo counts against that cut; the "
+                    "verdict is the bound in the attack evidence table, never a picture."
+                ),
+                png=buf.getvalue(),
+                alt=f"{attack} reconstructions per cut point",
+            )
+        )
     figs.append(_metrics_figure(res, section))
     return figs
 
@@ -261,7 +321,9 @@ def _metrics_figure(res: AttackResults, section: str) -> Figure:
         xs = [c.cut for c in rows]
         axes[0].plot(xs, [np.mean([r.ssim for r in c.images]) for c in rows], "o-", label=attack)
         axes[1].plot(xs, [c.recovered_count / max(1, len(c.images)) for c in rows], "o-", label=f"{attack}: recovered")
-        axes[1].plot(xs, [c.reidentified_count / max(1, len(c.images)) for c in rows], "x--", label=f"{attack}: re-identified")
+        axes[1].plot(
+            xs, [c.reidentified_count / max(1, len(c.images)) for c in rows], "x--", label=f"{attack}: re-identified"
+        )
         axes[2].plot(xs, [np.mean([r.judge_kl for r in c.images]) for c in rows], "o-", label=attack)
     for ax, title in zip(axes, ("mean SSIM", "share of photos recovered / re-identified", "mean judge KL (nats)")):
         ax.set_title(title)
@@ -272,10 +334,16 @@ def _metrics_figure(res: AttackResults, section: str) -> Figure:
     fig.tight_layout()
     png = _png(fig)
     plt.close(fig)
-    return Figure(id="attack-metrics", section=section, title="Attack metrics by depth",
-                  caption=("Per attacked cut point: mean SSIM of the reconstructions, the share of "
-                           "photos recovered (any signal) and re-identified, and the KL between the judge's outputs on "
-                           "original and reconstruction (higher = less revealed). SSIM under-rates "
-                           "what a person recognises: read it with the pictures above."),
-                  png=png, alt="attack metrics by depth")
-
+    return Figure(
+        id="attack-metrics",
+        section=section,
+        title="Attack metrics by depth",
+        caption=(
+            "Per attacked cut point: mean SSIM of the reconstructions, the share of "
+            "photos recovered (any signal) and re-identified, and the KL between the judge's outputs on "
+            "original and reconstruction (higher = less revealed). SSIM under-rates "
+            "what a person recognises: read it with the pictures above."
+        ),
+        png=png,
+        alt="attack metrics by depth",
+    )

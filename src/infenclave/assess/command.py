@@ -78,8 +78,10 @@ def check_out_dir(out: Path, force: bool) -> None:
     if out.is_symlink() or not out.is_dir():
         raise UsageError(f"{out} exists and is not a folder; refusing to replace it")
     if any(out.iterdir()) and not (out / "plan.json").is_file():
-        raise UsageError(f"refusing to replace {out}: it is not empty and holds no plan.json, "
-                         "so it does not look like an earlier assessment")
+        raise UsageError(
+            f"refusing to replace {out}: it is not empty and holds no plan.json, "
+            "so it does not look like an earlier assessment"
+        )
 
 
 @contextlib.contextmanager
@@ -116,8 +118,9 @@ def publish(tmp: Path, out: Path, force: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def run_assess(opts: AssessOptions, *, progress: ProgressFn | None = None,
-               log: Callable[[str], None] | None = None) -> AssessOutcome:
+def run_assess(
+    opts: AssessOptions, *, progress: ProgressFn | None = None, log: Callable[[str], None] | None = None
+) -> AssessOutcome:
     """Run an assessment and write plan.json, exposure.csv and report.html to `opts.out`."""
     from infenclave.assess.attacks import Budgets, attacks_for
     from infenclave.models import load_model
@@ -131,9 +134,11 @@ def run_assess(opts: AssessOptions, *, progress: ProgressFn | None = None,
     attacks_for(opts.adversary)  # refuse an unknown adversary before any work
     check_max_recovery(opts.max_recovery)
     defaults = Budgets()
-    budgets = Budgets(whitebox_steps=opts.whitebox_steps or defaults.whitebox_steps,
-                      decoder_epochs=opts.decoder_epochs or defaults.decoder_epochs,
-                      whitebox_restarts=opts.whitebox_restarts or defaults.whitebox_restarts)
+    budgets = Budgets(
+        whitebox_steps=opts.whitebox_steps or defaults.whitebox_steps,
+        decoder_epochs=opts.decoder_epochs or defaults.decoder_epochs,
+        whitebox_restarts=opts.whitebox_restarts or defaults.whitebox_restarts,
+    )
     decoded = load_images(opts.images)  # every image decoded before any model work
     attack_decoded = load_images(opts.attack_images) if opts.attack_images else None
     say(f"loading {opts.model}")
@@ -142,8 +147,9 @@ def run_assess(opts: AssessOptions, *, progress: ProgressFn | None = None,
     oracle = make_oracle(model, oracle_model)
     net = analyse(model)
     if not any(c.is_feature_map for c in net.cuts):
-        raise AssessmentError(f"{model.name}: no cut point has a (C, H, W) feature map; the "
-                              "KL-oracle method cannot assess this model")
+        raise AssessmentError(
+            f"{model.name}: no cut point has a (C, H, W) feature map; the KL-oracle method cannot assess this model"
+        )
     if opts.tail_start is not None:
         tail, tail_source = net.cut(opts.tail_start), "option"
     else:
@@ -152,38 +158,58 @@ def run_assess(opts: AssessOptions, *, progress: ProgressFn | None = None,
     with staged_dir(opts.out) as tmp:
         mode: Mode = "full" if opts.full else "early-stop"
         n_maps = sum(1 for c in net.cuts if c.is_feature_map)
-        say(f"scanning {n_maps} feature-map cut points of {model.name} with {len(images)} image(s), "
-            f"{mode} mode")
-        result = scan(net, oracle, images, mode=mode, seed=opts.seed, runtime=opts.runtime,
-                      progress=progress)
+        say(f"scanning {n_maps} feature-map cut points of {model.name} with {len(images)} image(s), {mode} mode")
+        result = scan(net, oracle, images, mode=mode, seed=opts.seed, runtime=opts.runtime, progress=progress)
         verdict = None
         if not result.partial:
             from infenclave.assess.adversary import assess_adversary, public_surrogate
 
-            surrogate = (public_surrogate(model, net) if opts.adversary == "surrogate-weights"
-                         else None)
+            surrogate = public_surrogate(model, net) if opts.adversary == "surrogate-weights" else None
             verdict = assess_adversary(
-                model, net, result, oracle,
+                model,
+                net,
+                result,
+                oracle,
                 {d.name: d.rgb for d in attack_decoded} if attack_decoded else None,
-                adversary=opts.adversary, tail=tail, full=opts.full, budgets=budgets,
-                judge=opts.judge, seed=opts.seed, say=say, max_recovery=opts.max_recovery,
+                adversary=opts.adversary,
+                tail=tail,
+                full=opts.full,
+                budgets=budgets,
+                judge=opts.judge,
+                seed=opts.seed,
+                say=say,
+                max_recovery=opts.max_recovery,
                 surrogate=surrogate,
-                progress=(lambda ev: progress(ev.done, ev.total,
-                                              f"{ev.attack} @ {ev.cut} ({ev.cut_number}/{ev.cuts_total})"))
-                if progress else None)
+                progress=(
+                    lambda ev: progress(ev.done, ev.total, f"{ev.attack} @ {ev.cut} ({ev.cut_number}/{ev.cuts_total})")
+                )
+                if progress
+                else None,
+            )
         leakage = None
         if verdict is not None and verdict.attacks:
             from infenclave.assess import label_leakage
 
             say("measuring label leakage from IR2 at the candidate Tail starts")
             maps = [c.name for c in net.cuts if c.is_feature_map]
-            starts = list(dict.fromkeys([*maps[-label_leakage.CANDIDATE_TAIL_STARTS:], tail.name]))
+            starts = list(dict.fromkeys([*maps[-label_leakage.CANDIDATE_TAIL_STARTS :], tail.name]))
             leakage = label_leakage.measure(
-                net, verdict.eval_photos, verdict.training_photos, tail_starts=starts,
+                net,
+                verdict.eval_photos,
+                verdict.training_photos,
+                tail_starts=starts,
                 public_head=opts.adversary in ("knows-weights", "surrogate-weights"),
-                seed=opts.seed)
-        plan = build_plan(result, net, oracle, tail_start=tail, tail_start_source=tail_source,
-                          adversary=verdict, label_leakage=leakage)
+                seed=opts.seed,
+            )
+        plan = build_plan(
+            result,
+            net,
+            oracle,
+            tail_start=tail,
+            tail_start_source=tail_source,
+            adversary=verdict,
+            label_leakage=leakage,
+        )
         say("writing plan, CSV and report")
         _write(tmp, plan, result, verdict)
         publish(tmp, opts.out, opts.force)
@@ -227,9 +253,17 @@ def rich_progress() -> Iterator[ProgressFn]:
     )
 
     console = Console(stderr=True)
-    bar = Progress(TextColumn("[bold]{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                   TimeRemainingColumn(), console=console, transient=False)
+    bar = Progress(
+        TextColumn("[bold]{task.description:<22}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[unit]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
     task = bar.add_task("oracle", total=None, unit="channel images")
     started = False
 
@@ -239,8 +273,13 @@ def rich_progress() -> Iterator[ProgressFn]:
             bar.start()
             started = True
         attacking = current.startswith(("whitebox", "decoder"))
-        bar.update(task, completed=done, total=total, description=current or "oracle",
-                   unit="steps" if attacking else "channel images")
+        bar.update(
+            task,
+            completed=done,
+            total=total,
+            description=current or "oracle",
+            unit="steps" if attacking else "channel images",
+        )
 
     try:
         yield update

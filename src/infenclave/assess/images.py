@@ -30,8 +30,9 @@ class DecodedImage:
     rgb: np.ndarray  # (H, W, 3) uint8
 
     def fitted(self, pre: Preprocess) -> AssessImage:
-        return AssessImage(name=self.name, source=self.source, sha256=self.sha256,
-                           pixels=resize_and_crop(self.rgb, pre))
+        return AssessImage(
+            name=self.name, source=self.source, sha256=self.sha256, pixels=resize_and_crop(self.rgb, pre)
+        )
 
 
 def builtin_sources() -> list[tuple[str, str, Path]]:
@@ -47,8 +48,7 @@ def expand(paths: list[Path]) -> list[tuple[str, str, Path]]:
         if p.is_dir():
             files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
-                raise ImageError(f"{p}: no image files in this folder "
-                                 f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+                raise ImageError(f"{p}: no image files in this folder (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
             found.extend((f.stem, str(f), f) for f in files)
         elif p.exists():
             found.append((p.stem, str(p), p))
@@ -65,8 +65,10 @@ def load_images(paths: list[Path] | None) -> list[DecodedImage]:
     if not sources:
         raise ImageError("no images given")
     if len(sources) > MAX_IMAGES:
-        raise ImageError(f"{len(sources)} images given; the limit is {MAX_IMAGES} "
-                         "(a few varied photos decide as well as many similar ones)")
+        raise ImageError(
+            f"{len(sources)} images given; the limit is {MAX_IMAGES} "
+            "(a few varied photos decide as well as many similar ones)"
+        )
     images: list[DecodedImage] = []
     seen: dict[str, int] = {}
     for name, source, path in sources:

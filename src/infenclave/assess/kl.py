@@ -204,10 +204,14 @@ def make_oracle(model: LoadedModel, oracle: LoadedModel | None) -> Oracle:
     if oracle is None and model.num_classes < FEW_CLASSES:
         oracle = _imagenet_oracle(model)
         if oracle is None:
-            return Oracle(model=model, onnx_bytes=analyse(model).onnx_bytes(), same_as_model=True,
-                          note=f"{model.name} has {model.num_classes} classes and no ImageNet zoo "
-                               "model takes its input size: the model judges itself, and the KL "
-                               "method is weak here (delta <= log K)")
+            return Oracle(
+                model=model,
+                onnx_bytes=analyse(model).onnx_bytes(),
+                same_as_model=True,
+                note=f"{model.name} has {model.num_classes} classes and no ImageNet zoo "
+                "model takes its input size: the model judges itself, and the KL "
+                "method is weak here (delta <= log K)",
+            )
     if oracle is None:
         return Oracle(model=model, onnx_bytes=analyse(model).onnx_bytes(), same_as_model=True)
     try:
@@ -217,21 +221,27 @@ def make_oracle(model: LoadedModel, oracle: LoadedModel | None) -> Oracle:
     if want_hw != got_hw:
         raise AssessmentError(
             f"oracle {oracle.name} takes {got_hw[0]}x{got_hw[1]} inputs but {model.name} takes "
-            f"{want_hw[0]}x{want_hw[1]}: the oracle must have the same input size")
+            f"{want_hw[0]}x{want_hw[1]}: the oracle must have the same input size"
+        )
     own = oracle.num_classes != model.num_classes
     if own and oracle.num_classes < model.num_classes:
         raise AssessmentError(
             f"oracle {oracle.name} has {oracle.num_classes} labels but {model.name} has "
             f"{model.num_classes}: an oracle with other classes must have more (it then judges "
-            "against its own prediction on each photo)")
+            "against its own prediction on each photo)"
+        )
     same = (oracle.name, oracle.weights_sha256) == (model.name, model.weights_sha256)
-    note = (f"{model.name} has {model.num_classes} classes, so KL(p || uniform) is at most "
-            f"{np.log(model.num_classes):.2f} nats and nearly every map would look revealing; "
-            f"the ImageNet model {oracle.name} ({oracle.num_classes} classes) judges each "
-            "projected map against its own prediction on the original photo instead."
-            if own else None)
-    return Oracle(model=oracle, onnx_bytes=analyse(oracle).onnx_bytes(), same_as_model=same,
-                  own_reference=own, note=note)
+    note = (
+        f"{model.name} has {model.num_classes} classes, so KL(p || uniform) is at most "
+        f"{np.log(model.num_classes):.2f} nats and nearly every map would look revealing; "
+        f"the ImageNet model {oracle.name} ({oracle.num_classes} classes) judges each "
+        "projected map against its own prediction on the original photo instead."
+        if own
+        else None
+    )
+    return Oracle(
+        model=oracle, onnx_bytes=analyse(oracle).onnx_bytes(), same_as_model=same, own_reference=own, note=note
+    )
 
 
 def _imagenet_oracle(model: LoadedModel) -> LoadedModel | None:

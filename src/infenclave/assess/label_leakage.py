@@ -46,8 +46,7 @@ def lower_bound(k: int, n: int, alpha: float = ALPHA) -> float:
     return float(beta.ppf(alpha, k, n - k + 1))
 
 
-def _views(photos: Mapping[str, np.ndarray], per_photo: int, hw: tuple[int, int], seed: int,
-           pre: Any) -> np.ndarray:
+def _views(photos: Mapping[str, np.ndarray], per_photo: int, hw: tuple[int, int], seed: int, pre: Any) -> np.ndarray:
     """Each photo at the model's crop, then per_photo - 1 augmented views: (N, H, W, 3) uint8."""
     from infenclave.assess.attacks.training_data import TrainingPhoto, augment
 
@@ -72,15 +71,28 @@ def _head(net: Network, start: str) -> Any:
 
 def _row(tail: str, attacker: str, hits: int, n: int, chance: float) -> dict[str, Any]:
     ub = upper_bound(hits, n)
-    return {"tail_start": tail, "attacker": attacker, "inputs": n, "named": hits,
-            "rate": round(hits / n, 4), "lower_bound": round(lower_bound(hits, n), 4),
-            "upper_bound": round(ub, 4), "chance": round(chance, 4),
-            "near_chance": ub <= chance + NEAR_CHANCE}
+    return {
+        "tail_start": tail,
+        "attacker": attacker,
+        "inputs": n,
+        "named": hits,
+        "rate": round(hits / n, 4),
+        "lower_bound": round(lower_bound(hits, n), 4),
+        "upper_bound": round(ub, 4),
+        "chance": round(chance, 4),
+        "near_chance": ub <= chance + NEAR_CHANCE,
+    }
 
 
-def measure(net: Network, eval_photos: Mapping[str, np.ndarray],
-            training_photos: Mapping[str, np.ndarray] | None, *, tail_starts: Sequence[str] | None = None,
-            public_head: bool = True, seed: int = 0) -> dict[str, Any]:
+def measure(
+    net: Network,
+    eval_photos: Mapping[str, np.ndarray],
+    training_photos: Mapping[str, np.ndarray] | None,
+    *,
+    tail_starts: Sequence[str] | None = None,
+    public_head: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Label leakage per candidate Tail start (see the module docstring) -> the plan's section."""
     model = net.model
     pre = model.preprocess
@@ -113,23 +125,37 @@ def measure(net: Network, eval_photos: Mapping[str, np.ndarray],
                 guess = probe.predict(_pool(ir2))
             else:
                 guess = np.full(n, y_train[0])
-            rows.append(_row(start, "linear probe on own queries (chosen-inputs)",
-                             int(np.sum(guess == truth)), n, chance))
-    near = [r["tail_start"] for r in rows
-            if all(q["near_chance"] for q in rows if q["tail_start"] == r["tail_start"])]
+            rows.append(
+                _row(start, "linear probe on own queries (chosen-inputs)", int(np.sum(guess == truth)), n, chance)
+            )
+    near = [r["tail_start"] for r in rows if all(q["near_chance"] for q in rows if q["tail_start"] == r["tail_start"])]
     recommended = near[0] if near else None
     worst = max(rows, key=lambda r: r["rate"]) if rows else None
-    summary = (f"At {recommended} the host names the label within {NEAR_CHANCE:.0%} of chance."
-               if recommended else
-               "No candidate Tail start keeps the label near chance: "
-               + (f"the host names the enclave's top-1 for {worst['rate']:.0%} of {n} inputs "
-                  f"({worst['attacker']}, at {worst['tail_start']}). "
-                  if worst else "")
-               + ("With public weights the Tail protects nothing: the host computes the label "
-                  "from IR2 itself." if public_head else ""))
-    return {"inputs": n, "views_per_photo": LEAKAGE_VIEWS, "chance": round(chance, 4),
-            "near_chance_margin": NEAR_CHANCE, "rows": rows,
-            "recommended_tail_start": recommended, "summary": summary}
+    summary = (
+        f"At {recommended} the host names the label within {NEAR_CHANCE:.0%} of chance."
+        if recommended
+        else "No candidate Tail start keeps the label near chance: "
+        + (
+            f"the host names the enclave's top-1 for {worst['rate']:.0%} of {n} inputs "
+            f"({worst['attacker']}, at {worst['tail_start']}). "
+            if worst
+            else ""
+        )
+        + (
+            "With public weights the Tail protects nothing: the host computes the label from IR2 itself."
+            if public_head
+            else ""
+        )
+    )
+    return {
+        "inputs": n,
+        "views_per_photo": LEAKAGE_VIEWS,
+        "chance": round(chance, 4),
+        "near_chance_margin": NEAR_CHANCE,
+        "rows": rows,
+        "recommended_tail_start": recommended,
+        "summary": summary,
+    }
 
 
 def _pool(ir: np.ndarray) -> np.ndarray:
@@ -153,8 +179,7 @@ def _multi(net: Network, starts: Sequence[str]) -> Any:
     pre = net.model.preprocess
 
     def run(x: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        chunks = [sess.run(None, {net.input_name: normalise(x[i:i + 16], pre)})
-                  for i in range(0, len(x), 16)]
+        chunks = [sess.run(None, {net.input_name: normalise(x[i : i + 16], pre)}) for i in range(0, len(x), 16)]
         irs = {s: np.concatenate([c[k] for c in chunks]) for k, s in enumerate(starts)}
         return irs, np.concatenate([c[-1] for c in chunks])
 

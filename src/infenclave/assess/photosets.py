@@ -45,24 +45,52 @@ _PLASMA = Path("/usr/share/wallpapers")
 
 # (package, path). Order is the assignment order: the first ones complete the evaluation set.
 BACKGROUND_PHOTOS: tuple[tuple[str, Path], ...] = (
-    *(("mate-backgrounds", _MATE / f) for f in (
-        "Aqua.jpg", "Blinds.jpg", "Dune.jpg", "FreshFlower.jpg", "Garden.jpg", "GreenMeadow.jpg",
-        "LadyBird.jpg", "RainDrops.jpg", "Storm.jpg", "TwoWings.jpg", "Wood.jpg",
-        "YellowFlower.jpg")),
-    *(("lomiri-wallpapers-16.04", _BG / f) for f in (
-        "Bridge_by_Sander_Klootwijk.jpg", "Dragonfly_by_Bolly.jpg", "Picture_0B_by_freespace.jpg",
-        "Picture_1A_by_freespace.jpg", "Wine_by_Jakkub_Mede.jpg", "aitzgorri_by_Aitzol_Berasategi.jpg",
-        "free_by_Peter_Nerlich.jpg", "friends_by_Aitzol_Berasategi.jpg",
-        "greentock_by_Peter_Nerlich.jpg", "life_by_Aitzol_Berasategi.jpg",
-        "picosdeeuropa_by_Aitzol_Berasategi.jpg", "seeding_by_Clements_Engelhardt.jpg",
-        "sunset_by_Aitzol_Berasategi.jpg")),
+    *(
+        ("mate-backgrounds", _MATE / f)
+        for f in (
+            "Aqua.jpg",
+            "Blinds.jpg",
+            "Dune.jpg",
+            "FreshFlower.jpg",
+            "Garden.jpg",
+            "GreenMeadow.jpg",
+            "LadyBird.jpg",
+            "RainDrops.jpg",
+            "Storm.jpg",
+            "TwoWings.jpg",
+            "Wood.jpg",
+            "YellowFlower.jpg",
+        )
+    ),
+    *(
+        ("lomiri-wallpapers-16.04", _BG / f)
+        for f in (
+            "Bridge_by_Sander_Klootwijk.jpg",
+            "Dragonfly_by_Bolly.jpg",
+            "Picture_0B_by_freespace.jpg",
+            "Picture_1A_by_freespace.jpg",
+            "Wine_by_Jakkub_Mede.jpg",
+            "aitzgorri_by_Aitzol_Berasategi.jpg",
+            "free_by_Peter_Nerlich.jpg",
+            "friends_by_Aitzol_Berasategi.jpg",
+            "greentock_by_Peter_Nerlich.jpg",
+            "life_by_Aitzol_Berasategi.jpg",
+            "picosdeeuropa_by_Aitzol_Berasategi.jpg",
+            "seeding_by_Clements_Engelhardt.jpg",
+            "sunset_by_Aitzol_Berasategi.jpg",
+        )
+    ),
     ("lomiri-wallpapers-20.04", _BG / "Kleiber_by_Lukas_Baubkus.jpg"),
-    *(("plasma-workspace-wallpapers", _PLASMA / d / "contents/images/1920x1080.jpg") for d in (
-        "BytheWater", "ColdRipple", "DarkestHour", "EveningGlow", "FallenLeaf", "Grey")),
+    *(
+        ("plasma-workspace-wallpapers", _PLASMA / d / "contents/images/1920x1080.jpg")
+        for d in ("BytheWater", "ColdRipple", "DarkestHour", "EveningGlow", "FallenLeaf", "Grey")
+    ),
     # the rest: confirmation (after the evaluation set is complete)
     ("plasma-workspace-wallpapers", _PLASMA / "ColorfulCups/contents/images/2560x1600.jpg"),
-    *(("plasma-workspace-wallpapers", _PLASMA / d / "contents/images/1920x1080.jpg") for d in (
-        "Kite", "OneStandsOut", "Path", "summer_1am")),
+    *(
+        ("plasma-workspace-wallpapers", _PLASMA / d / "contents/images/1920x1080.jpg")
+        for d in ("Kite", "OneStandsOut", "Path", "summer_1am")
+    ),
 )
 
 
@@ -99,11 +127,16 @@ class PhotoSet:
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready record for the plan: counts, sources, names, hashes, exclusions."""
-        return {"role": self.role, "photos": len(self.photos), "target": self.target,
-                "by_source": self.by_source(), "names": [p.name for p in self.photos],
-                "sha256": [p.sha256 for p in self.photos],
-                "excluded": [{"name": n, "reason": r} for n, r in self.excluded],
-                "missing_packages": sorted(set(self.missing))}
+        return {
+            "role": self.role,
+            "photos": len(self.photos),
+            "target": self.target,
+            "by_source": self.by_source(),
+            "names": [p.name for p in self.photos],
+            "sha256": [p.sha256 for p in self.photos],
+            "excluded": [{"name": n, "reason": r} for n, r in self.excluded],
+            "missing_packages": sorted(set(self.missing)),
+        }
 
 
 def _load(path: Path) -> np.ndarray:
@@ -176,7 +209,7 @@ def check_disjoint(sets: dict[str, PhotoSet]) -> None:
     """Raise when any two sets share a photo by pixel hash (a bug or a caller's mistake)."""
     roles = list(sets)
     for i, a in enumerate(roles):
-        for b in roles[i + 1:]:
+        for b in roles[i + 1 :]:
             shared = {p.sha256 for p in sets[a].photos} & {p.sha256 for p in sets[b].photos}
             if shared:
                 raise AssessmentError(f"the {a} and {b} photo sets share {len(shared)} photo(s)")

@@ -105,11 +105,11 @@ def kl_profile_figure(plan: dict[str, Any]) -> Figure:
     x = [c["index"] for c in cuts]
     names = [im["name"] for im in plan["images"]]
     colours = _colours(len(names))
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 8), dpi=90, sharex=True,
-                                   gridspec_kw={"height_ratios": [3, 2]})
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 8), dpi=90, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
     deltas = [im["delta"] for im in plan["images"]]
-    ax1.axhspan(min(deltas), max(deltas), color="#f2cc60", alpha=0.35, lw=0,
-                label="delta band: KL(p || uniform) of the images")
+    ax1.axhspan(
+        min(deltas), max(deltas), color="#f2cc60", alpha=0.35, lw=0, label="delta band: KL(p || uniform) of the images"
+    )
     for k, name in enumerate(names):
         mins, meds, complete = [], [], []
         for c in cuts:
@@ -133,20 +133,25 @@ def kl_profile_figure(plan: dict[str, Any]) -> Figure:
         ax.set_yscale("log")
         ax.grid(True, which="major", axis="y", alpha=0.3)
     ax1.set_ylabel("KL(p || q_c), nats")
-    ax1.set_title("Exposure per cut point: solid = min over channels (open dot: upper bound, "
-                  "channels skipped), dashed = median", fontsize=10)
+    ax1.set_title(
+        "Exposure per cut point: solid = min over channels (open dot: upper bound, channels skipped), dashed = median",
+        fontsize=10,
+    )
     ax2.set_ylabel("min KL / delta")
     ax2.set_xticks(x)
     ax2.set_xticklabels([c["name"] for c in cuts], rotation=60, ha="right", fontsize=8)
     ax1.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    caption = ("Top: for each image, the smallest KL(p || q_c) over the feature maps of each cut "
-               "point (solid) and the median (dashed), against that image's delta (dotted line; "
-               "the band spans all images' deltas). Bottom: the same minimum divided by delta; a "
-               "cut point is safe for an image when its point lies above the red line. Green: the "
-               "recommended FrontNet end; purple dotted: the Tail start; grey columns: not scanned "
-               "or not assessable.")
-    return Figure("kl-profile", "KL profile per cut point", caption, _png(fig),
-                  alt="KL per cut point against the delta band")
+    caption = (
+        "Top: for each image, the smallest KL(p || q_c) over the feature maps of each cut "
+        "point (solid) and the median (dashed), against that image's delta (dotted line; "
+        "the band spans all images' deltas). Bottom: the same minimum divided by delta; a "
+        "cut point is safe for an image when its point lies above the red line. Green: the "
+        "recommended FrontNet end; purple dotted: the Tail start; grey columns: not scanned "
+        "or not assessable."
+    )
+    return Figure(
+        "kl-profile", "KL profile per cut point", caption, _png(fig), alt="KL per cut point against the delta band"
+    )
 
 
 def mosaic_cuts(plan: dict[str, Any]) -> list[str]:
@@ -186,8 +191,9 @@ def mosaic_figure(result: ScanResult, plan: dict[str, Any], cut_name: str, image
     order += [c for c in range(unit.shape[0]) if c not in set(order)]
     shown = order[:MOSAIC_TILES]
     tiles = resize_bilinear(unit[shown], (TILE, TILE))  # (n, T, T) as the oracle sees them
-    thumb = np.asarray(Image.fromarray(photo.pixels).resize((TILE, TILE), Image.Resampling.BILINEAR),
-                       np.float32) / 255.0
+    thumb = (
+        np.asarray(Image.fromarray(photo.pixels).resize((TILE, TILE), Image.Resampling.BILINEAR), np.float32) / 255.0
+    )
     cols, cell_w, cell_h = MOSAIC_COLS, TILE + GAP, TILE + LABEL + GAP
     rows = (len(shown) + 1 + cols - 1) // cols
     canvas = np.ones((rows * cell_h, cols * cell_w, 3), np.float32)  # white
@@ -196,14 +202,14 @@ def mosaic_figure(result: ScanResult, plan: dict[str, Any], cut_name: str, image
         y0 = (k // cols) * cell_h + LABEL
         x0 = (k % cols) * cell_w + GAP // 2
         if k == 0:
-            canvas[y0:y0 + TILE, x0:x0 + TILE] = thumb
+            canvas[y0 : y0 + TILE, x0 : x0 + TILE] = thumb
             labels.append((x0, y0, "the photo"))
             continue
         ch = shown[k - 1]
         kl = res.kl[ch]
         if not np.isnan(kl) and kl <= res.delta:  # red frame: this map alone reveals
-            canvas[y0 - 3:y0 + TILE + 3, x0 - 3:x0 + TILE + 3] = (0.81, 0.13, 0.18)
-        canvas[y0:y0 + TILE, x0:x0 + TILE] = tiles[k - 1][..., None]
+            canvas[y0 - 3 : y0 + TILE + 3, x0 - 3 : x0 + TILE + 3] = (0.81, 0.13, 0.18)
+        canvas[y0 : y0 + TILE, x0 : x0 + TILE] = tiles[k - 1][..., None]
         labels.append((x0, y0, f"c{ch}  " + ("-" if np.isnan(kl) else f"KL {kl:.2f}")))
     height, width = canvas.shape[:2]
     head = 46  # pixels for the header text
@@ -214,18 +220,31 @@ def mosaic_figure(result: ScanResult, plan: dict[str, Any], cut_name: str, image
     ax.set_axis_off()
     for x0, y0, text in labels:
         ax.text(x0, y0 - 4, text, fontsize=7.5, va="bottom", ha="left")
-    fig.text(0.005, 1 - 4 / (height + head),
-             f"{photo.name} at {cut_name} {tuple(cut['shape'])}: {cut['status']}, "
-             f"delta {res.delta:.2f}; {res.evaluated}/{res.kl.size} channels computed\n"
-             f"{len(shown)} maps shown, lowest KL first; red frame: KL <= delta "
-             "(this map alone reveals the prediction)", fontsize=9, va="top", ha="left")
-    caption = (f"{photo.name}, cut point {cut_name}: each tile is one feature map, min-max "
-               "normalised and resized as the oracle sees it, with its channel index and "
-               "KL(p || q_c). Low KL means the oracle, shown this map alone, predicts nearly what "
-               "the model predicts for the photo.")
-    return Figure(f"mosaic-{cut_name}-{photo.name}", f"{cut_name} - {photo.name}", caption,
-                  _png(fig, tight=False), section="mosaics",
-                  alt=f"feature maps of {photo.name} at {cut_name}")
+    fig.text(
+        0.005,
+        1 - 4 / (height + head),
+        f"{photo.name} at {cut_name} {tuple(cut['shape'])}: {cut['status']}, "
+        f"delta {res.delta:.2f}; {res.evaluated}/{res.kl.size} channels computed\n"
+        f"{len(shown)} maps shown, lowest KL first; red frame: KL <= delta "
+        "(this map alone reveals the prediction)",
+        fontsize=9,
+        va="top",
+        ha="left",
+    )
+    caption = (
+        f"{photo.name}, cut point {cut_name}: each tile is one feature map, min-max "
+        "normalised and resized as the oracle sees it, with its channel index and "
+        "KL(p || q_c). Low KL means the oracle, shown this map alone, predicts nearly what "
+        "the model predicts for the photo."
+    )
+    return Figure(
+        f"mosaic-{cut_name}-{photo.name}",
+        f"{cut_name} - {photo.name}",
+        caption,
+        _png(fig, tight=False),
+        section="mosaics",
+        alt=f"feature maps of {photo.name} at {cut_name}",
+    )
 
 
 def cost_figure(plan: dict[str, Any]) -> Figure:
@@ -236,8 +255,10 @@ def cost_figure(plan: dict[str, Any]) -> Figure:
     series = [
         ("FrontNet weights (MB)", [c["frontnet_cost"]["param_bytes"] / 1e6 for c in cuts]),
         ("FrontNet compute (GFLOPs per image)", [c["frontnet_cost"]["flops"] / 1e9 for c in cuts]),
-        ("FrontNet enclave memory (MB): weights + peak activations",
-         [c["frontnet_cost"]["memory_bytes"] / 1e6 for c in cuts]),
+        (
+            "FrontNet enclave memory (MB): weights + peak activations",
+            [c["frontnet_cost"]["memory_bytes"] / 1e6 for c in cuts],
+        ),
         ("IR1 size per image (KB): what the host receives", [c["ir_bytes"] / 1e3 for c in cuts]),
     ]
     fig, axes = plt.subplots(2, 2, figsize=(11, 6.5), dpi=90, sharex=True)
@@ -250,10 +271,13 @@ def cost_figure(plan: dict[str, Any]) -> Figure:
         ax.set_xticks(x)
         ax.set_xticklabels([c["name"] for c in cuts], rotation=60, ha="right", fontsize=7)
     fig.tight_layout()
-    caption = ("Cost of a FrontNet that ends at each cut point (batch 1, float32). The green line "
-               "marks the recommended FrontNet end, purple dotted the Tail start.")
-    return Figure("cost", "FrontNet cost per cut point", caption, _png(fig), section="cost",
-                  alt="FrontNet cost per cut point")
+    caption = (
+        "Cost of a FrontNet that ends at each cut point (batch 1, float32). The green line "
+        "marks the recommended FrontNet end, purple dotted the Tail start."
+    )
+    return Figure(
+        "cost", "FrontNet cost per cut point", caption, _png(fig), section="cost", alt="FrontNet cost per cut point"
+    )
 
 
 def build_figures(plan: dict[str, Any], result: ScanResult | None) -> list[Figure]:
@@ -295,20 +319,24 @@ def render_report(inputs: ReportInputs) -> str:
         loader=jinja2.PackageLoader("infenclave.assess", "templates"),
         autoescape=jinja2.select_autoescape(["html", "j2"]),
         undefined=jinja2.StrictUndefined,  # a missing value is a bug, not a blank cell
-        trim_blocks=True, lstrip_blocks=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
     )
     env.filters.update(bytes=_human_bytes, flops=_human_flops, kl=_kl)
     plan = inputs.plan
     figures = build_figures(plan, inputs.result) + inputs.extra_figures
     # per-cut metrics that are whole attack records go into the attack table, not a cell
-    metric_keys = sorted({k for c in plan["cuts"] for k, v in c["metrics"].items()
-                          if not isinstance(v, (dict, list))})
+    metric_keys = sorted({k for c in plan["cuts"] for k, v in c["metrics"].items() if not isinstance(v, (dict, list))})
     verdict_keys = sorted({k for c in plan["cuts"] for k in c["verdicts"]})
     results = plan.get("adversary", {}).get("results") or {}
     attack_rows = sorted(results.get("cuts", []), key=lambda r: (r["cut_index"], r["attack"]))
     return env.get_template("report.html.j2").render(
-        plan=plan, figures=figures, metric_keys=metric_keys, verdict_keys=verdict_keys,
-        cut_index={c["name"]: c for c in plan["cuts"]}, attack_rows=attack_rows,
+        plan=plan,
+        figures=figures,
+        metric_keys=metric_keys,
+        verdict_keys=verdict_keys,
+        cut_index={c["name"]: c for c in plan["cuts"]},
+        attack_rows=attack_rows,
         budget_label=_budget_label(results.get("budgets")),
     )
 
@@ -317,7 +345,9 @@ def _budget_label(b: dict[str, Any] | None) -> str:
     """The attack budgets in words, from the plan (the report renders from the plan alone)."""
     if not b:
         return "-"
-    return (f"white-box: up to {b['whitebox_steps']} Adam steps per restart (stops earlier on a "
-            f"loss plateau) x {b.get('whitebox_restarts', 1)} restart(s) "
-            f"({', '.join(b.get('whitebox_formulations', ['relative-mse']))}); "
-            f"decoder: {b['decoder_epochs']} epochs")
+    return (
+        f"white-box: up to {b['whitebox_steps']} Adam steps per restart (stops earlier on a "
+        f"loss plateau) x {b.get('whitebox_restarts', 1)} restart(s) "
+        f"({', '.join(b.get('whitebox_formulations', ['relative-mse']))}); "
+        f"decoder: {b['decoder_epochs']} epochs"
+    )

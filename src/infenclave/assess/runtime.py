@@ -108,8 +108,9 @@ class Tuner:
     settings). Report every finished batch with `done`.
     """
 
-    def __init__(self, candidates: list[RuntimeConfig], *, fixed: bool = False,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self, candidates: list[RuntimeConfig], *, fixed: bool = False, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
         if not candidates:
             raise ValueError("no runtime candidates")
         self._candidates = candidates
@@ -175,8 +176,9 @@ class PlainRate:
     images_per_cpu_s: float
 
 
-def plain_throughput(model_bytes: bytes, x: np.ndarray, configs: list[RuntimeConfig], *,
-                     seconds: float = 3.0) -> dict[RuntimeConfig, PlainRate]:
+def plain_throughput(
+    model_bytes: bytes, x: np.ndarray, configs: list[RuntimeConfig], *, seconds: float = 3.0
+) -> dict[RuntimeConfig, PlainRate]:
     """Throughput of the bare model under each setting, on the batch source `x` (N >= batch).
 
     The ceiling an assessment can reach on this machine: no projection, no bookkeeping.

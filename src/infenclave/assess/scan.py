@@ -129,11 +129,15 @@ class ScanStats:
 
     def to_dict(self) -> dict[str, object]:
         return {
-            "channel_images": self.channel_images, "oracle_forwards": self.forwarded,
-            "deduplicated": self.deduplicated, "skipped": self.skipped,
-            "ir_seconds": round(self.ir_seconds, 3), "oracle_seconds": round(self.oracle_seconds, 3),
+            "channel_images": self.channel_images,
+            "oracle_forwards": self.forwarded,
+            "deduplicated": self.deduplicated,
+            "skipped": self.skipped,
+            "ir_seconds": round(self.ir_seconds, 3),
+            "oracle_seconds": round(self.oracle_seconds, 3),
             "oracle_cpu_seconds": round(self.oracle_cpu_seconds, 3),
-            "oracle_images_per_s": round(self.oracle_images_per_s, 1), "runtime": self.runtime,
+            "oracle_images_per_s": round(self.oracle_images_per_s, 1),
+            "runtime": self.runtime,
         }
 
 
@@ -187,9 +191,17 @@ class _Blocked:
 _BLOCKED = _Blocked()
 
 
-def scan(net: Network, oracle: Oracle, images: list[AssessImage], *, mode: Mode = "early-stop",
-         seed: int = 0, runtime: RuntimeConfig | None = None, only: list[str] | None = None,
-         progress: ProgressFn | None = None) -> ScanResult:
+def scan(
+    net: Network,
+    oracle: Oracle,
+    images: list[AssessImage],
+    *,
+    mode: Mode = "early-stop",
+    seed: int = 0,
+    runtime: RuntimeConfig | None = None,
+    only: list[str] | None = None,
+    progress: ProgressFn | None = None,
+) -> ScanResult:
     """Run the KL-oracle method over `net`'s cut points for `images` (see module docstring).
 
     `only` restricts the scan to the named cut points (the others stay `not-scanned`);
@@ -202,8 +214,9 @@ def scan(net: Network, oracle: Oracle, images: list[AssessImage], *, mode: Mode 
     if not images:
         raise AssessmentError("no images to assess")
     if not any(c.is_feature_map for c in net.cuts):
-        raise AssessmentError(f"{net.model.name}: no cut point has a (C, H, W) feature map; "
-                              "the KL-oracle method cannot assess this model")
+        raise AssessmentError(
+            f"{net.model.name}: no cut point has a (C, H, W) feature map; the KL-oracle method cannot assess this model"
+        )
     result = _forward_irs(net, images, mode, seed)
     if oracle.own_reference:
         _rebase_on_oracle(result, oracle)
@@ -217,8 +230,9 @@ def _rebase_on_oracle(result: ScanResult, oracle: Oracle) -> None:
 
     part = OnnxPart(oracle.onnx_bytes, threads=cpu_count())
     x = normalise(np.stack([im.pixels for im in result.images]), oracle.preprocess)
-    result.log_p = log_probs(np.concatenate([part(x[i:i + IR_CHUNK]) for i in range(0, len(x), IR_CHUNK)]),
-                             oracle.output)  # (N, K_oracle)
+    result.log_p = log_probs(
+        np.concatenate([part(x[i : i + IR_CHUNK]) for i in range(0, len(x), IR_CHUNK)]), oracle.output
+    )  # (N, K_oracle)
     result.delta = kl_to_uniform(result.log_p)
     for cr in result.cuts:
         for res, d in zip(cr.images or [], result.delta):
@@ -244,7 +258,7 @@ def _forward_irs(net: Network, images: list[AssessImage], mode: Mode, seed: int)
     pre = net.model.preprocess
     chunks: list[list[np.ndarray]] = []
     for i in range(0, len(images), IR_CHUNK):
-        x = normalise(np.stack([im.pixels for im in images[i:i + IR_CHUNK]]), pre)  # (n, 3, H, W)
+        x = normalise(np.stack([im.pixels for im in images[i : i + IR_CHUNK]]), pre)  # (n, 3, H, W)
         chunks.append(sess.run(names, {net.input_name: x}))
     outs = [np.concatenate([ch[j] for ch in chunks]) for j in range(len(names))]
     log_p = log_probs(outs[0], net.model.output)  # (N, K)
@@ -283,8 +297,14 @@ def _single_thread_blas() -> Any:
 class _Scanner:
     """The batched oracle loop over a prepared `ScanResult` (fills its KL arrays in place)."""
 
-    def __init__(self, result: ScanResult, oracle: Oracle, runtime: RuntimeConfig | None,
-                 progress: ProgressFn | None, only: set[str] | None) -> None:
+    def __init__(
+        self,
+        result: ScanResult,
+        oracle: Oracle,
+        runtime: RuntimeConfig | None,
+        progress: ProgressFn | None,
+        only: set[str] | None,
+    ) -> None:
         self.r = result
         self.only = only
         self.oracle = oracle
@@ -296,8 +316,7 @@ class _Scanner:
         self.exhausted = False
         self.cache: OrderedDict[bytes, np.ndarray] = OrderedDict()  # key -> (K,) log q
         self.followers: dict[bytes, list[_Item]] = {}  # key of an in-flight leader -> duplicates
-        self.total_units = sum(len(result.images) * c.cut.shape[0]
-                               for c in result.cuts if self._in_scope(c))
+        self.total_units = sum(len(result.images) * c.cut.shape[0] for c in result.cuts if self._in_scope(c))
         self.stopped_at: int | None = None  # early stop: positions after this are not scanned
 
     # --- the main loop ---------------------------------------------------------------------

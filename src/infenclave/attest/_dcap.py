@@ -81,20 +81,14 @@ class DcapVerdict:
     collateral_checked: bool
 
 
-def verify_with_collateral(
-    quote: UnverifiedQuote, raw: bytes, collateral: bytes, now: datetime
-) -> DcapVerdict:
+def verify_with_collateral(quote: UnverifiedQuote, raw: bytes, collateral: bytes, now: datetime) -> DcapVerdict:
     """Verify fully with dcap-qvl against the pinned Intel root; return TCB status, advisories."""
     try:
         parsed_collateral = dcap_qvl.QuoteCollateralV3.from_json(collateral.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
-        raise VerificationError(
-            f"step 2 (DCAP collateral): not a valid dcap-qvl collateral document: {exc}"
-        ) from exc
+        raise VerificationError(f"step 2 (DCAP collateral): not a valid dcap-qvl collateral document: {exc}") from exc
     try:
-        report = dcap_qvl.verify_with_root_ca(
-            raw, parsed_collateral, intel_sgx_root_ca_der(), int(now.timestamp())
-        )
+        report = dcap_qvl.verify_with_root_ca(raw, parsed_collateral, intel_sgx_root_ca_der(), int(now.timestamp()))
     except ValueError as exc:
         raise VerificationError(f"step 2 (DCAP quote verification): {_explain(str(exc))}") from exc
     _cross_check(quote, report.to_json())
@@ -127,9 +121,7 @@ def verify_without_collateral(quote: UnverifiedQuote, now: datetime) -> DcapVerd
         try:
             certificate.verify_directly_issued_by(issuer)
         except (ValueError, TypeError, InvalidSignature) as exc:
-            raise VerificationError(
-                f"{step}: {name} certificate is not signed by its issuer"
-            ) from exc
+            raise VerificationError(f"{step}: {name} certificate is not signed by its issuer") from exc
     _require_ca(intermediate, f"{step}: PCK CA")
     for certificate, name in ((leaf, "PCK"), (intermediate, "PCK CA"), (pinned_root, "Intel root")):
         try:
@@ -141,9 +133,7 @@ def verify_without_collateral(quote: UnverifiedQuote, now: datetime) -> DcapVerd
     pck_key = leaf.public_key()
     if not isinstance(pck_key, ec.EllipticCurvePublicKey) or pck_key.curve.name != "secp256r1":
         raise VerificationError(f"{step}: the PCK key is not ECDSA P-256")
-    _verify_p256(
-        pck_key, quote.qe_report_signature, quote.qe_report, f"{step}: QE report signature"
-    )
+    _verify_p256(pck_key, quote.qe_report_signature, quote.qe_report, f"{step}: QE report signature")
 
     # O4. The QE is Intel's quoting enclave for this TEE type, and not a debug enclave.
     mrsigner, prod_id = _INTEL_QES[quote.tee]
@@ -152,15 +142,12 @@ def verify_without_collateral(quote: UnverifiedQuote, now: datetime) -> DcapVerd
     qe_prod_id = struct.unpack_from("<H", qe, _R_ISV_PROD_ID)[0]
     if not hmac.compare_digest(qe_mrsigner, mrsigner) or qe_prod_id != prod_id:
         raise VerificationError(
-            f"{step}: the quoting enclave is not Intel's (MRSIGNER {qe_mrsigner.hex()}, "
-            f"ISVPRODID {qe_prod_id})"
+            f"{step}: the quoting enclave is not Intel's (MRSIGNER {qe_mrsigner.hex()}, ISVPRODID {qe_prod_id})"
         )
     attributes = qe[_R_ATTRIBUTES : _R_ATTRIBUTES + 16]
     masked = bytes(a & m for a, m in zip(attributes, _QE_ATTRIBUTES_MASK, strict=True))
     if masked != _QE_ATTRIBUTES:
-        raise VerificationError(
-            f"{step}: QE attributes {attributes.hex()} are not the expected ones"
-        )
+        raise VerificationError(f"{step}: QE attributes {attributes.hex()} are not the expected ones")
 
     # O5. The QE report binds the attestation key.
     expected = hashlib.sha256(quote.attestation_key + quote.qe_auth_data).digest() + bytes(32)
@@ -169,9 +156,7 @@ def verify_without_collateral(quote: UnverifiedQuote, now: datetime) -> DcapVerd
 
     # O6. The quote is signed by the attestation key.
     try:
-        attestation_key = ec.EllipticCurvePublicKey.from_encoded_point(
-            ec.SECP256R1(), b"\x04" + quote.attestation_key
-        )
+        attestation_key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + quote.attestation_key)
     except ValueError as exc:
         raise VerificationError(f"{step}: the attestation key is not a P-256 point") from exc
     _verify_p256(attestation_key, quote.isv_signature, quote.signed, f"{step}: quote signature")
@@ -222,9 +207,7 @@ def quote_claims(quote: UnverifiedQuote, verdict: DcapVerdict) -> Claims:
 
 def _verify_p256(key: ec.EllipticCurvePublicKey, signature: bytes, data: bytes, what: str) -> None:
     """Verify a raw r||s ECDSA P-256 SHA-256 signature."""
-    der = encode_dss_signature(
-        int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:64], "big")
-    )
+    der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:64], "big"))
     try:
         key.verify(der, data, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature as exc:
@@ -259,8 +242,7 @@ def _cross_check(quote: UnverifiedQuote, report_json: str) -> None:
     for key, value in ours.items():
         if str(theirs.get(key, "")).lower() != value:
             raise VerificationError(
-                f"step 2 (DCAP quote verification): dcap-qvl reports {key} differently from the "
-                "quote body; refusing"
+                f"step 2 (DCAP quote verification): dcap-qvl reports {key} differently from the quote body; refusing"
             )
 
 

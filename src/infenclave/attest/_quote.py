@@ -101,9 +101,7 @@ class _Reader:
         if allow_zero_padding and not any(rest):
             return
         if rest:
-            raise VerificationError(
-                f"{self._what}: {len(self._data) - self._offset} unexpected trailing bytes"
-            )
+            raise VerificationError(f"{self._what}: {len(self._data) - self._offset} unexpected trailing bytes")
 
 
 def quote_tee(raw: bytes) -> str | None:
@@ -126,13 +124,10 @@ def parse_quote(raw: bytes) -> UnverifiedQuote:
     tee = quote_tee(header)
     if tee is None:
         raise VerificationError(
-            f"DCAP quote: unsupported version {version} with TEE type {tee_type:#x} "
-            "(supported: SGX v3, TDX v4 and v5)"
+            f"DCAP quote: unsupported version {version} with TEE type {tee_type:#x} (supported: SGX v3, TDX v4 and v5)"
         )
     if key_type != ATT_KEY_ECDSA_P256:
-        raise VerificationError(
-            f"DCAP quote: attestation key type {key_type} is not ECDSA P-256 (2)"
-        )
+        raise VerificationError(f"DCAP quote: attestation key type {key_type} is not ECDSA P-256 (2)")
     if version == 3:
         body = reader.take(SGX_REPORT_BYTES, "SGX report body")
     elif version == 4:
@@ -160,9 +155,7 @@ def parse_quote(raw: bytes) -> UnverifiedQuote:
     else:
         outer_type = sig_reader.u16("certification data type")
         if outer_type != CERT_TYPE_QE_REPORT:
-            raise VerificationError(
-                f"DCAP quote: certification data type {outer_type} is not 6 (QE report)"
-            )
+            raise VerificationError(f"DCAP quote: certification data type {outer_type} is not 6 (QE report)")
         outer_size = sig_reader.u32("certification data size")
         certification = _Reader(
             sig_reader.take(outer_size, "QE report certification data"),

@@ -46,24 +46,16 @@ class UnverifiedSimEvidence:
 def parse_sim_evidence(raw: bytes) -> UnverifiedSimEvidence:
     """Parse raw simulated evidence into body, signature and claims; check structure only."""
     if len(raw) > MAX_SIM_EVIDENCE_BYTES:
-        raise VerificationError(
-            f"simulated evidence is {len(raw)} bytes, over the {MAX_SIM_EVIDENCE_BYTES} limit"
-        )
+        raise VerificationError(f"simulated evidence is {len(raw)} bytes, over the {MAX_SIM_EVIDENCE_BYTES} limit")
     wrapper = loads_object(raw, "simulated evidence", VerificationError)
     if set(wrapper) != WRAPPER_KEYS:
-        raise VerificationError(
-            f"simulated evidence: expected keys {sorted(WRAPPER_KEYS)}, got {sorted(wrapper)}"
-        )
+        raise VerificationError(f"simulated evidence: expected keys {sorted(WRAPPER_KEYS)}, got {sorted(wrapper)}")
     if wrapper["format"] != SIM_EVIDENCE_FORMAT:
-        raise VerificationError(
-            f"simulated evidence: format {wrapper['format']!r} is not {SIM_EVIDENCE_FORMAT!r}"
-        )
+        raise VerificationError(f"simulated evidence: format {wrapper['format']!r} is not {SIM_EVIDENCE_FORMAT!r}")
     body = _b64("body", wrapper["body"])
     signature = _b64("signature", wrapper["signature"])
     if len(signature) != ED25519_SIGNATURE_BYTES:
-        raise VerificationError(
-            f"simulated evidence: signature is {len(signature)} bytes, an Ed25519 one is 64"
-        )
+        raise VerificationError(f"simulated evidence: signature is {len(signature)} bytes, an Ed25519 one is 64")
     claims = loads_object(body, "simulated evidence body", VerificationError)
     # One set of claims has exactly one signed encoding: refuse any other spelling.
     if sim_body_bytes(claims) != body:
@@ -81,7 +73,6 @@ def _b64(key: str, value: Any) -> bytes:
         raise VerificationError(f"simulated evidence: {key} is not valid base64") from exc
 
 
-
 def verify_sim_signature(evidence: UnverifiedSimEvidence) -> None:
     """Verify the body signature under the signer key named in the body."""
     try:
@@ -91,9 +82,7 @@ def verify_sim_signature(evidence: UnverifiedSimEvidence) -> None:
     try:
         key.verify(evidence.signature, evidence.body)
     except InvalidSignature as exc:
-        raise VerificationError(
-            "step 2 (simulated evidence): the Ed25519 signature over the body is invalid"
-        ) from exc
+        raise VerificationError("step 2 (simulated evidence): the Ed25519 signature over the body is invalid") from exc
 
 
 def sim_claims(evidence: UnverifiedSimEvidence) -> Claims:

@@ -143,17 +143,13 @@ def looks_like_snp_report(raw: bytes) -> bool:
 def parse_snp_report(raw: bytes) -> UnverifiedSnpReport:
     """Split an SEV-SNP report into fields, refusing wrong sizes, versions and algorithms."""
     if len(raw) != SNP_REPORT_BYTES:
-        raise VerificationError(
-            f"SEV-SNP report is {len(raw)} bytes, expected {SNP_REPORT_BYTES}"
-        )
+        raise VerificationError(f"SEV-SNP report is {len(raw)} bytes, expected {SNP_REPORT_BYTES}")
     version = struct.unpack_from("<I", raw, _OFF_VERSION)[0]
     if version not in SUPPORTED_VERSIONS:
         raise VerificationError(f"SEV-SNP report version {version} is not supported")
     sig_algo = struct.unpack_from("<I", raw, _OFF_SIG_ALGO)[0]
     if sig_algo != SIG_ALGO_ECDSA_P384_SHA384:
-        raise VerificationError(
-            f"SEV-SNP report signature algorithm {sig_algo} is not ECDSA P-384 SHA-384 (1)"
-        )
+        raise VerificationError(f"SEV-SNP report signature algorithm {sig_algo} is not ECDSA P-384 SHA-384 (1)")
     return UnverifiedSnpReport(
         raw=raw,
         version=version,
@@ -171,14 +167,11 @@ def parse_snp_report(raw: bytes) -> UnverifiedSnpReport:
 def parse_snp_certificates(data: bytes) -> SnpCertificates:
     """Parse the PEM bundle VCEK, ASK, ARK (in that order, leaf first)."""
     if len(data) > _MAX_CERTIFICATES_BYTES:
-        raise VerificationError(
-            f"SEV-SNP certificates: {len(data)} bytes, over the {_MAX_CERTIFICATES_BYTES} limit"
-        )
+        raise VerificationError(f"SEV-SNP certificates: {len(data)} bytes, over the {_MAX_CERTIFICATES_BYTES} limit")
     certificates = load_pem_certificates(data, "SEV-SNP certificates")
     if len(certificates) != 3:
         raise VerificationError(
-            "SEV-SNP certificates: expected VCEK, ASK and ARK, got "
-            f"{len(certificates)} certificates"
+            f"SEV-SNP certificates: expected VCEK, ASK and ARK, got {len(certificates)} certificates"
         )
     vcek, ask, ark = certificates
     return SnpCertificates(vcek=vcek, ask=ask, ark=ark)
@@ -275,8 +268,11 @@ def snp_claims(report: UnverifiedSnpReport) -> Claims:
     tcb = report.reported_tcb
     return Claims(
         tee="sev-snp",
-        measurements={"measurement": report.measurement.hex(), "host_data": report.host_data.hex(),
-                      "vmpl": str(report.vmpl)},
+        measurements={
+            "measurement": report.measurement.hex(),
+            "host_data": report.host_data.hex(),
+            "vmpl": str(report.vmpl),
+        },
         debug=bool(report.policy & POLICY_DEBUG_BIT),
         tcb_status=None,
         advisory_ids=(),
@@ -287,9 +283,7 @@ def snp_claims(report: UnverifiedSnpReport) -> Claims:
             "vmpl": str(report.vmpl),
             "guest_svn": str(report.guest_svn),
             "reported_tcb": tcb.hex(),
-            "reported_tcb_components": (
-                f"bootloader={tcb[0]} tee={tcb[1]} snp={tcb[6]} microcode={tcb[7]}"
-            ),
+            "reported_tcb_components": (f"bootloader={tcb[0]} tee={tcb[1]} snp={tcb[6]} microcode={tcb[7]}"),
             "host_data": report.host_data.hex(),
             "chip_id": report.chip_id.hex(),
         },
@@ -307,9 +301,7 @@ def _verify_pss(certificate: x509.Certificate, issuer: x509.Certificate, what: s
     if not isinstance(issuer_key, rsa.RSAPublicKey):
         raise VerificationError(f"{what}: the issuer key is not RSA")
     try:
-        issuer_key.verify(
-            certificate.signature, certificate.tbs_certificate_bytes, _PSS_SHA384, hashes.SHA384()
-        )
+        issuer_key.verify(certificate.signature, certificate.tbs_certificate_bytes, _PSS_SHA384, hashes.SHA384())
     except InvalidSignature as exc:
         raise VerificationError(f"{what} is invalid") from exc
 
@@ -318,9 +310,7 @@ def _extension_bytes(certificate: x509.Certificate, oid: x509.ObjectIdentifier) 
     try:
         extension = certificate.extensions.get_extension_for_oid(oid)
     except x509.ExtensionNotFound as exc:
-        raise VerificationError(
-            f"{_STEP}: the VCEK lacks extension {oid.dotted_string}"
-        ) from exc
+        raise VerificationError(f"{_STEP}: the VCEK lacks extension {oid.dotted_string}") from exc
     value = extension.value
     if not isinstance(value, x509.UnrecognizedExtension):
         raise VerificationError(f"{_STEP}: unexpected VCEK extension {oid.dotted_string}")

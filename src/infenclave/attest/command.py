@@ -39,16 +39,18 @@ def parse_at(at: str | None) -> datetime:
     try:
         moment = datetime.fromisoformat(at.strip().replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError as exc:
-        raise UsageError(
-            f"--at {at!r} is not an ISO-8601 time (e.g. 2025-06-19T11:56:11Z)"
-        ) from exc
+        raise UsageError(f"--at {at!r} is not an ISO-8601 time (e.g. 2025-06-19T11:56:11Z)") from exc
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC)
 
 
 def attest_command(
-    evidence: Path, collateral: Path | None, at: str | None, policy: Path | None, as_json: bool,
+    evidence: Path,
+    collateral: Path | None,
+    at: str | None,
+    policy: Path | None,
+    as_json: bool,
     nonce: str | None = None,
 ) -> int:
     """Load, verify and report; return the exit code (0 accepted, 3 refused)."""
@@ -61,8 +63,7 @@ def attest_command(
         raise UsageError(str(exc)) from exc
     if loaded is not None:
         if nonce is not None:
-            raise UsageError("--nonce checks a saved /v1/attestation answer; EVIDENCE is a "
-                             "single evidence file")
+            raise UsageError("--nonce checks a saved /v1/attestation answer; EVIDENCE is a single evidence file")
         result, claims = _verify_one(str(evidence), loaded, loaded_policy, policy, None, now)
         if as_json:
             print(json.dumps(result, indent=2))
@@ -79,10 +80,15 @@ def attest_command(
     model_refusal = _model_refusal(answer.model_id, loaded_policy)
     results = []
     for index, entry in enumerate(answer.enclaves):
-        expected = (None if nonce_bytes is None
-                    else expected_report_data(entry.public_key, nonce_bytes, answer.model_id))
-        result, claims = _verify_one(f"{evidence} enclave {index} (key {entry.key_id[:16]}...)",
-                                     entry.evidence, loaded_policy, policy, expected, now)
+        expected = None if nonce_bytes is None else expected_report_data(entry.public_key, nonce_bytes, answer.model_id)
+        result, claims = _verify_one(
+            f"{evidence} enclave {index} (key {entry.key_id[:16]}...)",
+            entry.evidence,
+            loaded_policy,
+            policy,
+            expected,
+            now,
+        )
         if model_refusal is not None and result["reason"] is None:
             result.update(verdict="refused", reason=model_refusal)
         result["public_key"] = entry.key_id
@@ -91,20 +97,27 @@ def attest_command(
     refused = any(r["reason"] is not None for r, _ in results)
     verdict = "refused" if refused else results[0][0]["verdict"]
     if as_json:
-        print(json.dumps({"verdict": verdict, "model_id": answer.model_id,
-                          "enclaves": [r for r, _ in results]}, indent=2))
+        print(
+            json.dumps({"verdict": verdict, "model_id": answer.model_id, "enclaves": [r for r, _ in results]}, indent=2)
+        )
     else:
         for result, claims in results:
             _print_human(result, claims)
         if nonce_bytes is None:
-            print("note: without --nonce the report data (worker key, model id, nonce) was not "
-                  "checked: this shows what the workers are, not that they answered you")
+            print(
+                "note: without --nonce the report data (worker key, model id, nonce) was not "
+                "checked: this shows what the workers are, not that they answered you"
+            )
     return EXIT_REFUSED if refused else EXIT_ACCEPTED
 
 
 def _verify_one(
-    name: str, loaded: Evidence, loaded_policy: Policy | None, policy: Path | None,
-    expected: bytes | None, now: datetime,
+    name: str,
+    loaded: Evidence,
+    loaded_policy: Policy | None,
+    policy: Path | None,
+    expected: bytes | None,
+    now: datetime,
 ) -> tuple[dict[str, Any], Claims | None]:
     """Verify one evidence; the result document and the claims (None if unreadable)."""
     claims: Claims | None

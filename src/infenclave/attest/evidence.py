@@ -116,17 +116,14 @@ class Evidence:
             parse_snp_report(self.raw)
             if self.collateral is not None:
                 raise VerificationError(
-                    "evidence: SEV-SNP evidence has no collateral; its VCEK chain goes in "
-                    "certificates"
+                    "evidence: SEV-SNP evidence has no collateral; its VCEK chain goes in certificates"
                 )
             if self.certificates is not None:
                 parse_snp_certificates(self.certificates)
         else:
             parse_sim_evidence(self.raw)
             if self.collateral is not None or self.certificates is not None:
-                raise VerificationError(
-                    "evidence: simulated evidence has no collateral or certificates"
-                )
+                raise VerificationError("evidence: simulated evidence has no collateral or certificates")
 
     def to_json(self) -> bytes:
         """Serialise to the JSON envelope (`infenclave-evidence/1`)."""
@@ -285,9 +282,7 @@ def _discover_snp_certificates(directory: Path) -> bytes | None:
     chain_pem = _read(chain_path, MAX_CERTIFICATES_BYTES, "ASK/ARK")
     chain = load_pem_certificates(chain_pem, str(chain_path))
     if len(chain) != 2:
-        raise VerificationError(
-            f"{chain_path}: expected the ASK and the ARK, found {len(chain)} certificates"
-        )
+        raise VerificationError(f"{chain_path}: expected the ASK and the ARK, found {len(chain)} certificates")
     return vcek_pem + b"".join(cert.public_bytes(Encoding.PEM) for cert in chain)
 
 
@@ -299,4 +294,3 @@ def _read(path: Path, limit: int, what: str) -> bytes:
 def _check_limit(name: str, value: bytes | None, limit: int) -> None:
     if value is not None and len(value) > limit:
         raise VerificationError(f"evidence: {name} is {len(value)} bytes, over the {limit} limit")
-

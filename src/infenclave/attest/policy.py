@@ -136,9 +136,7 @@ class Measurements:
 
     def __post_init__(self) -> None:
         for kind, size in MEASUREMENT_BYTES.items():
-            object.__setattr__(
-                self, kind, _hex_tuple(f"measurements.{kind}", getattr(self, kind), size)
-            )
+            object.__setattr__(self, kind, _hex_tuple(f"measurements.{kind}", getattr(self, kind), size))
 
     def for_kind(self, kind: str) -> tuple[str, ...]:
         """Return the accepted values of one measurement kind (e.g. `mrenclave`)."""
@@ -180,14 +178,10 @@ class Policy:
         _require_bool("allow_debug", self.allow_debug)
         _require_bool("allow_simulation", self.unsafe_allow_simulation)
         object.__setattr__(self, "tcb_statuses", _str_tuple("tcb_statuses", self.tcb_statuses))
-        if isinstance(self.max_evidence_age_s, bool) or not isinstance(
-            self.max_evidence_age_s, int
-        ):
+        if isinstance(self.max_evidence_age_s, bool) or not isinstance(self.max_evidence_age_s, int):
             raise PolicyError("max_evidence_age_s: expected an integer number of seconds")
         if self.sim_signers is not None:
-            object.__setattr__(
-                self, "sim_signers", _hex_tuple("sim_signers", self.sim_signers, 32)
-            )
+            object.__setattr__(self, "sim_signers", _hex_tuple("sim_signers", self.sim_signers, 32))
         object.__setattr__(self, "model_ids", _hex_tuple("model_ids", self.model_ids, 32))
         object.__setattr__(self, "model_signers", _hex_tuple("model_signers", self.model_signers, 32))
         _require_bool("allow_unverified_backnet", self.allow_unverified_backnet)
@@ -202,9 +196,7 @@ class Policy:
             raise PolicyError("tee_types: the policy accepts no TEE type (empty policy)")
         for tee in self.tee_types:
             if tee not in TEE_TYPES:
-                raise PolicyError(
-                    f"tee_types: unknown TEE type {tee!r} (known: {_list(TEE_TYPES)})"
-                )
+                raise PolicyError(f"tee_types: unknown TEE type {tee!r} (known: {_list(TEE_TYPES)})")
         _no_duplicates("tee_types", self.tee_types)
         if self.measurements.is_empty():
             raise PolicyError("measurements: the policy lists no measurement (empty policy)")
@@ -218,9 +210,7 @@ class Policy:
         for tee, kinds in MEASUREMENTS_FOR_TEE.items():
             for kind in kinds:
                 if self.measurements.for_kind(kind) and tee not in self.tee_types:
-                    raise PolicyError(
-                        f"measurements.{kind}: listed, but tee_types does not accept {tee!r}"
-                    )
+                    raise PolicyError(f"measurements.{kind}: listed, but tee_types does not accept {tee!r}")
         # A confidential VM's firmware digest alone says nothing about the program it runs.
         for tee in ("tdx", "sev-snp"):
             missing = [k for k in MEASUREMENTS_FOR_TEE[tee] if not self.measurements.for_kind(k)]
@@ -245,9 +235,7 @@ class Policy:
         # sim measurement, and the verifier still refuses simulated evidence unless the client
         # explicitly allows simulation (`--allow-simulation`, with a warning on every run).
         if self.unsafe_allow_simulation and "simulated" not in self.tee_types:
-            raise PolicyError(
-                "allow_simulation: true, but tee_types does not list 'simulated'"
-            )
+            raise PolicyError("allow_simulation: true, but tee_types does not list 'simulated'")
         if self.max_evidence_age_s <= 0:
             raise PolicyError("max_evidence_age_s: must be a positive number of seconds")
         if self.sim_signers is not None:
@@ -273,10 +261,7 @@ class Policy:
             raise PolicyError("policy: expected a mapping (JSON object) at the top level")
         unknown = sorted(str(key) for key in document if key not in _TOP_LEVEL_KEYS)
         if unknown:
-            raise PolicyError(
-                f"policy: unknown key(s) {', '.join(unknown)} "
-                f"(known: {_list(sorted(_TOP_LEVEL_KEYS))})"
-            )
+            raise PolicyError(f"policy: unknown key(s) {', '.join(unknown)} (known: {_list(sorted(_TOP_LEVEL_KEYS))})")
         for required in ("tee_types", "measurements"):
             if required not in document:
                 raise PolicyError(f"{required}: missing (empty policy)")
@@ -285,10 +270,7 @@ class Policy:
             raise PolicyError("measurements: expected a mapping of measurement kind to list")
         unknown = sorted(str(key) for key in raw_measurements if key not in MEASUREMENT_BYTES)
         if unknown:
-            raise PolicyError(
-                f"measurements: unknown kind(s) {', '.join(unknown)} "
-                f"(known: {_list(MEASUREMENT_BYTES)})"
-            )
+            raise PolicyError(f"measurements: unknown kind(s) {', '.join(unknown)} (known: {_list(MEASUREMENT_BYTES)})")
         measurements = Measurements(
             **{
                 kind: _list_field(f"measurements.{kind}", value)
@@ -308,8 +290,7 @@ class Policy:
             model_ids=_list_field("model_ids", document.get("model_ids") or []),
             model_signers=_list_field("model_signers", document.get("model_signers") or []),
             allow_unverified_backnet=document.get("allow_unverified_backnet", False),
-            snp_vmpls=None if document.get("snp_vmpls") is None
-            else _list_field("snp_vmpls", document["snp_vmpls"]),
+            snp_vmpls=None if document.get("snp_vmpls") is None else _list_field("snp_vmpls", document["snp_vmpls"]),
         )
 
     def to_mapping(self) -> dict[str, Any]:
@@ -369,9 +350,7 @@ def _construct_strict_mapping(loader: _StrictYamlLoader, node: yaml.MappingNode)
     return result
 
 
-_StrictYamlLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_strict_mapping
-)
+_StrictYamlLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_strict_mapping)
 
 
 def _load_yaml(text: str, path: Path) -> Any:
@@ -409,8 +388,7 @@ def _hex_tuple(key: str, values: Iterable[Any], size: int) -> tuple[str, ...]:
             raise PolicyError(f"{key}: {value!r} is not a hex string")
         if len(lowered) != 2 * size:
             raise PolicyError(
-                f"{key}: {value!r} is {len(lowered) / 2:g} bytes, expected {size} "
-                f"({2 * size} hex digits)"
+                f"{key}: {value!r} is {len(lowered) / 2:g} bytes, expected {size} ({2 * size} hex digits)"
             )
         result.append(lowered)
     _no_duplicates(key, result)

@@ -103,9 +103,7 @@ def verify(
         _apply_policy(claims, policy, now)
 
     # Step 4. Report data binds the enclave key and the client's nonce.
-    if expected_report_data is not None and not hmac.compare_digest(
-        claims.report_data, expected_report_data
-    ):
+    if expected_report_data is not None and not hmac.compare_digest(claims.report_data, expected_report_data):
         raise PolicyRefusal(
             "step 4 (report data): the evidence's report data does not equal the expected "
             "SHA-256(enclave key || nonce): stale, replayed or for another key",
@@ -119,9 +117,7 @@ def _verify_crypto(evidence: Evidence, now: datetime) -> Claims:
     if evidence.tee in ("sgx", "tdx"):
         _unverified_quote = parse_quote(evidence.raw)
         if evidence.collateral is not None:
-            verdict = _dcap.verify_with_collateral(
-                _unverified_quote, evidence.raw, evidence.collateral, now
-            )
+            verdict = _dcap.verify_with_collateral(_unverified_quote, evidence.raw, evidence.collateral, now)
         else:
             verdict = _dcap.verify_without_collateral(_unverified_quote, now)
         return _dcap.quote_claims(_unverified_quote, verdict)
@@ -216,9 +212,7 @@ def _apply_policy(claims: Claims, policy: Policy, now: datetime) -> None:
         )
     for kind in kinds:
         actual = claims.measurements[_CLAIM_FOR_KIND[kind]]
-        if not any(
-            hmac.compare_digest(actual, accepted) for accepted in policy.measurements.for_kind(kind)
-        ):
+        if not any(hmac.compare_digest(actual, accepted) for accepted in policy.measurements.for_kind(kind)):
             raise PolicyRefusal(
                 f"step 3e (measurement): {kind} {actual} is not one the policy accepts",
                 claims,

@@ -51,20 +51,27 @@ from pathlib import Path
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m infenclave.enclave",
-                                     description="infenclave enclave program (started by the host)")
+    parser = argparse.ArgumentParser(
+        prog="python -m infenclave.enclave", description="infenclave enclave program (started by the host)"
+    )
     parser.add_argument("--tee", choices=("sim", "gramine-sgx", "tdx", "sev-snp"), default="sim")
-    parser.add_argument("--tsm-root", type=Path, default=None,
-                        help="--tee tdx/sev-snp: the configfs-tsm report directory")
+    parser.add_argument(
+        "--tsm-root", type=Path, default=None, help="--tee tdx/sev-snp: the configfs-tsm report directory"
+    )
     parser.add_argument("--privlevel", type=int, default=None, help="--tee sev-snp: the VMPL to report")
     parser.add_argument("--channel", choices=("stdio",), default="stdio")
-    parser.add_argument("--listen", default=None, metavar="HOST:PORT",
-                        help="serve hosts over TCP instead of stdio (one connection at a time)")
+    parser.add_argument(
+        "--listen",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve hosts over TCP instead of stdio (one connection at a time)",
+    )
     parser.add_argument("--bundles", type=Path)
     parser.add_argument("--state", type=Path)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--measure", action="store_true",
-                        help="print the sim measurement and the measured files as JSON, then exit")
+    parser.add_argument(
+        "--measure", action="store_true", help="print the sim measurement and the measured files as JSON, then exit"
+    )
     args = parser.parse_args(argv)
     if not args.measure and (args.bundles is None or (args.state is None and args.tee == "sim")):
         parser.error("--bundles (and, with --tee sim, --state) are required")
@@ -171,15 +178,19 @@ def main(argv: list[str] | None = None) -> int:
         from infenclave.enclave.sandbox import apply_sandbox
 
         try:
-            sandbox_report = asdict(apply_sandbox(  # step 4b
-                args.bundles, listen_fd=None if listener is None else listener.fileno()))
+            sandbox_report = asdict(
+                apply_sandbox(  # step 4b
+                    args.bundles, listen_fd=None if listener is None else listener.fileno()
+                )
+            )
         except EnclaveError as exc:
             log(f"refusing to start: {exc}")
             return 3
     elif args.tee in ("tdx", "sev-snp"):  # the confidential VM is the wall (docs/serving.md)
         try:
-            producer = ConfigfsTsmEvidenceProducer(args.tee, args.tsm_root or DEFAULT_TSM_ROOT,
-                                                   privlevel=args.privlevel)
+            producer = ConfigfsTsmEvidenceProducer(
+                args.tee, args.tsm_root or DEFAULT_TSM_ROOT, privlevel=args.privlevel
+            )
         except EnclaveError as exc:
             log(f"refusing to start: {exc}")
             return 3
@@ -188,15 +199,26 @@ def main(argv: list[str] | None = None) -> int:
         producer, sealer, measured = GramineEvidenceProducer(), GramineSealer(), None
 
     if sandbox_report is not None:
-        log("sandbox: " + ", ".join(f"{k}={v}" for k, v in sandbox_report.items()
-                                    if k in ("uid", "network_namespace", "user_namespace", "landlock_abi", "seccomp_filter")))
+        log(
+            "sandbox: "
+            + ", ".join(
+                f"{k}={v}"
+                for k, v in sandbox_report.items()
+                if k in ("uid", "network_namespace", "user_namespace", "landlock_abi", "seccomp_filter")
+            )
+        )
 
     def serve(in_fd: int, out_fd: int) -> int:
-        return EnclaveProgram(in_fd=in_fd, out_fd=out_fd, bundles_dir=args.bundles,
-                              producer=producer,  # type: ignore[arg-type]
-                              sealer=sealer,  # type: ignore[arg-type]
-                              measurement=measured, sandbox=sandbox_report,
-                              threads=max(0, args.threads)).run()
+        return EnclaveProgram(
+            in_fd=in_fd,
+            out_fd=out_fd,
+            bundles_dir=args.bundles,
+            producer=producer,  # type: ignore[arg-type]
+            sealer=sealer,  # type: ignore[arg-type]
+            measurement=measured,
+            sandbox=sandbox_report,
+            threads=max(0, args.threads),
+        ).run()
 
     if listener is not None:
         log(f"listening on {args.listen}")

@@ -86,17 +86,13 @@ class SimEvidenceProducer:
 
     tee = "simulated"
 
-    def __init__(
-        self, state_dir: Path, measurement: bytes, clock: Callable[[], float] = time.time
-    ) -> None:
+    def __init__(self, state_dir: Path, measurement: bytes, clock: Callable[[], float] = time.time) -> None:
         # Checked here, so that a misconfigured enclave fails at start-up, not per request.
         if not isinstance(measurement, bytes) or len(measurement) != SIM_MEASUREMENT_SIZE:
             raise EnclaveError(f"measurement must be {SIM_MEASUREMENT_SIZE} bytes")
         self._measurement = measurement
         self._clock = clock
-        self._signing_key = load_or_create_key_file(
-            Path(state_dir) / SIM_SIGNING_KEY_FILE, ED25519_KEY_SIZE
-        )
+        self._signing_key = load_or_create_key_file(Path(state_dir) / SIM_SIGNING_KEY_FILE, ED25519_KEY_SIZE)
         self._signer_public = ed25519_public_key(self._signing_key)
 
     @property

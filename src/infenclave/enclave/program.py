@@ -219,13 +219,17 @@ class EnclaveProgram:
 
     def run(self) -> int:
         """Serve frames until the host closes the channel; return the exit code."""
-        self._send(MsgType.HELLO, 0, {
-            "public_key": self.public_key.hex(),
-            "tee": self._producer.tee,
-            "measurement": None if self._measurement is None else self._measurement.hex(),
-            "sandbox": self._sandbox,
-            "pid": os.getpid(),
-        })
+        self._send(
+            MsgType.HELLO,
+            0,
+            {
+                "public_key": self.public_key.hex(),
+                "tee": self._producer.tee,
+                "measurement": None if self._measurement is None else self._measurement.hex(),
+                "sandbox": self._sandbox,
+                "pid": os.getpid(),
+            },
+        )
         handlers = {
             MsgType.EVIDENCE: self._on_evidence,
             MsgType.LOAD: self._on_load,
@@ -266,8 +270,7 @@ class EnclaveProgram:
         except Exception as exc:  # noqa: BLE001 - fail closed, keep serving other requests
             self._refuse(frame, _Refused("internal", f"{frame.type.name}: unexpected error", exc))
 
-    def _send(self, msg: MsgType, tag: int, meta: dict[str, Any] | None = None,
-              body: bytes | memoryview = b"") -> None:
+    def _send(self, msg: MsgType, tag: int, meta: dict[str, Any] | None = None, body: bytes | memoryview = b"") -> None:
         write_frame(self._out, encode_frame(msg, tag, meta, body))
 
     def _refuse(self, frame: Frame, exc: _Refused) -> None:
@@ -292,8 +295,7 @@ class EnclaveProgram:
         # the body is raw evidence followed by aux_bytes of it.
         parts = getattr(self._producer, "evidence_parts", None)
         evidence, aux = parts(report_data) if parts else (self._producer.evidence(report_data), b"")
-        self._send(MsgType.EVIDENCE_OK, frame.tag, {"tee": self._producer.tee, "aux_bytes": len(aux)},
-                   evidence + aux)
+        self._send(MsgType.EVIDENCE_OK, frame.tag, {"tee": self._producer.tee, "aux_bytes": len(aux)}, evidence + aux)
 
     def _on_load(self, frame: Frame) -> None:
         if self._manifest is not None:
@@ -320,8 +322,10 @@ class EnclaveProgram:
                 raw = _read(directory / VERIFY_FILE, manifest.backnet.size)
                 check_verify_file(manifest.backnet, raw)
                 spec = parse_verify_file(raw)
-                if spec.input_shape != (1, *manifest.front_end.shape) or \
-                        spec.shape_of(spec.output) != (1, *manifest.tail_start.shape):
+                if spec.input_shape != (1, *manifest.front_end.shape) or spec.shape_of(spec.output) != (
+                    1,
+                    *manifest.tail_start.shape,
+                ):
                     raise BundleError("backnet.verify: input/output shapes differ from the cuts")
                 self._verifier = BackNetVerifier(spec)  # fresh secret projections, never stored
             except (OSError, BundleError, ValueError) as exc:
@@ -340,8 +344,10 @@ class EnclaveProgram:
         if self._model is not None:
             # The same key again is harmless; another one is a mistake the owner must see.
             same = hmac.compare_digest(key, self._model.key)
-            raise _Refused("already_provisioned" if same else "other_key_provisioned",
-                           "provision: a model key is already installed")
+            raise _Refused(
+                "already_provisioned" if same else "other_key_provisioned",
+                "provision: a model key is already installed",
+            )
         self._install_key(key, "provision")
         blob = self._sealer.seal(key, _seal_label(manifest.model_id))
         del key
@@ -359,7 +365,9 @@ class EnclaveProgram:
             # Another build (MRENCLAVE), a TCB/microcode update (the SGX sealing key moves with
             # CPUSVN/ISVSVN/CONFIGSVN) or corruption: a distinct code, so that the host sets the
             # blob aside and asks for provisioning instead of restarting this worker for ever.
-            raise _Refused(SEALED_STATE_UNOPENABLE, "unseal: the sealed blob does not open for this enclave", exc) from exc
+            raise _Refused(
+                SEALED_STATE_UNOPENABLE, "unseal: the sealed blob does not open for this enclave", exc
+            ) from exc
         self._install_key(key, "unseal")
         del key
         log("model key unsealed from stored state")
@@ -382,9 +390,15 @@ class EnclaveProgram:
             preprocess = Preprocess.from_dict(manifest.preprocess)
         except Exception as exc:  # ORT raises several types for a bad graph
             raise _Refused("refused", f"{step}: FrontNet/Tail graphs do not load", exc) from exc
-        self._model = _Model(front, tail, labels, preprocess,
-                             ir2_shape=(1, *manifest.tail_start.shape), key=bytes(key),
-                             answer_bytes=_answer_sizes(labels))
+        self._model = _Model(
+            front,
+            tail,
+            labels,
+            preprocess,
+            ir2_shape=(1, *manifest.tail_start.shape),
+            key=bytes(key),
+            answer_bytes=_answer_sizes(labels),
+        )
         self._blobs = {}  # the ciphertext is not needed any more
 
     def _need_manifest(self) -> BundleManifest:
@@ -490,25 +504,42 @@ class EnclaveProgram:
                 verifier.check(pending.ir1, ir2, sent)
             except CheckFailed as exc:
                 self._check_failures += 1
-                raise _Refused("backnet_check_failed", f"ir2: BackNet check failed at {exc.step} "
-                               f"({self._check_failures} of at most "
-                               f"{self._need_manifest().backnet.max_failures})") from exc
+                raise _Refused(
+                    "backnet_check_failed",
+                    f"ir2: BackNet check failed at {exc.step} "
+                    f"({self._check_failures} of at most "
+                    f"{self._need_manifest().backnet.max_failures})",
+                ) from exc
             pending.stages["verify_ms"] = (time.perf_counter() - t0) * 1e3
             t0 = time.perf_counter()
         scores = model.tail(ir2)[0]  # (num_classes,)
         if not np.isfinite(scores).all():
             raise _Refused("refused", "tail: produced non-finite scores")
-        predictions = top_k(scores, model.labels, pending.k,
-                            already_probabilities=self._manifest_output() == "probabilities")
+        predictions = top_k(
+            scores, model.labels, pending.k, already_probabilities=self._manifest_output() == "probabilities"
+        )
         t1 = time.perf_counter()
         stages = {"tail_ms": (t1 - t0) * 1e3}
         if "verify_ms" in pending.stages:
             stages["verify_ms"] = pending.stages["verify_ms"]
-        self._answer(frame.tag, pending.request_id, pending.client_public, pending.k,
-                     {"predictions": [p.to_dict() for p in predictions]}, stages)
+        self._answer(
+            frame.tag,
+            pending.request_id,
+            pending.client_public,
+            pending.k,
+            {"predictions": [p.to_dict() for p in predictions]},
+            stages,
+        )
 
-    def _answer(self, tag: int, request_id: str, client_public: bytes, k: int,
-                document: dict[str, Any], stages: dict[str, float]) -> None:
+    def _answer(
+        self,
+        tag: int,
+        request_id: str,
+        client_public: bytes,
+        k: int,
+        document: dict[str, Any],
+        stages: dict[str, float],
+    ) -> None:
         """Seal *document* to the client, padded with JSON whitespace to a size that depends
         on the model and k only: its length must not tell the host the label."""
         manifest = self._need_manifest()
@@ -573,4 +604,3 @@ def _read(path: Path, limit: int) -> bytes:
     if len(data) > limit:
         raise BundleError(f"{path.name} is over the size limit")
     return data
-

@@ -54,9 +54,9 @@ Steps (each read back where the kernel lets us; a step that fails refuses the st
    serving the test suite), synchronised to every thread, default EPERM: no socket
    creation of any family and no ``connect``/``bind``/``listen``/``accept`` (the channel is
    inherited; with ``--listen`` the listening socket is created before the walls and
-   ``accept4``/``accept`` are allowed on that one descriptor only); no ``execve``, ``ptrace``, ``process_vm_*``, ``mount``,
-   ``unshare``, ``setns``, io_uring, ``memfd_create``; ``clone3`` answers ENOSYS (glibc then
-   uses ``clone``) and ``clone`` is allowed for threads only (`CLONE_THREAD_FLAGS` set, no
+   ``accept4``/``accept`` are allowed on that one descriptor only); no ``execve``, ``ptrace``,
+   ``process_vm_*``, ``mount``, ``unshare``, ``setns``, io_uring, ``memfd_create``; ``clone3``
+   answers ENOSYS (glibc then uses ``clone``) and ``clone`` is allowed for threads only (`CLONE_THREAD_FLAGS` set, no
    ``CLONE_NEW*``); ``prctl``, ``ioctl`` and ``prlimit64`` only with the arguments listed;
    a foreign-ABI system call kills the process.
 
@@ -95,8 +95,14 @@ MIN_LANDLOCK_ABI = 1
 #: System files the worker reads after the walls: shared libraries that glibc, numpy,
 #: Pillow and onnxruntime load lazily, and what onnxruntime reads to size its thread pools.
 SYSTEM_READ_ONLY: tuple[str, ...] = (
-    "/lib", "/lib64", "/usr/lib", "/usr/lib64", "/etc/ld.so.cache", "/dev/null",
-    "/proc/cpuinfo", "/sys/devices/system/cpu",
+    "/lib",
+    "/lib64",
+    "/usr/lib",
+    "/usr/lib64",
+    "/etc/ld.so.cache",
+    "/dev/null",
+    "/proc/cpuinfo",
+    "/sys/devices/system/cpu",
 )
 #: Environment set by `prepare_environment`.
 ENVIRONMENT = {"ORT_DISABLE_TELEMETRY": "1", "OPENBLAS_NUM_THREADS": "1"}
@@ -104,20 +110,82 @@ ENVIRONMENT = {"ORT_DISABLE_TELEMETRY": "1", "OPENBLAS_NUM_THREADS": "1"}
 #: Syscalls allowed without conditions (x86_64 and aarch64 names; absent ones are skipped).
 ALLOWED_SYSCALLS: tuple[str, ...] = (
     # files and descriptors already open, or opened read-only under Landlock
-    "read", "readv", "pread64", "write", "writev", "pwrite64", "lseek", "close", "close_range",
-    "openat", "open", "fstat", "newfstatat", "stat", "lstat", "statx", "readlink", "readlinkat",
-    "getdents64", "access", "faccessat", "faccessat2", "getcwd", "fcntl", "dup", "dup2", "dup3",
-    "poll", "ppoll", "select", "pselect6",
+    "read",
+    "readv",
+    "pread64",
+    "write",
+    "writev",
+    "pwrite64",
+    "lseek",
+    "close",
+    "close_range",
+    "openat",
+    "open",
+    "fstat",
+    "newfstatat",
+    "stat",
+    "lstat",
+    "statx",
+    "readlink",
+    "readlinkat",
+    "getdents64",
+    "access",
+    "faccessat",
+    "faccessat2",
+    "getcwd",
+    "fcntl",
+    "dup",
+    "dup2",
+    "dup3",
+    "poll",
+    "ppoll",
+    "select",
+    "pselect6",
     # memory
-    "mmap", "munmap", "mprotect", "mremap", "madvise", "brk", "mbind", "get_mempolicy",
+    "mmap",
+    "munmap",
+    "mprotect",
+    "mremap",
+    "madvise",
+    "brk",
+    "mbind",
+    "get_mempolicy",
     "set_mempolicy",
     # threads, time, signals, identity
-    "futex", "set_robust_list", "get_robust_list", "rseq", "set_tid_address", "sched_yield",
-    "sched_getaffinity", "sched_setaffinity", "exit", "exit_group", "getpid", "gettid",
-    "getppid", "getuid", "geteuid", "getgid", "getegid", "getresuid", "getresgid",
-    "getrandom", "clock_gettime", "clock_getres", "clock_nanosleep", "nanosleep",
-    "gettimeofday", "getrusage", "times", "rt_sigaction", "rt_sigprocmask", "rt_sigreturn",
-    "sigaltstack", "restart_syscall", "uname", "sysinfo",
+    "futex",
+    "set_robust_list",
+    "get_robust_list",
+    "rseq",
+    "set_tid_address",
+    "sched_yield",
+    "sched_getaffinity",
+    "sched_setaffinity",
+    "exit",
+    "exit_group",
+    "getpid",
+    "gettid",
+    "getppid",
+    "getuid",
+    "geteuid",
+    "getgid",
+    "getegid",
+    "getresuid",
+    "getresgid",
+    "getrandom",
+    "clock_gettime",
+    "clock_getres",
+    "clock_nanosleep",
+    "nanosleep",
+    "gettimeofday",
+    "getrusage",
+    "times",
+    "rt_sigaction",
+    "rt_sigprocmask",
+    "rt_sigreturn",
+    "sigaltstack",
+    "restart_syscall",
+    "uname",
+    "sysinfo",
 )
 #: ``prctl`` options allowed: thread names only (not PR_SET_DUMPABLE, not PR_SET_SECCOMP).
 ALLOWED_PRCTL = (15, 16)  # PR_SET_NAME, PR_GET_NAME
@@ -126,8 +194,9 @@ ALLOWED_IOCTL = (0x5401, 0x541B, 0x5451, 0x5421)
 #: ``clone`` flags a new thread carries (glibc's pthread_create) ...
 CLONE_THREAD_FLAGS = 0x00010000 | 0x00000100 | 0x00000800  # CLONE_THREAD | CLONE_VM | CLONE_SIGHAND
 #: ... and flags a thread clone must not carry: every CLONE_NEW*, CLONE_VFORK, CLONE_PARENT.
-_CLONE_FORBIDDEN = (0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000
-                    | 0x20000000 | 0x40000000 | 0x00004000 | 0x00008000)
+_CLONE_FORBIDDEN = (
+    0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000 | 0x00004000 | 0x00008000
+)
 
 # <linux/prctl.h>, <linux/capability.h>, <linux/sched.h>, <linux/landlock.h>
 _PR_GET_DUMPABLE, _PR_SET_DUMPABLE = 3, 4
@@ -136,8 +205,10 @@ _PR_SET_NO_NEW_PRIVS, _PR_GET_NO_NEW_PRIVS = 38, 39
 _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 _CLONE_NEWUSER, _CLONE_NEWNET = 0x10000000, 0x40000000
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
-_SYS = {"x86_64": {"capget": 125, "capset": 126, "setfsuid": 122},
-        "aarch64": {"capget": 90, "capset": 91, "setfsuid": 151}}
+_SYS = {
+    "x86_64": {"capget": 125, "capset": 126, "setfsuid": 122},
+    "aarch64": {"capget": 90, "capset": 91, "setfsuid": 151},
+}
 _SYS_LANDLOCK = (444, 445, 446)  # create_ruleset, add_rule, restrict_self (all architectures)
 _LANDLOCK_CREATE_RULESET_VERSION = 1
 _LANDLOCK_RULE_PATH_BENEATH = 1
@@ -180,8 +251,7 @@ class _CapHeader(ctypes.Structure):
 
 
 class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
 _libc = ctypes.CDLL(None, use_errno=True)  # dlopen(NULL): starts no helper program
@@ -200,8 +270,7 @@ def _syscall(number: int, *args: object) -> int:
 
 def _prctl(option: int, arg: int = 0) -> int:
     zero = ctypes.c_ulong(0)
-    return _check(int(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), zero, zero, zero)),
-                  f"prctl({option})")
+    return _check(int(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), zero, zero, zero)), f"prctl({option})")
 
 
 def _status(fd: int, field: str) -> list[str]:
@@ -223,8 +292,7 @@ def _namespaces(root: bool) -> None:
     flags = _CLONE_NEWNET if root else _CLONE_NEWUSER | _CLONE_NEWNET
     _check(int(_libc.unshare(ctypes.c_int(flags))), "unshare")
     if not root:
-        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
-                           ("gid_map", f"{gid} {gid} 1")):
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
             with open(f"/proc/self/{name}", "w", encoding="ascii") as handle:
                 handle.write(text)
 
@@ -256,8 +324,7 @@ def _drop_identity(root: bool, machine: str, status: int) -> None:
         _syscall(numbers["setfsuid"], ctypes.c_uint(fs_uid))  # returns the old value
     header, data = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0), (_CapData * 2)()
     _check(_syscall(numbers["capset"], ctypes.byref(header), data), "capset")
-    caps = {name: int(_status(status, name)[0], 16) for name in
-            ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}
+    caps = {name: int(_status(status, name)[0], 16) for name in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}
     if any(caps.values()):
         raise EnclaveError(f"sandbox: capabilities remain: {caps}")
     if root and [int(v) for v in _status(status, "Uid")] != [SANDBOX_UID] * 3 + [fs_uid]:
@@ -280,18 +347,29 @@ def _landlock(paths: list[str]) -> int:
     abi = _syscall(create, None, ctypes.c_size_t(0), ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION))
     if abi < MIN_LANDLOCK_ABI:
         raise EnclaveError(f"sandbox: Landlock ABI {abi} < {MIN_LANDLOCK_ABI} (kernel without Landlock?)")
-    attr = _RulesetAttr((1 << _LL_FS_BITS[min(abi, 5)]) - 1,
-                        _LL_NET_TCP if abi >= 4 else 0, _LL_SCOPES if abi >= 6 else 0)
-    ruleset = _check(_syscall(create, ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)),
-                              ctypes.c_uint32(0)), "landlock_create_ruleset")
+    attr = _RulesetAttr(
+        (1 << _LL_FS_BITS[min(abi, 5)]) - 1, _LL_NET_TCP if abi >= 4 else 0, _LL_SCOPES if abi >= 6 else 0
+    )
+    ruleset = _check(
+        _syscall(create, ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)), ctypes.c_uint32(0)),
+        "landlock_create_ruleset",
+    )
     try:
         for path in paths:
             fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
             try:
                 access = _LL_READ_FILE | (_LL_READ_DIR if os.path.isdir(path) else 0)
                 rule = _PathBeneath(access, fd)
-                _check(_syscall(add_rule, ctypes.c_int(ruleset), ctypes.c_int(_LANDLOCK_RULE_PATH_BENEATH),
-                                ctypes.byref(rule), ctypes.c_uint32(0)), f"landlock_add_rule({path})")
+                _check(
+                    _syscall(
+                        add_rule,
+                        ctypes.c_int(ruleset),
+                        ctypes.c_int(_LANDLOCK_RULE_PATH_BENEATH),
+                        ctypes.byref(rule),
+                        ctypes.c_uint32(0),
+                    ),
+                    f"landlock_add_rule({path})",
+                )
             finally:
                 os.close(fd)
         _check(_syscall(restrict, ctypes.c_int(ruleset), ctypes.c_uint32(0)), "landlock_restrict_self")
@@ -320,8 +398,16 @@ def _seccomp(seccomp: object, listen_fd: int | None = None) -> tuple[str, ...]:
         flt.add_rule(allow, "ioctl", arg(1, sc.EQ, request))  # type: ignore[attr-defined]
     flt.add_rule(allow, "prlimit64", arg(2, sc.EQ, 0))  # type: ignore[attr-defined]  # read only
     flt.add_rule(allow, "tgkill", arg(0, sc.EQ, os.getpid()))  # type: ignore[attr-defined]  # own threads
-    flt.add_rule(allow, "clone", arg(0, sc.MASKED_EQ, CLONE_THREAD_FLAGS | _CLONE_FORBIDDEN,  # type: ignore[attr-defined]
-                                     CLONE_THREAD_FLAGS))
+    flt.add_rule(
+        allow,
+        "clone",
+        arg(
+            0,
+            sc.MASKED_EQ,
+            CLONE_THREAD_FLAGS | _CLONE_FORBIDDEN,  # type: ignore[attr-defined]
+            CLONE_THREAD_FLAGS,
+        ),
+    )
     flt.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")  # type: ignore[attr-defined]
     for name in ("accept4", "accept") if listen_fd is not None else ():
         try:  # the host's connections, on the listening socket made before the walls only
@@ -354,8 +440,9 @@ def apply_sandbox(bundles_dir: Path, listen_fd: int | None = None) -> SandboxRep
         os.close(status)
 
 
-def _apply(bundles_dir: Path, pyseccomp: object, machine: str, status: int,
-           telemetry_off: bool, listen_fd: int | None = None) -> SandboxReport:
+def _apply(
+    bundles_dir: Path, pyseccomp: object, machine: str, status: int, telemetry_off: bool, listen_fd: int | None = None
+) -> SandboxReport:
     # Step 1.
     if len(os.listdir("/proc/self/task")) != 1:
         raise EnclaveError("sandbox: the process already runs several threads")

@@ -23,8 +23,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def top_k(scores: np.ndarray, labels: list[str], k: int, *,
-          already_probabilities: bool = False) -> list[Prediction]:
+def top_k(scores: np.ndarray, labels: list[str], k: int, *, already_probabilities: bool = False) -> list[Prediction]:
     """Top-k classes of one image's scores (logits unless `already_probabilities`)."""
     probs = scores.astype(np.float64) if already_probabilities else softmax(scores)
     k = max(1, min(k, probs.shape[-1]))

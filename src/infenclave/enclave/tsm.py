@@ -63,9 +63,15 @@ MAX_BLOB_BYTES = 64 * 1024
 class ConfigfsTsmEvidenceProducer:
     """TDX quotes / SNP reports binding 64 bytes of report data, via configfs-tsm (above)."""
 
-    def __init__(self, tee: str, root: Path = DEFAULT_TSM_ROOT, *, privlevel: int | None = None,
-                 mkdir: Callable[[Path], None] = os.mkdir,
-                 rmdir: Callable[[Path], None] = os.rmdir) -> None:
+    def __init__(
+        self,
+        tee: str,
+        root: Path = DEFAULT_TSM_ROOT,
+        *,
+        privlevel: int | None = None,
+        mkdir: Callable[[Path], None] = os.mkdir,
+        rmdir: Callable[[Path], None] = os.rmdir,
+    ) -> None:
         if tee not in PROVIDERS:
             raise EnclaveError(f"configfs-tsm: no provider for --tee {tee}")
         if privlevel is not None and (tee != "sev-snp" or not 0 <= privlevel <= 3):
@@ -115,7 +121,7 @@ class ConfigfsTsmEvidenceProducer:
         if _generation(entry) != before + writes:
             raise EnclaveError("configfs-tsm: generation changed under us (a racing writer): refused")
         end = self._offset + REPORT_DATA_BYTES  # T5
-        if len(blob) < end or blob[self._offset:end] != report_data:
+        if len(blob) < end or blob[self._offset : end] != report_data:
             raise EnclaveError("configfs-tsm: the report does not carry the report data that was written")
         return blob, aux
 

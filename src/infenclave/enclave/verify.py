@@ -193,8 +193,11 @@ def _blocks(p: _Projection, rows: np.ndarray) -> np.ndarray:
 def _windows(op: VerifyOp, x3: np.ndarray, p: _Projection) -> tuple[np.ndarray, np.ndarray]:
     """Per input channel and kernel offset k: U = sum_{p in block} t_p x[p s + k] (Ci*kk, nb*V)
     and A = the largest block's sum_{p in block} |x[p s + k]| (Ci*kk,)."""
-    (sh, sw), (dh, dw), (pt, pl, pb, pr) = ((1, 1), (1, 1), (0, 0, 0, 0)) if op.op == "linear" else \
-        (op.attrs["strides"], op.attrs["dilations"], op.attrs["pads"])
+    (sh, sw), (dh, dw), (pt, pl, pb, pr) = (
+        ((1, 1), (1, 1), (0, 0, 0, 0))
+        if op.op == "linear"
+        else (op.attrs["strides"], op.attrs["dilations"], op.attrs["pads"])
+    )
     kh, kw = (1, 1) if op.op == "linear" else op.weights["weight"].shape[2:]
     ho, wo, v = p.t.shape
     if pt or pl or pb or pr:
@@ -257,8 +260,9 @@ def _conv_t(s: np.ndarray, w: np.ndarray, attrs: dict[str, Any], in_shape: tuple
     _, c_in, h_in, w_in = in_shape
     g, (sh, sw), (dh, dw), (pt, pl, pb, pr) = attrs["group"], attrs["strides"], attrs["dilations"], attrs["pads"]
     kh, kw = w.shape[2:]
-    if (h_in + pt + pb - dh * (kh - 1) - 1) // sh + 1 != h_out or \
-            (w_in + pl + pr - dw * (kw - 1) - 1) // sw + 1 != w_out:
+    if (h_in + pt + pb - dh * (kh - 1) - 1) // sh + 1 != h_out or (
+        w_in + pl + pr - dw * (kw - 1) - 1
+    ) // sw + 1 != w_out:
         raise ValueError("conv output shape does not follow from its attributes")
     r = np.zeros((m, c_in, h_in + pt + pb, w_in + pl + pr))
     sg = s.reshape(m, g, c_out // g, h_out * w_out)  # (m, g, Co/g, P)

@@ -28,8 +28,10 @@ def check_device(device: str) -> list[str]:
     """The ONNX Runtime providers for *device*, or a `UsageError` when this build lacks it."""
     if device == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise UsageError("--device cuda: this onnxruntime build has no CUDA provider "
-                             "(install onnxruntime-gpu, or use --device cpu)")
+            raise UsageError(
+                "--device cuda: this onnxruntime build has no CUDA provider "
+                "(install onnxruntime-gpu, or use --device cpu)"
+            )
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device == "cpu":
         return ["CPUExecutionProvider"]
@@ -56,8 +58,7 @@ class BackNet:
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         """[IR2, *checked intermediates] for a batch of IR1s, each (B, ...)."""
-        return [np.ascontiguousarray(y, dtype=np.float32)
-                for y in self._session.run(self._outputs, {self._input: x})]
+        return [np.ascontiguousarray(y, dtype=np.float32) for y in self._session.run(self._outputs, {self._input: x})]
 
 
 @dataclass
@@ -72,8 +73,13 @@ class BackNetBatcher:
     `observe(batch_size, seconds)` is called after each batch (metrics).
     """
 
-    def __init__(self, backnet: Callable[[np.ndarray], list[np.ndarray]], *, max_batch: int = 32,
-                 observe: Callable[[int, float], None] | None = None) -> None:
+    def __init__(
+        self,
+        backnet: Callable[[np.ndarray], list[np.ndarray]],
+        *,
+        max_batch: int = 32,
+        observe: Callable[[int, float], None] | None = None,
+    ) -> None:
         self._backnet = backnet
         self._max_batch = max_batch
         self._observe = observe

@@ -73,11 +73,12 @@ class MemoryLimit:
                 logger.info("cgroup %s at %s not usable (%s)", kind, base, exc)
                 continue
             self.kind = kind
-            logger.info("per-worker memory limit %d MiB (cgroup %s, %s)",
-                        limit_bytes >> 20, kind, self._parent)
+            logger.info("per-worker memory limit %d MiB (cgroup %s, %s)", limit_bytes >> 20, kind, self._parent)
             return
-        logger.warning("no per-worker memory limit applied: neither a writable cgroup v2 "
-                       "memory controller nor a writable cgroup v1 memory hierarchy was found")
+        logger.warning(
+            "no per-worker memory limit applied: neither a writable cgroup v2 "
+            "memory controller nor a writable cgroup v1 memory hierarchy was found"
+        )
 
     def attach(self, name: str, pid: int) -> bool:
         """Put *pid* in a fresh cgroup *name* with the limit; False when no limit applies."""

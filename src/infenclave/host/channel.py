@@ -67,8 +67,9 @@ class EnclaveChannel:
     with `ChannelClosed`, so no request hangs on a dead worker.
     """
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 tap: ChannelTap | None = None) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tap: ChannelTap | None = None
+    ) -> None:
         self._reader = reader
         self._writer = writer
         self._tap = tap
@@ -91,9 +92,15 @@ class EnclaveChannel:
         """A fresh tag for a call (tags are never reused on one channel)."""
         return next(self._tags)
 
-    async def call(self, msg: MsgType, meta: dict[str, Any] | None = None,
-                   body: bytes | memoryview = b"", *, tag: int | None = None,
-                   timeout: float = 30.0) -> Frame:
+    async def call(
+        self,
+        msg: MsgType,
+        meta: dict[str, Any] | None = None,
+        body: bytes | memoryview = b"",
+        *,
+        tag: int | None = None,
+        timeout: float = 30.0,
+    ) -> Frame:
         """Send a frame and return the enclave's answer with the same tag.
 
         Raises `ChannelClosed` if the worker dies first, `EnclaveError` on an ERROR frame,

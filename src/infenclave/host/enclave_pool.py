@@ -150,8 +150,7 @@ class EnclavePool:
         self._timeout = request_timeout
         self._workers: dict[int, Worker] = {}
         self._gramine_dir = Path(gramine_dir).resolve() if gramine_dir else None
-        self._start_timeout = start_timeout or (
-            GRAMINE_START_TIMEOUT_S if tee == "gramine-sgx" else START_TIMEOUT_S)
+        self._start_timeout = start_timeout or (GRAMINE_START_TIMEOUT_S if tee == "gramine-sgx" else START_TIMEOUT_S)
         if tee == "gramine-sgx":
             self._check_gramine_layout()
         self._tasks: list[asyncio.Task[None]] = []
@@ -235,7 +234,8 @@ class EnclavePool:
             self.state_error = (
                 f"the sealed model key could not be stored in {self._state_dir} ({exc.strerror or exc}); "
                 "restarted workers get it from memory, but a restarted server needs the model "
-                "owner to provision again")
+                "owner to provision again"
+            )
             logger.error("%s", self.state_error)
             return
         self.state_error = None
@@ -271,9 +271,13 @@ class EnclavePool:
                     self._record_exit(worker)
                 if self._stopping:
                     return
-                logger.warning("worker %d (pid %d) exited with %s (%s); restarting", slot,
-                               worker.process.pid, worker.process.returncode,
-                               worker.crash_cause or "killed from outside")
+                logger.warning(
+                    "worker %d (pid %d) exited with %s (%s); restarting",
+                    slot,
+                    worker.process.pid,
+                    worker.process.returncode,
+                    worker.crash_cause or "killed from outside",
+                )
                 self._metrics.worker_restarted()
             # Back off when a worker keeps dying young, so a crash loop does not spin.
             failures = failures + 1 if time.monotonic() - began < 10 else 0
@@ -290,8 +294,12 @@ class EnclavePool:
         try:
             process = await asyncio.create_subprocess_exec(
                 *self._enclave_command(),
-                stdin=child.fileno(), stdout=child.fileno(), stderr=asyncio.subprocess.PIPE,
-                env=_enclave_env(), close_fds=True, cwd=self._gramine_dir,
+                stdin=child.fileno(),
+                stdout=child.fileno(),
+                stderr=asyncio.subprocess.PIPE,
+                env=_enclave_env(),
+                close_fds=True,
+                cwd=self._gramine_dir,
             )
         finally:
             child.close()
@@ -303,8 +311,14 @@ class EnclavePool:
         reader, writer = await asyncio.open_unix_connection(sock=parent, limit=2**20)
         return await self._handshake(slot, process, reader, writer, cgroup)
 
-    async def _handshake(self, slot: int, process: Any, reader: asyncio.StreamReader,
-                         writer: asyncio.StreamWriter, cgroup: str | None = None) -> Worker:
+    async def _handshake(
+        self,
+        slot: int,
+        process: Any,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        cgroup: str | None = None,
+    ) -> Worker:
         """HELLO, LOAD and (with a stored sealed key) UNSEAL, for a local or a remote enclave."""
         channel = EnclaveChannel(reader, writer, ChannelTap.from_env(f"worker{slot}"))
         try:
@@ -342,8 +356,13 @@ class EnclavePool:
             if cgroup is not None and self._memory is not None:
                 self._memory.release(cgroup)
             raise
-        logger.info("worker %d: pid %d ready (tee %s, %s)", slot, process.pid, worker.tee,
-                    "model key unsealed" if worker.provisioned else "waiting for provisioning")
+        logger.info(
+            "worker %d: pid %d ready (tee %s, %s)",
+            slot,
+            process.pid,
+            worker.tee,
+            "model key unsealed" if worker.provisioned else "waiting for provisioning",
+        )
         return worker
 
     def _enclave_command(self) -> list[str]:
@@ -351,9 +370,21 @@ class EnclavePool:
         program inside an SGX enclave, whose arguments are fixed (measured) by the manifest."""
         if self.tee == "gramine-sgx":
             return ["gramine-sgx", GRAMINE_MANIFEST]
-        return [sys.executable, "-m", "infenclave.enclave", "--tee", "sim", "--channel", "stdio",
-                "--bundles", str(self._bundle_dir.parent), "--state", str(self._state_dir),
-                "--threads", str(self._threads)]
+        return [
+            sys.executable,
+            "-m",
+            "infenclave.enclave",
+            "--tee",
+            "sim",
+            "--channel",
+            "stdio",
+            "--bundles",
+            str(self._bundle_dir.parent),
+            "--state",
+            str(self._state_dir),
+            "--threads",
+            str(self._threads),
+        ]
 
     def _set_aside_sealed_key(self) -> None:
         """The stored sealed model key does not open in this enclave: after a rebuild (another
@@ -368,7 +399,8 @@ class EnclavePool:
             self.reprovision_needed = (
                 f"the stored sealed model key does not open in this enclave (rebuilt enclave, "
                 f"TCB or microcode update, or a damaged file); it was set aside as {aside.name}. "
-                "The model owner (or the key-release service) must provision the model key again.")
+                "The model owner (or the key-release service) must provision the model key again."
+            )
             logger.error("%s", self.reprovision_needed)
 
     def _check_gramine_layout(self) -> None:
@@ -377,8 +409,10 @@ class EnclavePool:
         NOT EXERCISED here (no SGX, no Gramine): the layout follows deploy/gramine's manifest.
         """
         if self._gramine_dir is None:
-            raise ServerError("--tee gramine-sgx needs --gramine-dir (the folder holding the "
-                              "signed infenclave-enclave manifest, see deploy/gramine)")
+            raise ServerError(
+                "--tee gramine-sgx needs --gramine-dir (the folder holding the "
+                "signed infenclave-enclave manifest, see deploy/gramine)"
+            )
         # The thread count is measured into the manifest (loader.argv); a different
         # --enclave-threads would be silently ignored, so it must agree.
         manifest_path = self._gramine_dir / f"{GRAMINE_MANIFEST}.manifest"
@@ -388,15 +422,19 @@ class EnclavePool:
             argv = tomllib.loads(manifest_path.read_text())["loader"]["argv"]
             threads = int(argv[argv.index("--threads") + 1])
         except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
-            raise ServerError(f"--tee gramine-sgx: cannot read --threads from {manifest_path} "
-                              "(build it with deploy/gramine)") from exc
+            raise ServerError(
+                f"--tee gramine-sgx: cannot read --threads from {manifest_path} (build it with deploy/gramine)"
+            ) from exc
         if threads != self._threads:
-            raise ServerError(f"--enclave-threads {self._threads} differs from the {threads} "
-                              f"measured into {manifest_path.name} (ENCLAVE_THREADS)")
+            raise ServerError(
+                f"--enclave-threads {self._threads} differs from the {threads} "
+                f"measured into {manifest_path.name} (ENCLAVE_THREADS)"
+            )
         expected = self._gramine_dir / "bundles" / self._bundle_dir.name
         if not expected.exists() or expected.resolve() != self._bundle_dir:
-            raise ServerError(f"--tee gramine-sgx: the bundle must be visible to the enclave as "
-                              f"{expected} (link or copy it there)")
+            raise ServerError(
+                f"--tee gramine-sgx: the bundle must be visible to the enclave as {expected} (link or copy it there)"
+            )
 
     def _update_ready(self) -> None:
         self._metrics.set_workers_ready(sum(1 for w in self._workers.values() if w.provisioned))
@@ -407,9 +445,7 @@ class EnclavePool:
         for worker in self._workers.values():
             if worker.key_id == key_id and not worker.channel.closed:
                 return worker
-        raise UnknownEnclaveKey(
-            "no running enclave holds this key (the worker restarted?): attest again"
-        )
+        raise UnknownEnclaveKey("no running enclave holds this key (the worker restarted?): attest again")
 
     async def evidence(self, nonce: bytes) -> list[tuple[Worker, str, bytes, bytes | None]]:
         """Evidence from every live worker for *nonce*: (worker, tee, raw evidence, SEV-SNP
@@ -418,8 +454,7 @@ class EnclavePool:
 
         async def one(worker: Worker) -> tuple[Worker, str, bytes, bytes | None] | None:
             try:
-                frame = await worker.channel.call(MsgType.EVIDENCE, {"nonce": nonce.hex()},
-                                                  timeout=self._timeout)
+                frame = await worker.channel.call(MsgType.EVIDENCE, {"nonce": nonce.hex()}, timeout=self._timeout)
             except (TimeoutError, EnclaveError) as exc:
                 logger.warning("worker %d: evidence failed (%s)", worker.slot, type(exc).__name__)
                 return None
@@ -464,25 +499,35 @@ class EnclavePool:
             try:
                 if self.sealed_key_path.exists():  # another worker got it meanwhile
                     try:
-                        await worker.channel.call(MsgType.UNSEAL, body=self.sealed_key_path.read_bytes(),
-                                                  timeout=self._timeout)
+                        await worker.channel.call(
+                            MsgType.UNSEAL, body=self.sealed_key_path.read_bytes(), timeout=self._timeout
+                        )
                         worker.provisioned = True
                         self._update_ready()
                         return
                     except EnclaveRefused as exc:  # another sealing key (a remote enclave): release
                         if exc.code != SEALED_STATE_UNOPENABLE:
                             raise
-                sealed = await fetch_sealed_model_key(self._keyserver or "", worker.channel, worker.public_key,
-                                                      self.manifest.model_id, timeout=self._timeout)
+                sealed = await fetch_sealed_model_key(
+                    self._keyserver or "",
+                    worker.channel,
+                    worker.public_key,
+                    self.manifest.model_id,
+                    timeout=self._timeout,
+                )
                 ready = await self.provision(worker.key_id, sealed)
-                logger.info("worker %d: model key released by the key server in %.0f ms (%d worker(s) ready)",
-                            worker.slot, (time.perf_counter() - started) * 1e3, ready)
+                logger.info(
+                    "worker %d: model key released by the key server in %.0f ms (%d worker(s) ready)",
+                    worker.slot,
+                    (time.perf_counter() - started) * 1e3,
+                    ready,
+                )
                 return
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - logged, retried, never fatal to the pool
                 logger.error("worker %d: key release failed (%s: %s)", worker.slot, type(exc).__name__, exc)
-            await asyncio.sleep(min(0.5 * 2 ** attempt, 10.0))
+            await asyncio.sleep(min(0.5 * 2**attempt, 10.0))
 
     async def classify(self, key_id: str, request_id: str, sealed: bytes, batcher: Any) -> bytes:
         """Relay one sealed request through FrontNet (enclave), BackNet (here), Tail (enclave).
@@ -498,8 +543,9 @@ class EnclavePool:
         t0 = time.perf_counter()
         in_enclave = True  # False while the request is here (BackNet): it cannot kill the worker then
         try:
-            first = await channel.call(MsgType.REQUEST, {"request_id": request_id}, sealed,
-                                       tag=tag, timeout=self._timeout)
+            first = await channel.call(
+                MsgType.REQUEST, {"request_id": request_id}, sealed, tag=tag, timeout=self._timeout
+            )
             in_enclave = False
             t1 = time.perf_counter()
             self._metrics.observe_stage("enclave_in", t1 - t0)
@@ -515,13 +561,18 @@ class EnclavePool:
             in_enclave = True
             try:
                 if self.manifest.backnet.verified:  # IR2 and what the enclave checks it with
-                    result = await channel.call(MsgType.IR2, tensors_meta(outputs),
-                                                b"".join(memoryview(y).cast("B") for y in outputs),
-                                                tag=tag, timeout=self._timeout)
+                    result = await channel.call(
+                        MsgType.IR2,
+                        tensors_meta(outputs),
+                        b"".join(memoryview(y).cast("B") for y in outputs),
+                        tag=tag,
+                        timeout=self._timeout,
+                    )
                 else:
                     ir2 = outputs[0]
-                    result = await channel.call(MsgType.IR2, tensor_meta(ir2), memoryview(ir2).cast("B"),
-                                                tag=tag, timeout=self._timeout)
+                    result = await channel.call(
+                        MsgType.IR2, tensor_meta(ir2), memoryview(ir2).cast("B"), tag=tag, timeout=self._timeout
+                    )
             except EnclaveRefused as exc:
                 if exc.code == BACKNET_CHECK_FAILED:
                     self._metrics.backnet_check_failed()
@@ -539,8 +590,7 @@ class EnclavePool:
                     "request may be the cause, so it is not retried"
                 ) from exc
             raise WorkerLost(
-                f"enclave worker {worker.slot} stopped while handling this request; "
-                "attest again and retry"
+                f"enclave worker {worker.slot} stopped while handling this request; attest again and retry"
             ) from exc
         except TimeoutError as exc:
             raise ServerError("the enclave did not answer in time") from exc
@@ -557,8 +607,11 @@ class EnclavePool:
             # may be the cause.
             worker.crash_cause = "closed its connection (a remote enclave; how it ended is not known here)"
         if worker.crash_cause is None and code not in _EXTERNAL_SIGNALS and not self._stopping:
-            worker.crash_cause = (f"crashed ({signal.Signals(-code).name})" if code is not None and code < 0
-                                  and -code in signal.valid_signals() else f"exited with status {code}")
+            worker.crash_cause = (
+                f"crashed ({signal.Signals(-code).name})"
+                if code is not None and code < 0 and -code in signal.valid_signals()
+                else f"exited with status {code}"
+            )
         worker.exited.set()
 
     async def _crash_cause(self, worker: Worker) -> str | None:
@@ -621,15 +674,18 @@ async def _relay_log(stream: asyncio.StreamReader, slot: int, pid: int) -> None:
         if not line:
             return
         text = line.decode("utf-8", errors="replace").rstrip()
-        _enclave_log.info("worker %d (pid %d): %s", slot, pid,
-                          text.removeprefix(prefix)[:_MAX_LOG_LINE])
+        _enclave_log.info("worker %d (pid %d): %s", slot, pid, text.removeprefix(prefix)[:_MAX_LOG_LINE])
 
 
 def _enclave_env() -> dict[str, str]:
     """A minimal environment: nothing of the host's (LD_PRELOAD, PYTHON*) reaches the enclave."""
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8",
-           "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1",
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "LANG": "C.UTF-8",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+    }
     # Let an editable/dev install be found exactly as the host finds it.
     if "PYTHONPATH" in os.environ:
         env["PYTHONPATH"] = os.environ["PYTHONPATH"]
@@ -656,4 +712,3 @@ async def _reap(process: asyncio.subprocess.Process) -> None:
     except TimeoutError:
         process.kill()
         await process.wait()
-

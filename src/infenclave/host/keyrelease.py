@@ -33,8 +33,9 @@ class KeyReleaseRefused(ServerError):
     """The key server refused (403), rate-limited (429) or answered something unusable."""
 
 
-async def fetch_sealed_model_key(url: str, channel: EnclaveChannel, public_key: bytes, model_id: str,
-                                 *, timeout: float) -> bytes:
+async def fetch_sealed_model_key(
+    url: str, channel: EnclaveChannel, public_key: bytes, model_id: str, *, timeout: float
+) -> bytes:
     """Challenge, evidence, key request for the worker behind *channel*; returns the model key
     sealed to *public_key*, for a PROVISION frame."""
     from infenclave.host.enclave_pool import split_evidence
@@ -60,5 +61,4 @@ async def fetch_sealed_model_key(url: str, channel: EnclaveChannel, public_key: 
 
 def _check(answer: httpx.Response, step: str) -> None:
     if answer.status_code != 200:
-        raise KeyReleaseRefused(f"key server: {step} answered {answer.status_code} "
-                                f"({answer.text[:80]!r})")
+        raise KeyReleaseRefused(f"key server: {step} answered {answer.status_code} ({answer.text[:80]!r})")

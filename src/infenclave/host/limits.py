@@ -33,8 +33,10 @@ __all__ = ["HEADER_TIMEOUT_S", "HeaderDeadlineH11Protocol", "with_header_timeout
 #: this API sends a few hundred bytes of headers, and 10 s covers a bad mobile link).
 HEADER_TIMEOUT_S = 10.0
 
-_TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\n"
-                     b"content-length: 25\r\nconnection: close\r\n\r\nrequest header timed out\n")
+_TIMEOUT_RESPONSE = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\n"
+    b"content-length: 25\r\nconnection: close\r\n\r\nrequest header timed out\n"
+)
 
 
 class HeaderDeadlineH11Protocol(H11Protocol):

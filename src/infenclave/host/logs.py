@@ -30,8 +30,12 @@ class _UtcFormatter(logging.Formatter):
 
 class _JsonFormatter(_UtcFormatter):
     def format(self, record: logging.LogRecord) -> str:
-        doc = {"time": self.formatTime(record), "level": record.levelname.lower(),
-               "logger": record.name, "message": record.getMessage()}
+        doc = {
+            "time": self.formatTime(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
         return json.dumps(doc, ensure_ascii=False)
@@ -40,8 +44,9 @@ class _JsonFormatter(_UtcFormatter):
 def configure_logging(level: str, fmt: str = "text") -> None:
     """Send every logger to one stderr handler in *fmt*, at *level* (checked by the CLI)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if fmt == "json"
-                         else _UtcFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(
+        _JsonFormatter() if fmt == "json" else _UtcFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -115,42 +115,60 @@ class Metrics:
         with self._lock:
             if self._info:
                 labels = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(self._info.items()))
-                lines += ["# HELP infenclave_info Which infenclave build serves which model.",
-                          "# TYPE infenclave_info gauge", f"infenclave_info{{{labels}}} 1"]
-            lines += ["# HELP infenclave_requests_total HTTP requests by endpoint, outcome and "
-                      "status code.",
-                      "# TYPE infenclave_requests_total counter"]
+                lines += [
+                    "# HELP infenclave_info Which infenclave build serves which model.",
+                    "# TYPE infenclave_info gauge",
+                    f"infenclave_info{{{labels}}} 1",
+                ]
+            lines += [
+                "# HELP infenclave_requests_total HTTP requests by endpoint, outcome and status code.",
+                "# TYPE infenclave_requests_total counter",
+            ]
             for (endpoint, outcome, code), n in sorted(self._requests.items()):
-                lines.append(f'infenclave_requests_total{{endpoint="{endpoint}",'
-                             f'outcome="{outcome}",code="{code}"}} {n}')
+                lines.append(
+                    f'infenclave_requests_total{{endpoint="{endpoint}",outcome="{outcome}",code="{code}"}} {n}'
+                )
             errors = sum(n for (_, outcome, _), n in self._requests.items() if outcome != "ok")
-            lines += ["# HELP infenclave_errors_total Requests that did not end ok.",
-                      "# TYPE infenclave_errors_total counter", f"infenclave_errors_total {errors}"]
-            lines += ["# HELP infenclave_requests_in_flight Requests being served now.",
-                      "# TYPE infenclave_requests_in_flight gauge",
-                      f"infenclave_requests_in_flight {self._in_flight}"]
-            lines += ["# HELP infenclave_request_seconds Whole requests at the host, by endpoint.",
-                      "# TYPE infenclave_request_seconds histogram"]
+            lines += [
+                "# HELP infenclave_errors_total Requests that did not end ok.",
+                "# TYPE infenclave_errors_total counter",
+                f"infenclave_errors_total {errors}",
+            ]
+            lines += [
+                "# HELP infenclave_requests_in_flight Requests being served now.",
+                "# TYPE infenclave_requests_in_flight gauge",
+                f"infenclave_requests_in_flight {self._in_flight}",
+            ]
+            lines += [
+                "# HELP infenclave_request_seconds Whole requests at the host, by endpoint.",
+                "# TYPE infenclave_request_seconds histogram",
+            ]
             for endpoint, hist in sorted(self._request_seconds.items()):
                 lines += _hist_lines("infenclave_request_seconds", hist, f'endpoint="{endpoint}"')
-            lines += ["# HELP infenclave_stage_seconds Latency of each part of a classification "
-                      "(parts only; the whole is infenclave_request_seconds).",
-                      "# TYPE infenclave_stage_seconds histogram"]
+            lines += [
+                "# HELP infenclave_stage_seconds Latency of each part of a classification "
+                "(parts only; the whole is infenclave_request_seconds).",
+                "# TYPE infenclave_stage_seconds histogram",
+            ]
             for stage, hist in sorted(self._stages.items()):
                 lines += _hist_lines("infenclave_stage_seconds", hist, f'stage="{stage}"')
-            lines += ["# HELP infenclave_backnet_batch_size Requests per BackNet batch.",
-                      "# TYPE infenclave_backnet_batch_size histogram"]
+            lines += [
+                "# HELP infenclave_backnet_batch_size Requests per BackNet batch.",
+                "# TYPE infenclave_backnet_batch_size histogram",
+            ]
             lines += _hist_lines("infenclave_backnet_batch_size", self._batch, "")
-            lines += ["# HELP infenclave_worker_restarts_total Enclave workers replaced after dying.",
-                      "# TYPE infenclave_worker_restarts_total counter",
-                      f"infenclave_worker_restarts_total {self._restarts}",
-                      "# HELP infenclave_workers_ready Enclave workers ready to serve.",
-                      "# TYPE infenclave_workers_ready gauge",
-                      f"infenclave_workers_ready {self._workers_ready}",
-                      "# HELP infenclave_backnet_check_failures_total IR2 frames an enclave refused "
-                      "because a BackNet check failed (or, after max_failures, any IR2).",
-                      "# TYPE infenclave_backnet_check_failures_total counter",
-                      f"infenclave_backnet_check_failures_total {self._backnet_check_failures}"]
+            lines += [
+                "# HELP infenclave_worker_restarts_total Enclave workers replaced after dying.",
+                "# TYPE infenclave_worker_restarts_total counter",
+                f"infenclave_worker_restarts_total {self._restarts}",
+                "# HELP infenclave_workers_ready Enclave workers ready to serve.",
+                "# TYPE infenclave_workers_ready gauge",
+                f"infenclave_workers_ready {self._workers_ready}",
+                "# HELP infenclave_backnet_check_failures_total IR2 frames an enclave refused "
+                "because a BackNet check failed (or, after max_failures, any IR2).",
+                "# TYPE infenclave_backnet_check_failures_total counter",
+                f"infenclave_backnet_check_failures_total {self._backnet_check_failures}",
+            ]
         return "\n".join(lines) + "\n"
 
 

@@ -54,8 +54,9 @@ class RemoteEnclave:
         self.returncode = 0
 
 
-async def connect_remote(address: str, timeout: float) -> tuple[RemoteEnclave, asyncio.StreamReader,
-                                                                  asyncio.StreamWriter]:
+async def connect_remote(
+    address: str, timeout: float
+) -> tuple[RemoteEnclave, asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect to a listening enclave; returns the process stand-in and the stream pair."""
     host, port = parse_address(address)
     try:

@@ -164,8 +164,15 @@ def create_app(config: KeyServerConfig) -> FastAPI:
         """Step 1: a fresh single-use nonce for this peer and model."""
         t, peer = config.clock(), _peer(request)
         if not take_token(peer, t):
-            audit.record(time=now_iso(t), peer=peer, outcome="rate_limited", step="K1 rate limit",
-                         model_id=None, enclave_key=None, measurements=None)
+            audit.record(
+                time=now_iso(t),
+                peer=peer,
+                outcome="rate_limited",
+                step="K1 rate limit",
+                model_id=None,
+                enclave_key=None,
+                measurements=None,
+            )
             return refuse(429, "rate_limited")
         try:
             model_id = decode_challenge_request(await body(request, _MAX_CHALLENGE_BYTES))
@@ -173,8 +180,15 @@ def create_app(config: KeyServerConfig) -> FastAPI:
                 raise _Refused("K2 another model than the one whose key this service holds")
         except (VerificationError, _Refused) as exc:
             step = exc.step if isinstance(exc, _Refused) else f"K0 malformed challenge request ({exc})"
-            audit.record(time=now_iso(t), peer=peer, outcome="refused", step=step,
-                         model_id=None, enclave_key=None, measurements=None)
+            audit.record(
+                time=now_iso(t),
+                peer=peer,
+                outcome="refused",
+                step=step,
+                model_id=None,
+                enclave_key=None,
+                measurements=None,
+            )
             return refuse(403, "refused")
         nonce = os.urandom(NONCE_BYTES)
         with lock:
@@ -188,15 +202,27 @@ def create_app(config: KeyServerConfig) -> FastAPI:
         """Steps 2-5: verify the enclave's evidence over the nonce; release the sealed key."""
         t, peer = config.clock(), _peer(request)
         if not take_token(peer, t):
-            audit.record(time=now_iso(t), peer=peer, outcome="rate_limited", step="K1 rate limit",
-                         model_id=None, enclave_key=None, measurements=None)
+            audit.record(
+                time=now_iso(t),
+                peer=peer,
+                outcome="rate_limited",
+                step="K1 rate limit",
+                model_id=None,
+                enclave_key=None,
+                measurements=None,
+            )
             return refuse(429, "rate_limited")
-        entry: dict[str, Any] = {"time": now_iso(t), "peer": peer, "model_id": None,
-                                 "enclave_key": None, "measurements": None, "tee": None}
+        entry: dict[str, Any] = {
+            "time": now_iso(t),
+            "peer": peer,
+            "model_id": None,
+            "enclave_key": None,
+            "measurements": None,
+            "tee": None,
+        }
         try:
             try:
-                model_id, nonce, public_key, envelope = decode_key_request(
-                    await body(request, MAX_KEY_REQUEST_BYTES))
+                model_id, nonce, public_key, envelope = decode_key_request(await body(request, MAX_KEY_REQUEST_BYTES))
             except VerificationError as exc:
                 raise _Refused(f"K0 malformed key request ({exc})") from exc
             entry.update(model_id=model_id, enclave_key=public_key.hex())
@@ -212,16 +238,19 @@ def create_app(config: KeyServerConfig) -> FastAPI:
                 raise _Refused("K3 the nonce expired")
             try:  # K4
                 evidence = parse_evidence_envelope(envelope)
-                claims = verify(evidence, policy, now=datetime.fromtimestamp(t, UTC),
-                                expected_report_data=expected_report_data(public_key, nonce, model_id))
+                claims = verify(
+                    evidence,
+                    policy,
+                    now=datetime.fromtimestamp(t, UTC),
+                    expected_report_data=expected_report_data(public_key, nonce, model_id),
+                )
             except VerificationError as exc:
                 raise _Refused(f"K4 evidence refused: {exc}", getattr(exc, "claims", None)) from exc
             entry.update(measurements=dict(claims.measurements), tee=claims.tee)
             sealed = seal(public_key, model_key.key, context=provision_context(model_id))  # K5
         except _Refused as exc:
             if exc.claims is not None:
-                entry.update(measurements=dict(exc.claims.measurements), tee=exc.claims.tee,
-                             debug=exc.claims.debug)
+                entry.update(measurements=dict(exc.claims.measurements), tee=exc.claims.tee, debug=exc.claims.debug)
             audit.record(**entry, outcome="refused", step=exc.step)
             return refuse(403, "refused")
         audit.record(**entry, outcome="released", step="K5 released")
@@ -238,7 +267,8 @@ def run_keyserver(config: KeyServerConfig, *, host: str, port: int, log_level: s
     """Serve until interrupted (uvicorn)."""
     import uvicorn
 
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
     app = create_app(config)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

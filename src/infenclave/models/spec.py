@@ -66,9 +66,7 @@ def load_model(ref: str) -> LoadedModel:
     path = Path(ref)
     if path.suffix.lower() in (".yaml", ".yml") or path.exists():
         return _load_spec(path)
-    raise ModelError(
-        f"unknown model {ref!r}: use one of {', '.join(zoo.ZOO)} or a path to a model spec YAML"
-    )
+    raise ModelError(f"unknown model {ref!r}: use one of {', '.join(zoo.ZOO)} or a path to a model spec YAML")
 
 
 def _load_spec(path: Path) -> LoadedModel:
@@ -98,8 +96,7 @@ def _load_spec(path: Path) -> LoadedModel:
     output = doc.get("output", "logits")
     if output not in ("logits", "probabilities"):
         raise ModelError(f"model spec {path}: 'output' must be 'logits' or 'probabilities'")
-    model = LoadedModel(name=name, preprocess=pre, labels=labels, output=output,
-                        weights_sha256="", source=str(path))
+    model = LoadedModel(name=name, preprocess=pre, labels=labels, output=output, weights_sha256="", source=str(path))
     if "onnx" in doc:
         onnx_path = base / str(doc["onnx"])
         if not onnx_path.is_file():
@@ -148,8 +145,7 @@ def _parse_preprocess(d: Any, path: Path) -> Preprocess:
         raise ModelError(f"{where}.layout must be NCHW or NHWC")
     mean, std = _three(d["mean"]), _three(d["std"])
     _warn_unless_pixel_units(mean, std, where)
-    return Preprocess(resize=resize, crop=crop, mean=mean, std=std, channel_order=order,
-                      layout=layout)
+    return Preprocess(resize=resize, crop=crop, mean=mean, std=std, channel_order=order, layout=layout)
 
 
 class SpecWarning(UserWarning):
@@ -160,8 +156,7 @@ def _three(values: list[int | float]) -> tuple[float, float, float]:
     return float(values[0]), float(values[1]), float(values[2])
 
 
-def _warn_unless_pixel_units(mean: tuple[float, float, float], std: tuple[float, float, float],
-                             where: str) -> None:
+def _warn_unless_pixel_units(mean: tuple[float, float, float], std: tuple[float, float, float], where: str) -> None:
     """Warn when mean/std do not look like 0-255 pixel units (the spec's documented units).
 
     The usual mistake is torchvision's habit, mean [0.485, 0.456, 0.406] and std [0.229,
@@ -171,13 +166,17 @@ def _warn_unless_pixel_units(mean: tuple[float, float, float], std: tuple[float,
     raw_pixels = mean == (0.0, 0.0, 0.0) and std == (1.0, 1.0, 1.0)
     unit_range = all(0 <= m <= 1 for m in mean) and all(0 < s <= 1 for s in std)
     if unit_range and not raw_pixels:
-        warnings.warn(f"{where}: mean {list(mean)} and std {list(std)} look like 0-1 units; "
-                      "infenclave reads them in 0-255 pixel units (multiply by 255, e.g. "
-                      "mean [123.675, 116.28, 103.53], std [58.395, 57.12, 57.375])",
-                      SpecWarning, stacklevel=2)
+        warnings.warn(
+            f"{where}: mean {list(mean)} and std {list(std)} look like 0-1 units; "
+            "infenclave reads them in 0-255 pixel units (multiply by 255, e.g. "
+            "mean [123.675, 116.28, 103.53], std [58.395, 57.12, 57.375])",
+            SpecWarning,
+            stacklevel=2,
+        )
     elif not all(0 <= m <= 255 for m in mean) or not all(0 < s <= 255 for s in std):
-        warnings.warn(f"{where}: mean {list(mean)} or std {list(std)} fall outside 0-255 "
-                      "pixel units", SpecWarning, stacklevel=2)
+        warnings.warn(
+            f"{where}: mean {list(mean)} or std {list(std)} fall outside 0-255 pixel units", SpecWarning, stacklevel=2
+        )
 
 
 def _load_labels(path: Path, spec: Path) -> list[str]:

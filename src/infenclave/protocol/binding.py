@@ -41,9 +41,7 @@ def expected_report_data(public_key: bytes, nonce: bytes, model_id: str) -> byte
     if not isinstance(public_key, bytes) or len(public_key) != 32:
         raise VerificationError("report data binding: the public key must be 32 bytes")
     if not isinstance(nonce, bytes) or not MIN_NONCE_BYTES <= len(nonce) <= MAX_NONCE_BYTES:
-        raise VerificationError(
-            f"report data binding: the nonce must be {MIN_NONCE_BYTES} to {MAX_NONCE_BYTES} bytes"
-        )
+        raise VerificationError(f"report data binding: the nonce must be {MIN_NONCE_BYTES} to {MAX_NONCE_BYTES} bytes")
     if not isinstance(model_id, str) or _MODEL_ID.fullmatch(model_id) is None:
         raise VerificationError("report data binding: a model id is 64 lower-case hex digits")
     digest = hashlib.sha256(_TAG + public_key + bytes.fromhex(model_id) + nonce).digest()

@@ -86,8 +86,7 @@ MAX_LABEL_BYTES = 1024
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _MANIFEST_KEYS = frozenset(
-    {"format", "model", "preprocess", "output", "num_classes", "input_shape", "cuts", "parts",
-     "owner_key", "backnet"}
+    {"format", "model", "preprocess", "output", "num_classes", "input_shape", "cuts", "parts", "owner_key", "backnet"}
 )
 
 
@@ -200,9 +199,7 @@ def decrypt_part(manifest: BundleManifest, part: str, blob: bytes, key: bytes) -
     try:
         plaintext = aead_decrypt(key, blob, part_aad(manifest.digest, part))
     except CryptoError as exc:
-        raise BundleError(
-            f"{part}: does not decrypt with this key and manifest (wrong key, or tampered)"
-        ) from exc
+        raise BundleError(f"{part}: does not decrypt with this key and manifest (wrong key, or tampered)") from exc
     check_part(manifest, part, plaintext)
     return plaintext
 
@@ -219,11 +216,7 @@ def encode_tail(onnx_bytes: bytes, labels: list[str]) -> bytes:
     """Pack the Tail ONNX and its label list into one container (the inverse of `decode_tail`)."""
     labels_json = json.dumps(list(labels), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     return (
-        TAIL_MAGIC
-        + struct.pack(">Q", len(onnx_bytes))
-        + onnx_bytes
-        + struct.pack(">Q", len(labels_json))
-        + labels_json
+        TAIL_MAGIC + struct.pack(">Q", len(onnx_bytes)) + onnx_bytes + struct.pack(">Q", len(labels_json)) + labels_json
     )
 
 

@@ -30,8 +30,7 @@ ENVELOPE_KEYS = frozenset({"format", "tee", "raw", "collateral", "certificates"}
 MAX_ENVELOPE_BYTES = 2 * 1024 * 1024
 
 
-def encode_envelope(tee: str, raw: bytes, collateral: bytes | None = None,
-                    certificates: bytes | None = None) -> bytes:
+def encode_envelope(tee: str, raw: bytes, collateral: bytes | None = None, certificates: bytes | None = None) -> bytes:
     """Serialise evidence parts into the envelope (sorted keys, so its bytes are stable)."""
     document = {
         "format": ENVELOPE_FORMAT,

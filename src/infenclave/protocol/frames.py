@@ -181,8 +181,7 @@ def tensor_from_frame(frame: Frame, expected_shape: tuple[int, ...] | None = Non
     return np.frombuffer(frame.body, dtype=dtype).reshape(shape)
 
 
-def encode_tensors_frame(msg: MsgType, tag: int, arrays: list[np.ndarray],
-                         **extra: Any) -> list[bytes | memoryview]:
+def encode_tensors_frame(msg: MsgType, tag: int, arrays: list[np.ndarray], **extra: Any) -> list[bytes | memoryview]:
     """A multi-tensor frame: meta ``{dtype, shapes}``, body the tensors' raw bytes in order."""
     if not 1 <= len(arrays) <= MAX_TENSORS:
         raise EnclaveError("channel: too many tensors for one frame")
@@ -283,4 +282,3 @@ class FrameReader:
                 break
             frames.append(frame)
         return frames
-

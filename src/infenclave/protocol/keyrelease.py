@@ -100,8 +100,12 @@ def decode_challenge(data: bytes) -> bytes:
 
 def encode_key_request(model_id: str, nonce: bytes, public_key: bytes, envelope: bytes) -> dict[str, Any]:
     """Step 3, host -> key server (*envelope*: `protocol.envelope.encode_envelope` output)."""
-    return {"model_id": _model_id(model_id, "key request"), "nonce": nonce.hex(),
-            "public_key": public_key.hex(), "evidence": envelope.decode("utf-8")}
+    return {
+        "model_id": _model_id(model_id, "key request"),
+        "nonce": nonce.hex(),
+        "public_key": public_key.hex(),
+        "evidence": envelope.decode("utf-8"),
+    }
 
 
 def decode_key_request(data: bytes) -> tuple[str, bytes, bytes, bytes]:
@@ -116,8 +120,12 @@ def decode_key_request(data: bytes) -> tuple[str, bytes, bytes, bytes]:
         raise VerificationError("key request: the public key is 64 lower-case hex digits")
     if not isinstance(document["evidence"], str):
         raise VerificationError("key request: evidence must be the envelope as a string")
-    return (_model_id(document["model_id"], "key request"), _nonce(document["nonce"], "key request"),
-            bytes.fromhex(public_key), document["evidence"].encode("utf-8"))
+    return (
+        _model_id(document["model_id"], "key request"),
+        _nonce(document["nonce"], "key request"),
+        bytes.fromhex(public_key),
+        document["evidence"].encode("utf-8"),
+    )
 
 
 def encode_key_response(sealed_key: bytes) -> dict[str, Any]:

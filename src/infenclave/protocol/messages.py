@@ -47,9 +47,7 @@ REQUEST_ID_RE = re.compile(r"[0-9a-f]{32}")
 def _check_ids(model_id: str, request_id: str | None = None) -> None:
     if not isinstance(model_id, str) or re.fullmatch(r"[0-9a-f]{64}", model_id) is None:
         raise CryptoError("a model id is 64 lower-case hex digits")
-    if request_id is not None and (
-        not isinstance(request_id, str) or REQUEST_ID_RE.fullmatch(request_id) is None
-    ):
+    if request_id is not None and (not isinstance(request_id, str) or REQUEST_ID_RE.fullmatch(request_id) is None):
         raise CryptoError("a request id is 32 lower-case hex digits")
 
 

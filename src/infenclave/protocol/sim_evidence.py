@@ -82,9 +82,7 @@ def _check_claims(claims: Mapping[str, Any]) -> None:
     keys = set(claims)
     if keys != CLAIM_KEYS:
         missing, extra = sorted(CLAIM_KEYS - keys), sorted(keys - CLAIM_KEYS)
-        raise VerificationError(
-            f"simulated evidence body: missing keys {missing}, unexpected keys {extra}"
-        )
+        raise VerificationError(f"simulated evidence body: missing keys {missing}, unexpected keys {extra}")
     if claims["tee"] != SIM_TEE:
         raise VerificationError(f"simulated evidence body: tee must be {SIM_TEE!r}")
     for key, pattern, what in (

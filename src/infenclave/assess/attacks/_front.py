@@ -35,8 +35,9 @@ class OnnxFront:
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """(B, H, W, 3) uint8 (already at the model's input size) -> (B, *cut shape) float32."""
-        return np.concatenate([self._part(normalise(pixels[i:i + IR_BATCH], self._pre))
-                               for i in range(0, len(pixels), IR_BATCH)])
+        return np.concatenate(
+            [self._part(normalise(pixels[i : i + IR_BATCH], self._pre)) for i in range(0, len(pixels), IR_BATCH)]
+        )
 
 
 def torch_front(net: Network, cut: str) -> Any:
@@ -46,7 +47,8 @@ def torch_front(net: Network, cut: str) -> Any:
     if net.fx is None:
         raise AssessmentError(
             f"{net.model.name}: the white-box (knows-weights) attack needs the model as torch code; "
-            "an ONNX-only model can be assessed with --adversary chosen-inputs, which is weaker")
+            "an ONNX-only model can be assessed with --adversary chosen-inputs, which is weaker"
+        )
     part = fx_graph.segment(net.fx, None, net.fx_cut_nodes[net.cut(cut).name])
     for p in part.parameters():
         p.requires_grad_(False)

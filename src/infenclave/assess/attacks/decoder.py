@@ -89,11 +89,20 @@ def build_decoder(ir_shape: tuple[int, ...], out_hw: tuple[int, int]) -> Any:
             doublings = max(0, round(math.log2(half[0] / side)))
             for _ in range(doublings):
                 nxt = _width(side * 2)
-                layers += [nn.Conv2d(width, nxt, 3, padding=1), nn.BatchNorm2d(nxt), nn.ReLU(),
-                           nn.Upsample(scale_factor=2, mode="nearest")]
+                layers += [
+                    nn.Conv2d(width, nxt, 3, padding=1),
+                    nn.BatchNorm2d(nxt),
+                    nn.ReLU(),
+                    nn.Upsample(scale_factor=2, mode="nearest"),
+                ]
                 width, side = nxt, side * 2
-            layers += [nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-                       nn.Conv2d(width, 3 * 4, 3, padding=1), nn.PixelShuffle(2)]
+            layers += [
+                nn.Conv2d(width, width, 3, padding=1),
+                nn.BatchNorm2d(width),
+                nn.ReLU(),
+                nn.Conv2d(width, 3 * 4, 3, padding=1),
+                nn.PixelShuffle(2),
+            ]
             self.body = nn.Sequential(*layers)
             self.out_hw = out_hw
 
@@ -128,10 +137,18 @@ class DecoderRun:
     snapshots: dict[int, np.ndarray] = field(default_factory=dict)  # epoch -> (B, H, W, 3) uint8
 
 
-def train_and_invert(front: OnnxFront, victim_ir: np.ndarray, training: TrainingSet,
-                     hw: tuple[int, int], *, epochs: int = DEFAULT_EPOCHS, seed: int = 0,
-                     lr: float = LEARNING_RATE, snapshots: Sequence[int] = (),
-                     on_epoch: Callable[[int, int], None] | None = None) -> DecoderRun:
+def train_and_invert(
+    front: OnnxFront,
+    victim_ir: np.ndarray,
+    training: TrainingSet,
+    hw: tuple[int, int],
+    *,
+    epochs: int = DEFAULT_EPOCHS,
+    seed: int = 0,
+    lr: float = LEARNING_RATE,
+    snapshots: Sequence[int] = (),
+    on_epoch: Callable[[int, int], None] | None = None,
+) -> DecoderRun:
     """Train a decoder on the attacker's photos through `front`, then decode `victim_ir`."""
     import torch
 
@@ -148,9 +165,15 @@ def train_and_invert(front: OnnxFront, victim_ir: np.ndarray, training: Training
     opt = torch.optim.Adam(decoder.parameters(), lr=lr)
     per_epoch = max(1, -(-len(photos) // BATCH))
     want = set(snapshots)
-    run = DecoderRun(reconstructions=np.empty(0), train_seconds=0.0, invert_seconds=0.0,
-                     epochs=epochs, steps=epochs * per_epoch, training_photos=len(photos),
-                     training_views=0)
+    run = DecoderRun(
+        reconstructions=np.empty(0),
+        train_seconds=0.0,
+        invert_seconds=0.0,
+        epochs=epochs,
+        steps=epochs * per_epoch,
+        training_photos=len(photos),
+        training_views=0,
+    )
     victim = torch.from_numpy(np.ascontiguousarray(victim_ir, dtype=np.float32))
     snap_seconds = 0.0
     for epoch in range(1, epochs + 1):
@@ -158,7 +181,7 @@ def train_and_invert(front: OnnxFront, victim_ir: np.ndarray, training: Training
         order = rng.permutation(len(photos))
         losses = []
         for i in range(per_epoch):
-            chosen = [photos[j] for j in order[i * BATCH:(i + 1) * BATCH]]
+            chosen = [photos[j] for j in order[i * BATCH : (i + 1) * BATCH]]
             views = augment(chosen, len(chosen), hw, rng)  # (b, H, W, 3) uint8
             ir = torch.from_numpy(front(views))  # the attacker's queries
             target = torch.from_numpy(views).permute(0, 3, 1, 2).float() / 255.0  # (b, 3, H, W)
@@ -192,8 +215,9 @@ def _decode(decoder: Any, ir: Any, to_uint8: Callable[[Any], np.ndarray]) -> np.
     return out
 
 
-def _fit_ir_statistics(decoder: Any, front: OnnxFront, photos: Sequence[TrainingPhoto], hw: tuple[int, int],
-                       rng: np.random.Generator) -> None:
+def _fit_ir_statistics(
+    decoder: Any, front: OnnxFront, photos: Sequence[TrainingPhoto], hw: tuple[int, int], rng: np.random.Generator
+) -> None:
     """Per-channel mean/std of the IR over a sample of training views: standardised inputs."""
     import torch
 

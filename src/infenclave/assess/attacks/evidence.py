@@ -85,19 +85,27 @@ class Evidence:
     verdict: Verdict
 
     def to_dict(self) -> dict[str, Any]:
-        return {"recovered": self.recovered, "photos": self.photos,
-                "upper_bound": round(self.bound, 6), "alpha": round(self.alpha, 6),
-                "cuts_tried": self.cuts_tried, "max_recovery": self.max_recovery,
-                "verdict": self.verdict}
+        return {
+            "recovered": self.recovered,
+            "photos": self.photos,
+            "upper_bound": round(self.bound, 6),
+            "alpha": round(self.alpha, 6),
+            "cuts_tried": self.cuts_tried,
+            "max_recovery": self.max_recovery,
+            "verdict": self.verdict,
+        }
 
     def sentence(self) -> str:
         corr = f", corrected for {self.cuts_tried} cut points tried" if self.cuts_tried > 1 else ""
-        return (f"{self.recovered} of {self.photos} photos recovered; the recovery rate is at most "
-                f"{self.bound:.1%} (one-sided {1 - ALPHA:.0%} Clopper-Pearson{corr})")
+        return (
+            f"{self.recovered} of {self.photos} photos recovered; the recovery rate is at most "
+            f"{self.bound:.1%} (one-sided {1 - ALPHA:.0%} Clopper-Pearson{corr})"
+        )
 
 
-def judge_evidence(recovered: int, photos: int, max_recovery: float = DEFAULT_MAX_RECOVERY,
-                   *, cuts_tried: int = 1) -> Evidence:
+def judge_evidence(
+    recovered: int, photos: int, max_recovery: float = DEFAULT_MAX_RECOVERY, *, cuts_tried: int = 1
+) -> Evidence:
     """The verdict for k of n recovered, the bound corrected for `cuts_tried` cut points."""
     check_max_recovery(max_recovery)
     if cuts_tried < 1:

@@ -11,8 +11,14 @@ from infenclave.assess.attacks.runner import AttackResults
 from infenclave.errors import AssessmentError
 
 
-def inversion_grid(results: AttackResults, attack: str, *, cuts: Sequence[str] | None = None,
-                   images: Sequence[str] | None = None, label: bool = True) -> np.ndarray:
+def inversion_grid(
+    results: AttackResults,
+    attack: str,
+    *,
+    cuts: Sequence[str] | None = None,
+    images: Sequence[str] | None = None,
+    label: bool = True,
+) -> np.ndarray:
     """(rows x (1 + cuts)) grid as one uint8 RGB array: original, then one column per cut.
 
     Each reconstruction is captioned with its cut, SSIM and whether the judge recognised it
@@ -43,13 +49,15 @@ def inversion_grid(results: AttackResults, attack: str, *, cuts: Sequence[str] |
                 continue
             grid.paste(Image.fromarray(rec.reconstruction), (col * w, y))
             if label:
-                mark = ("re-identified" if rec.reidentified else
-                        "recognised" if rec.recognised else "not recovered")
+                mark = "re-identified" if rec.reidentified else "recognised" if rec.recognised else "not recovered"
                 draw.text((col * w + 4, y + h + 2), f"{cut.cut} {list(cut.shape)}", fill="black")
                 # red when the verdict says leaked; never green: a reconstruction the judge
                 # misses can still be plain to a person (look at the picture)
-                draw.text((col * w + 4, y + h + 14), f"SSIM {rec.ssim:.2f}, {mark}",
-                          fill="firebrick" if rec.unsafe else "dimgray")
+                draw.text(
+                    (col * w + 4, y + h + 14),
+                    f"SSIM {rec.ssim:.2f}, {mark}",
+                    fill="firebrick" if rec.unsafe else "dimgray",
+                )
     return np.asarray(grid)
 
 

@@ -54,7 +54,8 @@ def ssim(original: np.ndarray, reconstruction: np.ndarray) -> float:
 
     _check_pair(original, reconstruction)
     value = structural_similarity(  # type: ignore[no-untyped-call]
-        original, reconstruction, channel_axis=-1, data_range=255)
+        original, reconstruction, channel_axis=-1, data_range=255
+    )
     return float(value)
 
 
@@ -143,7 +144,8 @@ class Judge:
         if model.weights_sha256 == assessed.weights_sha256:
             raise AssessmentError(
                 f"the judge {name!r} is the assessed model itself: an attack could then succeed "
-                "by fooling the assessed network's own features; choose a different judge")
+                "by fooling the assessed network's own features; choose a different judge"
+            )
         return cls(model)
 
     @property
@@ -154,8 +156,9 @@ class Judge:
         """(B, H, W, 3) uint8 -> (B, classes) float64 probabilities."""
         pre = self.model.preprocess
         batch = np.stack([resize_and_crop(img, pre) for img in images])  # (B, h, w, 3)
-        out = np.concatenate([self._part(normalise(batch[i:i + 16], pre))
-                              for i in range(0, len(batch), 16)])  # (B, classes)
+        out = np.concatenate(
+            [self._part(normalise(batch[i : i + 16], pre)) for i in range(0, len(batch), 16)]
+        )  # (B, classes)
         if self.model.output == "probabilities":
             return out.astype(np.float64)
         return np.stack([softmax(row) for row in out])
@@ -179,10 +182,15 @@ class Judge:
         top5 = tuple(int(i) for i in order[:RECOGNITION_TOP_K])
         rank = int(np.nonzero(order == top1)[0][0]) + 1
         return Recognition(
-            original_top1=top1, original_top1_label=labels[top1],
-            original_top1_prob=float(p_original[top1]), reconstruction_top5=top5,
+            original_top1=top1,
+            original_top1_label=labels[top1],
+            original_top1_prob=float(p_original[top1]),
+            reconstruction_top5=top5,
             reconstruction_top5_labels=tuple(labels[i] for i in top5),
-            recognised=top1 in top5, rank=rank, kl=kl_of_probabilities(p_original, p_reconstruction))
+            recognised=top1 in top5,
+            rank=rank,
+            kl=kl_of_probabilities(p_original, p_reconstruction),
+        )
 
 
 class JudgePanel:
@@ -205,7 +213,7 @@ class JudgePanel:
         default judge added, so that there are always two)."""
         if isinstance(names, str):
             extra = [n for n in default_panel_names(assessed.name) if n != names]
-            names = [names, *extra[:MIN_JUDGES - 1]]
+            names = [names, *extra[: MIN_JUDGES - 1]]
         chosen = list(names or default_panel_names(assessed.name))
         return cls([Judge.for_model(assessed, n) for n in chosen])
 
@@ -227,6 +235,8 @@ class JudgePanel:
         return any(tops[a] in top5s[b] for a in range(len(tops)) for b in range(len(tops)) if a != b)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.judges[0].name, "panel": [
-            {"name": j.name, "weights_sha256": j.model.weights_sha256} for j in self.judges],
-            "weights_sha256": self.judges[0].model.weights_sha256}
+        return {
+            "name": self.judges[0].name,
+            "panel": [{"name": j.name, "weights_sha256": j.model.weights_sha256} for j in self.judges],
+            "weights_sha256": self.judges[0].model.weights_sha256,
+        }

@@ -64,8 +64,12 @@ class Reidentification:
         return self.structural_rank == 1 or self.deep_rank == 1
 
     def to_dict(self) -> dict[str, int | bool]:
-        return {"structural_rank": self.structural_rank, "deep_rank": self.deep_rank,
-                "gallery": self.gallery, "reidentified": self.reidentified}
+        return {
+            "structural_rank": self.structural_rank,
+            "deep_rank": self.deep_rank,
+            "gallery": self.gallery,
+            "reidentified": self.reidentified,
+        }
 
 
 class Gallery:
@@ -76,7 +80,8 @@ class Gallery:
             raise AssessmentError(
                 f"the re-identification gallery has {len(photos)} photos; it needs at least "
                 f"{MIN_GALLERY + 1} (a source and {MIN_GALLERY} others): install the photo "
-                "packages of scripts/system-deps.sh or pass more --attack-images")
+                "packages of scripts/system-deps.sh or pass more --attack-images"
+            )
         self.names = list(photos)
         self._index = {n: i for i, n in enumerate(self.names)}
         batch = np.stack([photos[n] for n in self.names])  # (G, H, W, 3) uint8
@@ -97,8 +102,9 @@ class Gallery:
         missing = [s for s in sources if s not in self._index]
         if missing:
             raise AssessmentError(f"not in the re-identification gallery: {', '.join(missing)}")
-        structural = np.mean([grey_thumbs(reconstructions, s) @ self._thumbs[s].T
-                              for s in THUMB_SIDES], axis=0)  # (B, G)
+        structural = np.mean(
+            [grey_thumbs(reconstructions, s) @ self._thumbs[s].T for s in THUMB_SIDES], axis=0
+        )  # (B, G)
         deep = _unit(self._features(reconstructions)) @ self._deep.T  # (B, G)
         out = []
         for i, src in enumerate(sources):

@@ -79,17 +79,24 @@ class Budgets:
             raise AssessmentError("attack budgets must be at least 1 step / 1 epoch / 1 restart")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"whitebox_steps": self.whitebox_steps, "whitebox_restarts": self.whitebox_restarts,
-                "whitebox_formulations": list(whitebox_attack.FORMULATIONS[:self.whitebox_restarts]),
-                "whitebox_plateau": {"min_steps": whitebox_attack.MIN_STEPS,
-                                     "window": whitebox_attack.PLATEAU_WINDOW,
-                                     "tolerance": whitebox_attack.PLATEAU_TOLERANCE},
-                "decoder_epochs": self.decoder_epochs}
+        return {
+            "whitebox_steps": self.whitebox_steps,
+            "whitebox_restarts": self.whitebox_restarts,
+            "whitebox_formulations": list(whitebox_attack.FORMULATIONS[: self.whitebox_restarts]),
+            "whitebox_plateau": {
+                "min_steps": whitebox_attack.MIN_STEPS,
+                "window": whitebox_attack.PLATEAU_WINDOW,
+                "tolerance": whitebox_attack.PLATEAU_TOLERANCE,
+            },
+            "decoder_epochs": self.decoder_epochs,
+        }
 
     def label(self) -> str:
-        return (f"white-box: up to {self.whitebox_steps} steps x {self.whitebox_restarts} restarts "
-                f"({', '.join(whitebox_attack.FORMULATIONS[:self.whitebox_restarts])}), plateau stop; "
-                f"decoder: {self.decoder_epochs} epochs")
+        return (
+            f"white-box: up to {self.whitebox_steps} steps x {self.whitebox_restarts} restarts "
+            f"({', '.join(whitebox_attack.FORMULATIONS[: self.whitebox_restarts])}), plateau stop; "
+            f"decoder: {self.decoder_epochs} epochs"
+        )
 
 
 @dataclass(frozen=True)
@@ -134,14 +141,21 @@ class ImageResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "image": self.image, "ssim": self.ssim, "psnr": _finite(self.psnr),
-            "ssim_reference": self.ssim_reference, "recognised": self.recognised,
-            "judge_rank": self.judge_rank, "judge_kl": self.judge_kl,
+            "image": self.image,
+            "ssim": self.ssim,
+            "psnr": _finite(self.psnr),
+            "ssim_reference": self.ssim_reference,
+            "recognised": self.recognised,
+            "judge_rank": self.judge_rank,
+            "judge_kl": self.judge_kl,
             "judge_original_label": self.judge_original_label,
             "judge_original_prob": self.judge_original_prob,
             "judge_reconstruction_top5": list(self.judge_reconstruction_top5),
-            "ir_error": self.ir_error, "unsafe": self.unsafe, "recovered": self.unsafe,
-            "classifiable": self.classifiable, "judges": self.judges,
+            "ir_error": self.ir_error,
+            "unsafe": self.unsafe,
+            "recovered": self.unsafe,
+            "classifiable": self.classifiable,
+            "judges": self.judges,
             "reidentification": self.reid.to_dict() if self.reid is not None else None,
         }
 
@@ -190,24 +204,31 @@ class CutAttackResult:
         n = max(1, len(self.images))
         finite_psnr = [r.psnr for r in self.images if np.isfinite(r.psnr)]
         return {
-            "attack": self.attack, "cut": self.cut, "cut_index": self.cut_index,
-            "shape": list(self.shape), "budget": self.budget,
+            "attack": self.attack,
+            "cut": self.cut,
+            "cut_index": self.cut_index,
+            "shape": list(self.shape),
+            "budget": self.budget,
             "attack_seconds": self.attack_seconds,
             "seconds_per_reconstruction": self.seconds_per_reconstruction,
-            "unsafe": self.unsafe, "recognised": self.recognised_count, "photos": len(self.images),
+            "unsafe": self.unsafe,
+            "recognised": self.recognised_count,
+            "photos": len(self.images),
             "photos_planned": max(self.photos_planned, len(self.images)),
-            "recovered": self.recovered_count, "reidentified": self.reidentified_count,
+            "recovered": self.recovered_count,
+            "reidentified": self.reidentified_count,
             "unclassifiable": sum(not r.classifiable for r in self.images),
             "evidence": self.evidence.to_dict(),
-            "rank_histogram": {sig: rank_histogram(
-                [getattr(r.reid, f"{sig}_rank") for r in self.images if r.reid is not None],
-                0) for sig in ("structural", "deep")},
+            "rank_histogram": {
+                sig: rank_histogram([getattr(r.reid, f"{sig}_rank") for r in self.images if r.reid is not None], 0)
+                for sig in ("structural", "deep")
+            },
             "mean_ssim": sum(r.ssim for r in self.images) / n,
             "mean_psnr": float(np.mean(finite_psnr)) if finite_psnr else None,
-            "max_ssim_over_reference": max((r.ssim - r.ssim_reference for r in self.images),
-                                           default=None),
+            "max_ssim_over_reference": max((r.ssim - r.ssim_reference for r in self.images), default=None),
             "mean_judge_kl": sum(r.judge_kl for r in self.images) / n,
-            "images": [r.to_dict() for r in self.images], **self.extra,
+            "images": [r.to_dict() for r in self.images],
+            **self.extra,
         }
 
 
@@ -249,19 +270,27 @@ class AttackResults:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "adversary": self.adversary, "attacks": list(self.attacks),
-            "budgets": self.budgets.to_dict(), "seed": self.seed, "judge": self.judge,
-            "verdict_rule": {"recognised_top_k": RECOGNITION_TOP_K, "tiny_image_side": TINY_IMAGE_SIDE,
-                             "max_recovery": self.max_recovery,
-                             "rule": "a photo is recovered when its source ranks first in the "
-                                     "re-identification gallery (structural or deep), or any "
-                                     "judge of the panel recognises it (classifiable photos), "
-                                     "or its SSIM reaches the photo's own tiny image; a cut is "
-                                     "safe when the one-sided 95% Clopper-Pearson upper bound "
-                                     "on the recovery rate is <= max_recovery"},
+            "adversary": self.adversary,
+            "attacks": list(self.attacks),
+            "budgets": self.budgets.to_dict(),
+            "seed": self.seed,
+            "judge": self.judge,
+            "verdict_rule": {
+                "recognised_top_k": RECOGNITION_TOP_K,
+                "tiny_image_side": TINY_IMAGE_SIDE,
+                "max_recovery": self.max_recovery,
+                "rule": "a photo is recovered when its source ranks first in the "
+                "re-identification gallery (structural or deep), or any "
+                "judge of the panel recognises it (classifiable photos), "
+                "or its SSIM reaches the photo's own tiny image; a cut is "
+                "safe when the one-sided 95% Clopper-Pearson upper bound "
+                "on the recovery rate is <= max_recovery",
+            },
             "gallery": self.gallery,
             "images": [{"name": n, "sha256": h} for n, h in self.original_sha256.items()],
-            "training": self.training, "threads": self.threads, "seconds": self.seconds,
+            "training": self.training,
+            "threads": self.threads,
+            "seconds": self.seconds,
             "stopped_early": self.stopped_early,
             "cuts": [c.to_dict() for c in self.cuts],
         }
@@ -300,8 +329,7 @@ def attacks_for(adversary: str, attacks: Sequence[str] | None = None) -> tuple[s
 
 def derive_seed(seed: int, attack: str, cut: str) -> int:
     """A per-(attack, cut) seed, so a cut's result does not depend on which other cuts ran."""
-    return int(np.random.SeedSequence([seed, zlib.crc32(f"{attack}:{cut}".encode())])
-               .generate_state(1)[0])
+    return int(np.random.SeedSequence([seed, zlib.crc32(f"{attack}:{cut}".encode())]).generate_state(1)[0])
 
 
 @contextlib.contextmanager
@@ -321,14 +349,26 @@ def torch_threads(threads: int | None) -> Iterator[int]:
 WHITEBOX_CHUNK = 8  # photos per white-box batch; a cut stops once its verdict can only be unsafe
 
 
-def run_attacks(model: LoadedModel, net: Network, cut_names: Sequence[str],
-                eval_images: Mapping[str, np.ndarray], adversary: str = DEFAULT_ADVERSARY,
-                budgets: Budgets | None = None, judge: JudgePanel | Judge | str | None = None,
-                seed: int = 0, *, attacks: Sequence[str] | None = None,
-                progress: ProgressFn | None = None, threads: int | None = None,
-                stop_after_safe: int | None = None, training: TrainingSet | None = None,
-                gallery: Gallery | None = None, max_recovery: float = DEFAULT_MAX_RECOVERY,
-                stop_when_unsafe: bool = True, surrogate: Network | None = None) -> AttackResults:
+def run_attacks(
+    model: LoadedModel,
+    net: Network,
+    cut_names: Sequence[str],
+    eval_images: Mapping[str, np.ndarray],
+    adversary: str = DEFAULT_ADVERSARY,
+    budgets: Budgets | None = None,
+    judge: JudgePanel | Judge | str | None = None,
+    seed: int = 0,
+    *,
+    attacks: Sequence[str] | None = None,
+    progress: ProgressFn | None = None,
+    threads: int | None = None,
+    stop_after_safe: int | None = None,
+    training: TrainingSet | None = None,
+    gallery: Gallery | None = None,
+    max_recovery: float = DEFAULT_MAX_RECOVERY,
+    stop_when_unsafe: bool = True,
+    surrogate: Network | None = None,
+) -> AttackResults:
     """Attack every cut in `cut_names` with what `adversary` can mount; judge each photo.
 
     `eval_images` are decoded photos ((H, W, 3) uint8, any size, e.g. `load_eval_images()`):
@@ -351,20 +391,29 @@ def run_attacks(model: LoadedModel, net: Network, cut_names: Sequence[str],
     points = [net.cut(c) for c in cut_names]
     if adversary == "surrogate-weights":
         if surrogate is None:
-            raise AssessmentError("the surrogate-weights adversary needs the public weights the "
-                                  "model was fine-tuned from")
+            raise AssessmentError(
+                "the surrogate-weights adversary needs the public weights the model was fine-tuned from"
+            )
         for p in points:
             if surrogate.cut(p.name).shape != p.shape:
-                raise AssessmentError(f"the public model {surrogate.model.name} has another shape "
-                                      f"at {p.name}: it is not what {model.name} was fine-tuned from")
+                raise AssessmentError(
+                    f"the public model {surrogate.model.name} has another shape "
+                    f"at {p.name}: it is not what {model.name} was fine-tuned from"
+                )
     pre = model.preprocess
     names = list(eval_images)
     originals = {n: resize_and_crop(np.asarray(eval_images[n], dtype=np.uint8), pre) for n in names}
     batch = np.stack([originals[n] for n in names])  # (B, H, W, 3) uint8
-    results = AttackResults(adversary=adversary, attacks=chosen, budgets=budgets, seed=seed,
-                            judge={}, originals=originals,
-                            original_sha256={n: pixel_sha256(eval_images[n]) for n in names},
-                            max_recovery=max_recovery)
+    results = AttackResults(
+        adversary=adversary,
+        attacks=chosen,
+        budgets=budgets,
+        seed=seed,
+        judge={},
+        originals=originals,
+        original_sha256={n: pixel_sha256(eval_images[n]) for n in names},
+        max_recovery=max_recovery,
+    )
     if not chosen or not points:
         results.seconds = time.perf_counter() - start
         return results
@@ -375,13 +424,18 @@ def run_attacks(model: LoadedModel, net: Network, cut_names: Sequence[str],
         if kept & held_out:  # a caller-supplied TrainingSet must obey the rule too
             raise AssessmentError("the decoder's training photos include an evaluation photo")
         results.training = training.summary()
-    panel = judge if isinstance(judge, JudgePanel) else JudgePanel.for_model(
-        model, judge.name if isinstance(judge, Judge) else judge)
+    panel = (
+        judge
+        if isinstance(judge, JudgePanel)
+        else JudgePanel.for_model(model, judge.name if isinstance(judge, Judge) else judge)
+    )
     results.judge = panel.to_dict()
     if gallery is not None:
-        results.gallery = {"photos": len(gallery), "chance_per_photo": round(gallery.chance, 4),
-                           "signals": ["structural (16+32 px grey thumbnails)",
-                                       f"deep ({panel.names[0]} pooled features)"]}
+        results.gallery = {
+            "photos": len(gallery),
+            "chance_per_photo": round(gallery.chance, 4),
+            "signals": ["structural (16+32 px grey thumbnails)", f"deep ({panel.names[0]} pooled features)"],
+        }
     p_original = panel.probabilities(batch)  # per judge (B, classes)
     references = [ssim(o, tiny_image(o, TINY_IMAGE_SIDE)) for o in batch]
 
@@ -391,36 +445,59 @@ def run_attacks(model: LoadedModel, net: Network, cut_names: Sequence[str],
         for attack in chosen:
             safe_run = 0
             for number, point in enumerate(points, 1):
-                def tick(done: int, total: int, _a: str = attack, _c: str = point.name,
-                         _n: int = number) -> None:
+
+                def tick(done: int, total: int, _a: str = attack, _c: str = point.name, _n: int = number) -> None:
                     if progress is not None:
                         progress(ProgressEvent(_a, _c, _n, len(points), done, total))
 
                 if point.name not in fronts:  # one ONNX Runtime session per cut, shared by attacks
                     fronts[point.name] = OnnxFront(net, point.name, threads=n_threads)
                 front = fronts[point.name]
-                cut_result = CutAttackResult(attack=attack, cut=point.name, cut_index=point.index,
-                                             shape=point.shape, budget=0, attack_seconds=0.0,
-                                             seconds_per_reconstruction=0.0, images=[],
-                                             photos_planned=len(names), max_recovery=max_recovery)
+                cut_result = CutAttackResult(
+                    attack=attack,
+                    cut=point.name,
+                    cut_index=point.index,
+                    shape=point.shape,
+                    budget=0,
+                    attack_seconds=0.0,
+                    seconds_per_reconstruction=0.0,
+                    images=[],
+                    photos_planned=len(names),
+                    max_recovery=max_recovery,
+                )
                 chunk = WHITEBOX_CHUNK if attack == "whitebox" else len(names)
                 for lo in range(0, len(names), chunk):
                     sl = slice(lo, lo + chunk)
                     observed = front(batch[sl])  # (b, *cut shape): what the host sees
                     recon, budget, seconds, extra = _attack_one_cut(
-                        attack, surrogate or net, point.name, front, observed, budgets, training,
-                        derive_seed(seed, attack, point.name) + lo, tick)
+                        attack,
+                        surrogate or net,
+                        point.name,
+                        front,
+                        observed,
+                        budgets,
+                        training,
+                        derive_seed(seed, attack, point.name) + lo,
+                        tick,
+                    )
                     cut_result.budget = max(cut_result.budget, budget)
                     cut_result.attack_seconds += seconds
                     _merge_extra(cut_result.extra, extra)
-                    cut_result.images.extend(judge_reconstructions(
-                        panel, names[sl], batch[sl], recon,
-                        p_original=[p[sl] for p in p_original], references=references[sl],
-                        ir_errors=_relative_ir_errors(front(recon), observed), gallery=gallery))
+                    cut_result.images.extend(
+                        judge_reconstructions(
+                            panel,
+                            names[sl],
+                            batch[sl],
+                            recon,
+                            p_original=[p[sl] for p in p_original],
+                            references=references[sl],
+                            ir_errors=_relative_ir_errors(front(recon), observed),
+                            gallery=gallery,
+                        )
+                    )
                     if stop_when_unsafe and cut_result.evidence.verdict == "unsafe":
                         break  # more photos could only add recoveries
-                cut_result.seconds_per_reconstruction = (cut_result.attack_seconds
-                                                         / max(1, len(cut_result.images)))
+                cut_result.seconds_per_reconstruction = cut_result.attack_seconds / max(1, len(cut_result.images))
                 results.cuts.append(cut_result)
                 safe_run = 0 if cut_result.unsafe else safe_run + 1
                 if stop_after_safe is not None and safe_run >= stop_after_safe:
@@ -441,25 +518,47 @@ def _merge_extra(into: dict[str, Any], extra: dict[str, Any]) -> None:
             into[k] = into[k] + v
 
 
-def _attack_one_cut(attack: str, net: Network, cut: str, front: OnnxFront, observed: np.ndarray,
-                    budgets: Budgets, training: TrainingSet | None, seed: int,
-                    tick: Callable[[int, int], None]) -> tuple[np.ndarray, int, float, dict[str, Any]]:
+def _attack_one_cut(
+    attack: str,
+    net: Network,
+    cut: str,
+    front: OnnxFront,
+    observed: np.ndarray,
+    budgets: Budgets,
+    training: TrainingSet | None,
+    seed: int,
+    tick: Callable[[int, int], None],
+) -> tuple[np.ndarray, int, float, dict[str, Any]]:
     """(reconstructions (B, H, W, 3) uint8, budget used, attack seconds, attack-specific figures)."""
     pre = net.model.preprocess
     if attack == "whitebox":
-        wb = whitebox_attack.invert_converged(torch_front(net, cut), observed, pre,
-                                              max_steps=budgets.whitebox_steps,
-                                              restarts=budgets.whitebox_restarts, seed=seed,
-                                              on_step=tick)
-        return wb.reconstructions, budgets.whitebox_steps, wb.seconds, {
-            "restarts": wb.runs, "kept": wb.chosen, "steps_run": wb.steps}
+        wb = whitebox_attack.invert_converged(
+            torch_front(net, cut),
+            observed,
+            pre,
+            max_steps=budgets.whitebox_steps,
+            restarts=budgets.whitebox_restarts,
+            seed=seed,
+            on_step=tick,
+        )
+        return (
+            wb.reconstructions,
+            budgets.whitebox_steps,
+            wb.seconds,
+            {"restarts": wb.runs, "kept": wb.chosen, "steps_run": wb.steps},
+        )
     if training is None:  # run_attacks loads it whenever the decoder runs
         raise AssessmentError("the decoder attack has no training photos")
-    dec = decoder_attack.train_and_invert(front, observed, training, pre.input_hw,
-                                          epochs=budgets.decoder_epochs, seed=seed, on_epoch=tick)
-    extra = {"train_seconds": dec.train_seconds, "invert_seconds": dec.invert_seconds,
-             "training_photos": dec.training_photos, "training_views": dec.training_views,
-             "final_train_loss": dec.loss_curve[-1]}
+    dec = decoder_attack.train_and_invert(
+        front, observed, training, pre.input_hw, epochs=budgets.decoder_epochs, seed=seed, on_epoch=tick
+    )
+    extra = {
+        "train_seconds": dec.train_seconds,
+        "invert_seconds": dec.invert_seconds,
+        "training_photos": dec.training_photos,
+        "training_views": dec.training_views,
+        "final_train_loss": dec.loss_curve[-1],
+    }
     return dec.reconstructions, dec.epochs, dec.train_seconds + dec.invert_seconds, extra
 
 
@@ -471,11 +570,17 @@ def _relative_ir_errors(ir: np.ndarray, observed: np.ndarray) -> list[float | No
     return [float(v) for v in num / den]
 
 
-def judge_reconstructions(judge: JudgePanel | Judge, names: Sequence[str], originals: np.ndarray,
-                          recon: np.ndarray, *, p_original: Sequence[np.ndarray] | np.ndarray | None = None,
-                          references: Sequence[float] | None = None,
-                          ir_errors: Sequence[float | None] | None = None,
-                          gallery: Gallery | None = None) -> list[ImageResult]:
+def judge_reconstructions(
+    judge: JudgePanel | Judge,
+    names: Sequence[str],
+    originals: np.ndarray,
+    recon: np.ndarray,
+    *,
+    p_original: Sequence[np.ndarray] | np.ndarray | None = None,
+    references: Sequence[float] | None = None,
+    ir_errors: Sequence[float | None] | None = None,
+    gallery: Gallery | None = None,
+) -> list[ImageResult]:
     """Figures and verdict for each (original, reconstruction) pair ((B, H, W, 3) uint8 each).
 
     `p_original` (each judge on the originals: a list per judge, or one array for a single
@@ -500,18 +605,32 @@ def judge_reconstructions(judge: JudgePanel | Judge, names: Sequence[str], origi
         classifiable = len(judges) < 2 or JudgePanel.classifiable([po[i] for po in p_original])
         first = verdicts[0]
         r = ImageResult(
-            image=name, reconstruction=recon[i], ssim=ssim(originals[i], recon[i]),
-            psnr=psnr(originals[i], recon[i]), ssim_reference=references[i],
+            image=name,
+            reconstruction=recon[i],
+            ssim=ssim(originals[i], recon[i]),
+            psnr=psnr(originals[i], recon[i]),
+            ssim_reference=references[i],
             recognised=classifiable and any(v.recognised for v in verdicts),
-            judge_rank=first.rank, judge_kl=first.kl,
+            judge_rank=first.rank,
+            judge_kl=first.kl,
             judge_original_label=first.original_top1_label,
             judge_original_prob=first.original_top1_prob,
-            judge_reconstruction_top5=first.reconstruction_top5_labels, ir_error=ir_errors[i],
-            classifiable=classifiable, reid=reids[i],
-            judges=[{"name": j.name, "recognised": v.recognised, "rank": v.rank,
-                     "kl": round(v.kl, 4), "original": v.original_top1_label,
-                     "reconstruction_top5": list(v.reconstruction_top5_labels)}
-                    for j, v in zip(judges, verdicts)])
+            judge_reconstruction_top5=first.reconstruction_top5_labels,
+            ir_error=ir_errors[i],
+            classifiable=classifiable,
+            reid=reids[i],
+            judges=[
+                {
+                    "name": j.name,
+                    "recognised": v.recognised,
+                    "rank": v.rank,
+                    "kl": round(v.kl, 4),
+                    "original": v.original_top1_label,
+                    "reconstruction_top5": list(v.reconstruction_top5_labels),
+                }
+                for j, v in zip(judges, verdicts)
+            ],
+        )
         r.unsafe = attack_verdict(r)
         out.append(r)
     return out

@@ -3,9 +3,10 @@
 Nothing is downloaded. The attacker's photos are a curated list of real photographs from
 installed packages: `scikit-image` sample data, matplotlib's sample data, and (when the Debian
 packages `opencv-doc` and `imagemagick-6-doc` are installed: `scripts/system-deps.sh` installs
-them) the OpenCV example images and ImageMagick's one photo: 51 distinct photos. Synthetic test patterns, logos, renders, drawings, calibration chessboards, and the
-second frame of stereo or sequence pairs are left out on purpose: they teach a decoder little
-about photos, and a near-copy would inflate the count of distinct photos.
+them) the OpenCV example images and ImageMagick's one photo: 51 distinct photos. Synthetic
+test patterns, logos, renders, drawings, calibration chessboards, and the second frame of
+stereo or sequence pairs are left out on purpose: they teach a decoder little about photos,
+and a near-copy would inflate the count of distinct photos.
 
 The evaluation photos are ALWAYS kept out of training, whatever the caller passes: every
 candidate is compared with the built-in evaluation photos and the caller's evaluation images
@@ -66,23 +67,60 @@ def _matplotlib_dir() -> Path:
 # absent by construction *and* excluded by content at run time; sklearn's two photos (china,
 # flower) are both evaluation photos, so sklearn contributes none.
 _SKIMAGE = (
-    "brick.png", "coins.png", "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png",
-    "moon.png", "page.png", "text.png", "cell.png",
+    "brick.png",
+    "coins.png",
+    "grass.png",
+    "gravel.png",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "moon.png",
+    "page.png",
+    "text.png",
+    "cell.png",
     # not motorcycle_right.png: the stereo twin of the evaluation photo motorcycle_left;
     # not retina.jpg: a built-in evaluation photo (the run-time check would drop it anyway)
 )
 _MATPLOTLIB = ("grace_hopper.jpg",)
 _OPENCV = (
-    "data/aero1.jpg", "data/aero3.jpg", "data/aloeL.jpg", "data/apple.jpg", "data/baboon.jpg",
-    "data/basketball1.png", "data/board.jpg", "data/box.png", "data/box_in_scene.png",
-    "data/building.jpg", "data/butterfly.jpg", "data/chicky_512.png", "data/fruits.jpg",
-    "data/graf1.png", "data/home.jpg", "data/leuvenA.jpg", "data/licenseplate_motion.jpg",
-    "data/messi5.jpg", "data/orange.jpg", "data/pca_test1.jpg", "data/squirrel_cls.jpg",
-    "data/starry_night.jpg", "data/stuff.jpg", "data/rubberwhale1.png", "data/ela_original.jpg",
-    "data/left01.jpg", "alphamat/input_images/plant.jpg", "dnn_superres/butterfly.png",
-    "hfs/data/000.jpg", "hfs/data/001.jpg", "hfs/data/002.jpg", "reg/home.png",
-    "text/scenetext01.jpg", "text/scenetext02.jpg", "text/scenetext03.jpg",
-    "text/scenetext04.jpg", "text/scenetext05.jpg", "text/scenetext06.jpg", "data/smarties.png",
+    "data/aero1.jpg",
+    "data/aero3.jpg",
+    "data/aloeL.jpg",
+    "data/apple.jpg",
+    "data/baboon.jpg",
+    "data/basketball1.png",
+    "data/board.jpg",
+    "data/box.png",
+    "data/box_in_scene.png",
+    "data/building.jpg",
+    "data/butterfly.jpg",
+    "data/chicky_512.png",
+    "data/fruits.jpg",
+    "data/graf1.png",
+    "data/home.jpg",
+    "data/leuvenA.jpg",
+    "data/licenseplate_motion.jpg",
+    "data/messi5.jpg",
+    "data/orange.jpg",
+    "data/pca_test1.jpg",
+    "data/squirrel_cls.jpg",
+    "data/starry_night.jpg",
+    "data/stuff.jpg",
+    "data/rubberwhale1.png",
+    "data/ela_original.jpg",
+    "data/left01.jpg",
+    "alphamat/input_images/plant.jpg",
+    "dnn_superres/butterfly.png",
+    "hfs/data/000.jpg",
+    "hfs/data/001.jpg",
+    "hfs/data/002.jpg",
+    "reg/home.png",
+    "text/scenetext01.jpg",
+    "text/scenetext02.jpg",
+    "text/scenetext03.jpg",
+    "text/scenetext04.jpg",
+    "text/scenetext05.jpg",
+    "text/scenetext06.jpg",
+    "data/smarties.png",
 )
 IMAGEMAGICK_DOC_IMAGES = Path("/usr/share/doc/imagemagick-6-common/html/images")
 # only the unprocessed bluebells photo (its _darker/_lin/_log siblings are the same photo)
@@ -113,12 +151,17 @@ class TrainingSet:
             src = p.name.split(":", 1)[0]
             by_source[src] = by_source.get(src, 0) + 1
         return {
-            "distinct_photos": len(self.photos), "by_source": by_source,
+            "distinct_photos": len(self.photos),
+            "by_source": by_source,
             "photos": [{"name": p.name, "sha256": p.sha256} for p in self.photos],
             "excluded": [{"name": n, "reason": r} for n, r in self.excluded],
             "missing_sources": list(self.missing_sources),
-            "augmentation": {"crop_area": list(CROP_AREA), "crop_aspect": list(CROP_ASPECT),
-                             "hflip": 0.5, "jitter": JITTER},
+            "augmentation": {
+                "crop_area": list(CROP_AREA),
+                "crop_aspect": list(CROP_ASPECT),
+                "hflip": 0.5,
+                "jitter": JITTER,
+            },
         }
 
 
@@ -149,9 +192,12 @@ def _thumb(rgb: np.ndarray) -> np.ndarray:
 def _candidates() -> tuple[list[tuple[str, Path]], list[str]]:
     found: list[tuple[str, Path]] = []
     missing: list[str] = []
-    roots = [("skimage", _skimage_dir(), _SKIMAGE), ("matplotlib", _matplotlib_dir(), _MATPLOTLIB),
-             ("opencv-doc", OPENCV_DOC_EXAMPLES, _OPENCV),
-             ("imagemagick-6-doc", IMAGEMAGICK_DOC_IMAGES, _IMAGEMAGICK)]
+    roots = [
+        ("skimage", _skimage_dir(), _SKIMAGE),
+        ("matplotlib", _matplotlib_dir(), _MATPLOTLIB),
+        ("opencv-doc", OPENCV_DOC_EXAMPLES, _OPENCV),
+        ("imagemagick-6-doc", IMAGEMAGICK_DOC_IMAGES, _IMAGEMAGICK),
+    ]
     for source, root, names in roots:
         if not root.is_dir():
             missing.append(source)
@@ -211,15 +257,15 @@ def training_photos(exclude: Mapping[str, np.ndarray] | Iterable[np.ndarray] = (
     if len(photos) < MIN_TRAINING_PHOTOS:
         raise AssessmentError(
             f"only {len(photos)} training photos found for the chosen-inputs attack (need "
-            f"{MIN_TRAINING_PHOTOS}); install the Debian package opencv-doc (scripts/system-deps.sh)")
+            f"{MIN_TRAINING_PHOTOS}); install the Debian package opencv-doc (scripts/system-deps.sh)"
+        )
     # A second, independent line of defence: no kept photo may hash like a held-out one.
     if {p.sha256 for p in photos} & held_hashes:  # pragma: no cover - guarded above
         raise AssessmentError("an evaluation photo leaked into the training photos")
     return TrainingSet(photos=tuple(photos), excluded=tuple(excluded), missing_sources=tuple(missing))
 
 
-def augment(photos: Sequence[TrainingPhoto], n: int, hw: tuple[int, int],
-            rng: np.random.Generator) -> np.ndarray:
+def augment(photos: Sequence[TrainingPhoto], n: int, hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     """n random training views at (H, W): resized crop, flip, colour jitter -> (n, H, W, 3) uint8."""
     out = np.empty((n, hw[0], hw[1], 3), dtype=np.uint8)
     for i in range(n):
@@ -241,7 +287,7 @@ def _random_crop(rgb: np.ndarray, hw: tuple[int, int], rng: np.random.Generator)
         side = min(h, w)
         cw, ch = min(w, int(side * target_aspect)), side
     top, left = int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1))
-    crop = Image.fromarray(rgb[top:top + ch, left:left + cw])
+    crop = Image.fromarray(rgb[top : top + ch, left : left + cw])
     if rng.random() < 0.5:
         crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(crop.resize((hw[1], hw[0]), Image.Resampling.BILINEAR))

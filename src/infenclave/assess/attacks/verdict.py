@@ -42,5 +42,4 @@ def attack_verdict(result: _ImageVerdictInput) -> bool:
     the SSIM of the photo's own TINY_IMAGE_SIDE px version, and optionally `reidentified`:
     its source ranked first in the re-identification gallery, `reident.py`).
     """
-    return bool(result.recognised or result.ssim >= result.ssim_reference
-                or getattr(result, "reidentified", False))
+    return bool(result.recognised or result.ssim >= result.ssim_reference or getattr(result, "reidentified", False))

@@ -87,9 +87,9 @@ class PyramidImage:
         h, w = hw
         self.hw = hw
         self.parameters = [
-            (torch.randn((batch, 3, -(-h // s), -(-w // s)), generator=gen) * INIT_NOISE
-             ).requires_grad_(True)
-            for s in PYRAMID_SCALES]  # (B, 3, ceil(H/s), ceil(W/s)) each
+            (torch.randn((batch, 3, -(-h // s), -(-w // s)), generator=gen) * INIT_NOISE).requires_grad_(True)
+            for s in PYRAMID_SCALES
+        ]  # (B, 3, ceil(H/s), ceil(W/s)) each
         c = torch.tensor(_COLOUR_SQRT)
         self.colour = c / c.norm(dim=0).max()  # (3 RGB, 3 decorrelated)
 
@@ -152,10 +152,16 @@ class ConvergedRun:
     steps: int  # total Adam steps over all restarts
 
 
-def invert_converged(front: Any, target: np.ndarray, pre: Preprocess, *,
-                     max_steps: int = DEFAULT_STEPS, restarts: int = DEFAULT_RESTARTS,
-                     seed: int = 0, on_step: Callable[[int, int], None] | None = None,
-                     ) -> ConvergedRun:
+def invert_converged(
+    front: Any,
+    target: np.ndarray,
+    pre: Preprocess,
+    *,
+    max_steps: int = DEFAULT_STEPS,
+    restarts: int = DEFAULT_RESTARTS,
+    seed: int = 0,
+    on_step: Callable[[int, int], None] | None = None,
+) -> ConvergedRun:
     """`restarts` inversions (alternating formulations, fresh seeds), each to a plateau or the
     cap; per photo the reconstruction with the lowest relative IR error is kept."""
     if restarts < 1:
@@ -172,16 +178,25 @@ def invert_converged(front: Any, target: np.ndarray, pre: Preprocess, *,
             if on_step is not None:
                 on_step(min(total, _base + done), total)
 
-        run = invert(front, target, pre, steps=max_steps, seed=seed + 1009 * r, loss=loss,
-                     stop_on_plateau=True, on_step=tick)
+        run = invert(
+            front, target, pre, steps=max_steps, seed=seed + 1009 * r, loss=loss, stop_on_plateau=True, on_step=tick
+        )
         steps_done += run.steps
         seconds += run.seconds
-        runs.append({"formulation": loss, "seed": seed + 1009 * r, "steps": run.steps,
-                     "plateau": run.steps < max_steps, "final_loss": run.loss_curve[-1]})
+        runs.append(
+            {
+                "formulation": loss,
+                "seed": seed + 1009 * r,
+                "steps": run.steps,
+                "plateau": run.steps < max_steps,
+                "final_loss": run.loss_curve[-1],
+            }
+        )
         label = f"{loss}#{r}"
         if best is None:
-            best = ConvergedRun(run.reconstructions.copy(), run.ir_error.copy(),
-                                [label] * len(run.ir_error), runs, 0.0, 0)
+            best = ConvergedRun(
+                run.reconstructions.copy(), run.ir_error.copy(), [label] * len(run.ir_error), runs, 0.0, 0
+            )
             continue
         better = run.ir_error < best.ir_error
         best.reconstructions[better] = run.reconstructions[better]
@@ -195,11 +210,20 @@ def invert_converged(front: Any, target: np.ndarray, pre: Preprocess, *,
     return best
 
 
-def invert(front: Any, target: np.ndarray, pre: Preprocess, *, steps: int = DEFAULT_STEPS,
-           seed: int = 0, lr: float = LEARNING_RATE, tv_weight: float = TV_WEIGHT,
-           loss: str = FORMULATIONS[0], stop_on_plateau: bool = False,
-           snapshots: Sequence[int] = (), on_step: Callable[[int, int], None] | None = None,
-           ) -> WhiteboxRun:
+def invert(
+    front: Any,
+    target: np.ndarray,
+    pre: Preprocess,
+    *,
+    steps: int = DEFAULT_STEPS,
+    seed: int = 0,
+    lr: float = LEARNING_RATE,
+    tv_weight: float = TV_WEIGHT,
+    loss: str = FORMULATIONS[0],
+    stop_on_plateau: bool = False,
+    snapshots: Sequence[int] = (),
+    on_step: Callable[[int, int], None] | None = None,
+) -> WhiteboxRun:
     """Reconstruct images from observed IRs `target` ((B, *cut shape)) through `front`.
 
     `front` is the torch FrontNet with frozen parameters (see `_front.torch_front`). With
