@@ -403,8 +403,8 @@ def _seccomp(seccomp: object, listen_fd: int | None = None) -> tuple[str, ...]:
         "clone",
         arg(
             0,
-            sc.MASKED_EQ,
-            CLONE_THREAD_FLAGS | _CLONE_FORBIDDEN,  # type: ignore[attr-defined]
+            sc.MASKED_EQ,  # type: ignore[attr-defined]
+            CLONE_THREAD_FLAGS | _CLONE_FORBIDDEN,
             CLONE_THREAD_FLAGS,
         ),
     )
