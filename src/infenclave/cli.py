@@ -40,8 +40,9 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
-                                 help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """Confidential image classification by ternary model partitioning.
 
@@ -49,6 +50,7 @@ def _root(
     3 verification refused; 4 unsafe verdict or not enough evidence; 5 server or network
     error; 130 interrupted.
     """
+
 
 # --- commands are registered below; each parses options and calls the library ------------
 
@@ -84,9 +86,12 @@ def attest(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the verdict and claims as JSON."),
     nonce: str | None = typer.Option(
-        None, "--nonce", help="For a saved /v1/attestation answer: the hex nonce it was asked "
+        None,
+        "--nonce",
+        help="For a saved /v1/attestation answer: the hex nonce it was asked "
         "with (`curl URL/v1/attestation?nonce=HEX`); each worker's report data must then bind "
-        "its key, the model id and this nonce."),
+        "its key, the model id and this nonce.",
+    ),
 ) -> None:
     """Verify attestation evidence: signatures and chains, then the policy; say why if refused.
 
@@ -103,8 +108,10 @@ def attest(
 
 
 MODEL_HELP = "Zoo name (efficientnet-lite0, -lite1, -lite2) or path to a model spec YAML."
-JSON_RESULTS_HELP = ("Print JSON: a list with one {file, predictions: [{index, label, prob}]} "
-                     "per image, or {file, error} for one that failed.")
+JSON_RESULTS_HELP = (
+    "Print JSON: a list with one {file, predictions: [{index, label, prob}]} "
+    "per image, or {file, error} for one that failed."
+)
 
 
 @app.command()
@@ -124,22 +131,31 @@ def inspect(
 
     net = analyse(load_model(model))
     if as_json:
-        doc = {"model": net.model.identity(), "input_shape": list(net.input_shape[1:]),
-               "cut_points": [c.to_dict() for c in net.cuts]}
+        doc = {
+            "model": net.model.identity(),
+            "input_shape": list(net.input_shape[1:]),
+            "cut_points": [c.to_dict() for c in net.cuts],
+        }
         print(json.dumps(doc, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{net.model.name}: {len(net.cuts)} cut points "
-                        f"(input {'x'.join(map(str, net.input_shape[1:]))})")
-    for col in ("#", "cut point", "IR shape", "before: params", "before: MFLOPs",
-                "after: params", "after: MFLOPs"):
+    table = Table(
+        title=f"{net.model.name}: {len(net.cuts)} cut points (input {'x'.join(map(str, net.input_shape[1:]))})"
+    )
+    for col in ("#", "cut point", "IR shape", "before: params", "before: MFLOPs", "after: params", "after: MFLOPs"):
         table.add_column(col, justify="left" if col in ("cut point", "IR shape") else "right")
     for c in net.cuts:
-        table.add_row(str(c.index), c.name, "x".join(map(str, c.shape)),
-                      _mib(c.front_param_bytes), f"{c.front_flops / 1e6:,.1f}",
-                      _mib(c.back_param_bytes), f"{c.back_flops / 1e6:,.1f}")
+        table.add_row(
+            str(c.index),
+            c.name,
+            "x".join(map(str, c.shape)),
+            _mib(c.front_param_bytes),
+            f"{c.front_flops / 1e6:,.1f}",
+            _mib(c.back_param_bytes),
+            f"{c.back_flops / 1e6:,.1f}",
+        )
     Console(width=120).print(table)
 
 
@@ -172,8 +188,7 @@ def predict(
     sys.exit(_print_results(images, results, as_json))
 
 
-def _print_results(paths: list[Path], results: list[list[Prediction] | ImageError],
-                   as_json: bool) -> int:
+def _print_results(paths: list[Path], results: list[list[Prediction] | ImageError], as_json: bool) -> int:
     """Print per-file results (failures on stderr too); the exit code: 2 if any file failed."""
     import json
 
@@ -204,46 +219,84 @@ def assess(
     ctx: typer.Context,
     model: str = typer.Argument(..., help=MODEL_HELP),
     images: list[Path] = typer.Option(
-        [], "--images", "-i", show_default=False, metavar="DIR|FILE...",
+        [],
+        "--images",
+        "-i",
+        show_default=False,
+        metavar="DIR|FILE...",
         help="Sample photos: a folder (its image files) or files, e.g. `--images photos/*.jpg`. "
-        "Default: the 8 built-in photos."),
-    out: Path = typer.Option(Path("assessment"), "--out", "-o", help="Output folder: plan.json, "
-                             "exposure.csv, report.html. Must not exist unless --force."),
-    oracle: str | None = typer.Option(None, "--oracle", help="Model that judges the projected "
-                                      "feature maps (same input size and labels). Default: MODEL itself."),
-    full: bool = typer.Option(False, "--full", help="Compute every channel of every cut point "
-                              "(default: stop a cut point at its first revealing channel and the "
-                              "scan two cut points after the recommended one)."),
-    tail_start: str | None = typer.Option(None, "--tail-start", help="Cut point where the Tail "
-                                          "starts. Default: the last feature map before the "
-                                          "classifier head."),
+        "Default: the 8 built-in photos.",
+    ),
+    out: Path = typer.Option(
+        Path("assessment"),
+        "--out",
+        "-o",
+        help="Output folder: plan.json, exposure.csv, report.html. Must not exist unless --force.",
+    ),
+    oracle: str | None = typer.Option(
+        None,
+        "--oracle",
+        help="Model that judges the projected feature maps (same input size and labels). Default: MODEL itself.",
+    ),
+    full: bool = typer.Option(
+        False,
+        "--full",
+        help="Compute every channel of every cut point "
+        "(default: stop a cut point at its first revealing channel and the "
+        "scan two cut points after the recommended one).",
+    ),
+    tail_start: str | None = typer.Option(
+        None,
+        "--tail-start",
+        help="Cut point where the Tail starts. Default: the last feature map before the classifier head.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the channel order in early-stop mode."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing --out folder (only "
-                               "an empty one or an earlier assessment)."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing --out folder (only an empty one or an earlier assessment)."
+    ),
     adversary: str = typer.Option(
-        "knows-weights", "--adversary",
+        "knows-weights",
+        "--adversary",
         help="Who you defend against. knows-weights: the FrontNet weights are known (public or "
         "fine-tuned from public weights): white-box inversion. surrogate-weights: the FrontNet is "
         "secret but fine-tuned from a public zoo model: white-box inversion through the public "
         "weights. chosen-inputs: weights secret, "
         "but the attacker can submit its own images and see the IRs: a trained inverse network. "
-        "passive: weights secret, no queries: the KL method alone."),
-    judge: str | None = typer.Option(None, "--judge", help="Independent network that judges "
-                                     "whether a reconstruction is recognisable. Default: another "
-                                     "zoo model than MODEL."),
-    whitebox_steps: int | None = typer.Option(None, "--whitebox-steps", min=1,
-                                              help="Adam steps of the white-box inversion per cut."),
-    decoder_epochs: int | None = typer.Option(None, "--decoder-epochs", min=1,
-                                              help="Training epochs of the inverse network per cut."),
-    whitebox_restarts: int | None = typer.Option(None, "--whitebox-restarts", min=1,
-                                                 help="White-box restarts per cut (seeds and loss "
-                                                 "formulations alternate; the best per photo is kept)."),
+        "passive: weights secret, no queries: the KL method alone.",
+    ),
+    judge: str | None = typer.Option(
+        None,
+        "--judge",
+        help="Independent network that judges "
+        "whether a reconstruction is recognisable. Default: another "
+        "zoo model than MODEL.",
+    ),
+    whitebox_steps: int | None = typer.Option(
+        None, "--whitebox-steps", min=1, help="Adam steps of the white-box inversion per cut."
+    ),
+    decoder_epochs: int | None = typer.Option(
+        None, "--decoder-epochs", min=1, help="Training epochs of the inverse network per cut."
+    ),
+    whitebox_restarts: int | None = typer.Option(
+        None,
+        "--whitebox-restarts",
+        min=1,
+        help="White-box restarts per cut (seeds and loss formulations alternate; the best per photo is kept).",
+    ),
     attack_images: list[Path] = typer.Option(
-        [], "--attack-images", show_default=False, metavar="DIR|FILE...",
-        help="Photos the attacks are scored on. Default: the offline evaluation set (40 photos)."),
-    max_recovery: float = typer.Option(0.10, "--max-recovery", help="A cut is safe only when the "
-                                       "one-sided 95% upper bound on the share of photos an attack "
-                                       "recovers is at most this (0.10 needs 29 photos, none recovered)."),
+        [],
+        "--attack-images",
+        show_default=False,
+        metavar="DIR|FILE...",
+        help="Photos the attacks are scored on. Default: the offline evaluation set (40 photos).",
+    ),
+    max_recovery: float = typer.Option(
+        0.10,
+        "--max-recovery",
+        help="A cut is safe only when the "
+        "one-sided 95% upper bound on the share of photos an attack "
+        "recovers is at most this (0.10 needs 29 photos, none recovered).",
+    ),
 ) -> None:
     """Assess how much each cut point's intermediate representation reveals about the input
     (KL-oracle method, then real inversion attacks under --adversary) and recommend where the
@@ -267,28 +320,37 @@ def assess(
     extra = [Path(a) for a in ctx.args]
     if extra and not images:
         raise UsageError(f"unexpected argument(s): {' '.join(ctx.args)} (images go after --images)")
-    opts = AssessOptions(model=model, images=[*images, *extra] or None, out=out, oracle=oracle,
-                         full=full, tail_start=tail_start, seed=seed, force=force,
-                         adversary=adversary, judge=judge, whitebox_steps=whitebox_steps,
-                         decoder_epochs=decoder_epochs, whitebox_restarts=whitebox_restarts,
-                         attack_images=list(attack_images) or None, max_recovery=max_recovery)
+    opts = AssessOptions(
+        model=model,
+        images=[*images, *extra] or None,
+        out=out,
+        oracle=oracle,
+        full=full,
+        tail_start=tail_start,
+        seed=seed,
+        force=force,
+        adversary=adversary,
+        judge=judge,
+        whitebox_steps=whitebox_steps,
+        decoder_epochs=decoder_epochs,
+        whitebox_restarts=whitebox_restarts,
+        attack_images=list(attack_images) or None,
+        max_recovery=max_recovery,
+    )
     with rich_progress() as progress:
-        outcome = run_assess(opts, progress=progress,
-                             log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        outcome = run_assess(opts, progress=progress, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     plan = outcome.plan
     rec = plan["recommendation"]
     print(f"adversary     {plan['adversary']['name']}")
     print(f"verdict       {rec['verdict']} ({rec['deployment']})")
     print(f"FrontNet end  {rec['front_end'] or '(none)'}")
     print(f"Tail start    {rec['tail_start']}")
-    print(f"written       {outcome.out}/plan.json, exposure.csv, report.html "
-          f"({outcome.seconds:.0f} s)")
+    print(f"written       {outcome.out}/plan.json, exposure.csv, report.html ({outcome.seconds:.0f} s)")
     if outcome.partial:
         print("interrupted: the plan and report are PARTIAL", file=sys.stderr)
         sys.exit(ExitCode.INTERRUPTED)
     if rec["verdict"] in (VERDICT_NO_SAFE_CUT, VERDICT_NOT_ENOUGH):
-        raise UnsafeVerdict(f"{rec['verdict']}: {rec['reason']} The plan and report are in "
-                            f"{outcome.out}.")
+        raise UnsafeVerdict(f"{rec['verdict']}: {rec['reason']} The plan and report are in {outcome.out}.")
     error = outcome_error(outcome)
     if error is not None:
         raise error
@@ -300,22 +362,34 @@ def assess(
 @app.command()
 def partition(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    out: Path = typer.Option(..., "--out", help="Bundle directory to write (BUNDLE). The owner's "
-                             "BUNDLE.key (mode 0600) and BUNDLE.policy.json go beside it."),
-    plan: Path | None = typer.Option(None, "--plan", help="plan.json from `infenclave assess`: "
-                                     "its chosen FrontNet end and Tail start."),
-    front_end: str | None = typer.Option(None, "--front-end", help="Cut point where the FrontNet "
-                                         "ends (overrides the plan)."),
-    tail_start: str | None = typer.Option(None, "--tail-start", help="Cut point where the Tail "
-                                          "starts (overrides the plan)."),
-    mrenclave: list[str] = typer.Option([], "--mrenclave", help="SGX MRENCLAVE (hex) of the "
-                                        "Gramine build to accept in the starter policy; repeatable."),
-    mrsigner: list[str] = typer.Option([], "--mrsigner", help="SGX MRSIGNER (hex) to accept in "
-                                       "the starter policy; repeatable."),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        help="Bundle directory to write (BUNDLE). The owner's "
+        "BUNDLE.key (mode 0600) and BUNDLE.policy.json go beside it.",
+    ),
+    plan: Path | None = typer.Option(
+        None, "--plan", help="plan.json from `infenclave assess`: its chosen FrontNet end and Tail start."
+    ),
+    front_end: str | None = typer.Option(
+        None, "--front-end", help="Cut point where the FrontNet ends (overrides the plan)."
+    ),
+    tail_start: str | None = typer.Option(
+        None, "--tail-start", help="Cut point where the Tail starts (overrides the plan)."
+    ),
+    mrenclave: list[str] = typer.Option(
+        [], "--mrenclave", help="SGX MRENCLAVE (hex) of the Gramine build to accept in the starter policy; repeatable."
+    ),
+    mrsigner: list[str] = typer.Option(
+        [], "--mrsigner", help="SGX MRSIGNER (hex) to accept in the starter policy; repeatable."
+    ),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle, key and policy."),
     unverified_backnet: bool = typer.Option(
-        False, "--unverified-backnet", help="Write a manifest whose BackNet the enclave does NOT "
-        "verify (for BackNets with ops the verifier does not cover): the host can then forge IR2."),
+        False,
+        "--unverified-backnet",
+        help="Write a manifest whose BackNet the enclave does NOT "
+        "verify (for BackNets with ops the verifier does not cover): the host can then forge IR2.",
+    ),
 ) -> None:
     """Split MODEL into a bundle: encrypted FrontNet and Tail, clear BackNet, a manifest.
 
@@ -337,13 +411,22 @@ def partition(
         tail_start = tail_start or plan_tail
     if front_end is None or tail_start is None:
         raise UsageError("give --plan, or both --front-end and --tail-start")
-    result = do_partition(loaded, front_end, tail_start, out,
-                          mrenclave=tuple(mrenclave), mrsigner=tuple(mrsigner), force=force,
-                          unverified_backnet=unverified_backnet)
+    result = do_partition(
+        loaded,
+        front_end,
+        tail_start,
+        out,
+        mrenclave=tuple(mrenclave),
+        mrsigner=tuple(mrsigner),
+        force=force,
+        unverified_backnet=unverified_backnet,
+    )
     print(f"bundle      {result.bundle_dir}  (model id {result.model_id})")
-    print(f"parts       FrontNet ..{result.front_end} {result.part_sizes['frontnet']:,} B (encrypted), "
-          f"BackNet {result.part_sizes['backnet']:,} B (clear), "
-          f"Tail {result.tail_start}.. {result.part_sizes['tail']:,} B (encrypted, with labels)")
+    print(
+        f"parts       FrontNet ..{result.front_end} {result.part_sizes['frontnet']:,} B (encrypted), "
+        f"BackNet {result.part_sizes['backnet']:,} B (clear), "
+        f"Tail {result.tail_start}.. {result.part_sizes['tail']:,} B (encrypted, with labels)"
+    )
     print(f"model key   {result.key_file}  (mode 0600; never upload it)")
     print(f"policy      {result.policy_file}  (sim measurement {result.sim_measurement})")
     from infenclave.models.zoo import ZOO
@@ -351,10 +434,13 @@ def partition(
     if loaded.source in ZOO:
         # Measured: with the public Lite0 head the host named the top-1 label of 8/8 photos
         # from IR2 alone. Encrypting public layers hides nothing from whoever has the weights.
-        print(f"warning: {model}'s weights are public: the host can run the Tail ({result.tail_start} "
-              "onwards) itself and learn every label from IR2. To keep labels confidential, "
-              "fine-tune the Tail privately, or move the cut with --tail-start so that the host "
-              "cannot reproduce what follows.", file=sys.stderr)
+        print(
+            f"warning: {model}'s weights are public: the host can run the Tail ({result.tail_start} "
+            "onwards) itself and learn every label from IR2. To keep labels confidential, "
+            "fine-tune the Tail privately, or move the cut with --tail-start so that the host "
+            "cannot reproduce what follows.",
+            file=sys.stderr,
+        )
 
 
 @app.command()
@@ -362,45 +448,78 @@ def serve(
     bundle: Path = typer.Argument(..., help="Bundle directory written by `infenclave partition`."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
     port: int = typer.Option(8443, "--port", help="TCP port."),
-    tee: str = typer.Option("sim", "--tee", help="Enclave backend: sim (a sandboxed local "
-                            "process, simulated evidence) or gramine-sgx."),
+    tee: str = typer.Option(
+        "sim", "--tee", help="Enclave backend: sim (a sandboxed local process, simulated evidence) or gramine-sgx."
+    ),
     workers: int = typer.Option(2, "--workers", min=1, max=64, help="Enclave worker processes."),
     device: str = typer.Option("cpu", "--device", help="Where the BackNet runs: cpu or cuda."),
-    state: Path | None = typer.Option(None, "--state", help="State directory (sealed model key, "
-                                      "sim backend secrets). Default: BUNDLE.state beside the bundle."),
-    tls_cert: Path | None = typer.Option(None, "--tls-cert", help="TLS certificate (PEM). "
-                                         "Optional: requests are end-to-end encrypted anyway."),
+    state: Path | None = typer.Option(
+        None,
+        "--state",
+        help="State directory (sealed model key, sim backend secrets). Default: BUNDLE.state beside the bundle.",
+    ),
+    tls_cert: Path | None = typer.Option(
+        None, "--tls-cert", help="TLS certificate (PEM). Optional: requests are end-to-end encrypted anyway."
+    ),
     tls_key: Path | None = typer.Option(None, "--tls-key", help="TLS private key (PEM)."),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="Largest BackNet batch."),
-    enclave_threads: int = typer.Option(1, "--enclave-threads", min=0,
-                                        help="ONNX Runtime threads per enclave worker (0: all cores)."),
-    backnet_threads: int = typer.Option(0, "--backnet-threads", min=0,
-                                        help="ONNX Runtime threads of the BackNet (0: all cores)."),
+    enclave_threads: int = typer.Option(
+        1, "--enclave-threads", min=0, help="ONNX Runtime threads per enclave worker (0: all cores)."
+    ),
+    backnet_threads: int = typer.Option(
+        0, "--backnet-threads", min=0, help="ONNX Runtime threads of the BackNet (0: all cores)."
+    ),
     timeout: float = typer.Option(60.0, "--timeout", help="Per-request deadline, seconds."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
-    log_format: str = typer.Option("text", "--log-format", help="text (one line per record) or "
-                                   "json (one object per line: time, level, logger, message)."),
-    gramine_dir: Path | None = typer.Option(None, "--gramine-dir", help="--tee gramine-sgx: the "
-                                            "folder with the signed manifest (deploy/gramine); "
-                                            "the bundle must be visible there as bundles/NAME."),
+    log_format: str = typer.Option(
+        "text",
+        "--log-format",
+        help="text (one line per record) or json (one object per line: time, level, logger, message).",
+    ),
+    gramine_dir: Path | None = typer.Option(
+        None,
+        "--gramine-dir",
+        help="--tee gramine-sgx: the "
+        "folder with the signed manifest (deploy/gramine); "
+        "the bundle must be visible there as bundles/NAME.",
+    ),
     worker_start_timeout: float | None = typer.Option(
-        None, "--worker-start-timeout", min=1.0,
-        help="Seconds an enclave worker may take to start (default: 60 sim, 300 gramine-sgx)."),
+        None,
+        "--worker-start-timeout",
+        min=1.0,
+        help="Seconds an enclave worker may take to start (default: 60 sim, 300 gramine-sgx).",
+    ),
     keyserver: str | None = typer.Option(
-        None, "--keyserver", help="URL of the owner's key-release service (`infenclave "
-        "keyserver`): workers that start without the model key get it from there, attested."),
+        None,
+        "--keyserver",
+        help="URL of the owner's key-release service (`infenclave "
+        "keyserver`): workers that start without the model key get it from there, attested.",
+    ),
     max_pixels: int = typer.Option(
-        24_000_000, "--max-pixels", min=1, help="Images over this many pixels are refused from "
-        "their header, before decoding (the enclave's own cap, 64000000, cannot be raised)."),
+        24_000_000,
+        "--max-pixels",
+        min=1,
+        help="Images over this many pixels are refused from "
+        "their header, before decoding (the enclave's own cap, 64000000, cannot be raised).",
+    ),
     worker_memory: str = typer.Option(
-        "1536M", "--worker-memory", help="Memory limit per enclave worker (cgroup v2 memory.max, "
-        "or v1 memory.limit_in_bytes); 0: none. Units K, M, G."),
+        "1536M",
+        "--worker-memory",
+        help="Memory limit per enclave worker (cgroup v2 memory.max, "
+        "or v1 memory.limit_in_bytes); 0: none. Units K, M, G.",
+    ),
     header_timeout: float = typer.Option(
-        10.0, "--header-timeout", min=0.1, help="Seconds a client has to send a request head; "
-        "slower connections are answered 408 and closed."),
+        10.0,
+        "--header-timeout",
+        min=0.1,
+        help="Seconds a client has to send a request head; slower connections are answered 408 and closed.",
+    ),
     enclaves: list[str] | None = typer.Option(
-        None, "--enclave", help="HOST:PORT of an enclave started elsewhere with `python -m "
-        "infenclave.enclave --listen HOST:PORT` (repeatable): served besides the local workers."),
+        None,
+        "--enclave",
+        help="HOST:PORT of an enclave started elsewhere with `python -m "
+        "infenclave.enclave --listen HOST:PORT` (repeatable): served besides the local workers.",
+    ),
 ) -> None:
     """Serve BUNDLE: N enclave workers behind an HTTP API; the host runs the BackNet.
 
@@ -423,8 +542,10 @@ def serve(
     if log_format not in LOG_FORMATS:
         raise UsageError(f"--log-format must be text or json, not {log_format!r}")
     if tee == "gramine-sgx" and gramine_dir is None:
-        raise UsageError("--tee gramine-sgx needs --gramine-dir (the folder with the signed "
-                         "infenclave-enclave manifest; see deploy/gramine)")
+        raise UsageError(
+            "--tee gramine-sgx needs --gramine-dir (the folder with the signed "
+            "infenclave-enclave manifest; see deploy/gramine)"
+        )
     if not (bundle / "manifest.json").is_file():
         raise UsageError(f"{bundle} is not a bundle directory (no manifest.json)")
     state_dir = state or bundle.with_name(bundle.name + ".state")
@@ -434,32 +555,49 @@ def serve(
         memory = None if worker_memory.strip() in ("0", "") else parse_size(worker_memory)
     except ValueError as exc:
         raise UsageError(f"--worker-memory: {exc}") from exc
-    config = ServerConfig(bundle_dir=bundle, state_dir=state_dir, tee=tee, workers=workers,
-                          device=device, enclave_threads=enclave_threads,
-                          backnet_threads=backnet_threads, max_batch=max_batch,
-                          request_timeout=timeout, gramine_dir=gramine_dir,
-                          worker_start_timeout=worker_start_timeout, keyserver=keyserver,
-                          remote_enclaves=tuple(enclaves or ()),
-                          max_pixels=max_pixels, worker_memory=memory, header_timeout=header_timeout)
-    run_server(config, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, log_level=log_level,
-               log_format=log_format)
+    config = ServerConfig(
+        bundle_dir=bundle,
+        state_dir=state_dir,
+        tee=tee,
+        workers=workers,
+        device=device,
+        enclave_threads=enclave_threads,
+        backnet_threads=backnet_threads,
+        max_batch=max_batch,
+        request_timeout=timeout,
+        gramine_dir=gramine_dir,
+        worker_start_timeout=worker_start_timeout,
+        keyserver=keyserver,
+        remote_enclaves=tuple(enclaves or ()),
+        max_pixels=max_pixels,
+        worker_memory=memory,
+        header_timeout=header_timeout,
+    )
+    run_server(
+        config, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, log_level=log_level, log_format=log_format
+    )
 
 
 @app.command()
 def classify(
     images: list[Path] = typer.Argument(..., help="Image files (JPEG, PNG, ...).", show_default=False),
     url: str = typer.Option(..., "--url", help="Server URL, e.g. http://127.0.0.1:8443"),
-    policy: Path = typer.Option(..., "--policy", help="Client policy (JSON or YAML), e.g. "
-                                "BUNDLE.policy.json from `infenclave partition`."),
-    provision: Path | None = typer.Option(None, "--provision", help="Model owner: provision this "
-                                          "model key file (BUNDLE.key) to the attested enclave first."),
-    allow_simulation: bool = typer.Option(False, "--allow-simulation", help="Accept the sim "
-                                          "backend (NO hardware protection; development only)."),
+    policy: Path = typer.Option(
+        ..., "--policy", help="Client policy (JSON or YAML), e.g. BUNDLE.policy.json from `infenclave partition`."
+    ),
+    provision: Path | None = typer.Option(
+        None,
+        "--provision",
+        help="Model owner: provision this model key file (BUNDLE.key) to the attested enclave first.",
+    ),
+    allow_simulation: bool = typer.Option(
+        False, "--allow-simulation", help="Accept the sim backend (NO hardware protection; development only)."
+    ),
     top: int = typer.Option(5, "--top", "-k", min=1, max=100, help="How many classes to show."),
-    as_json: bool = typer.Option(False, "--json", help=JSON_RESULTS_HELP + " The shape of "
-                                 "`predict --json`."),
-    cacert: Path | None = typer.Option(None, "--cacert", help="CA bundle to check the server's "
-                                       "TLS certificate (https URLs)."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_RESULTS_HELP + " The shape of `predict --json`."),
+    cacert: Path | None = typer.Option(
+        None, "--cacert", help="CA bundle to check the server's TLS certificate (https URLs)."
+    ),
 ) -> None:
     """Classify images confidentially, end to end encrypted to an attested enclave.
 
@@ -473,16 +611,21 @@ def classify(
     from infenclave.client import Client, SimulationWarning
 
     if allow_simulation:
-        print("warning: --allow-simulation: accepting a SIMULATED enclave, which has no hardware "
-              "protection; for development only", file=sys.stderr)
+        print(
+            "warning: --allow-simulation: accepting a SIMULATED enclave, which has no hardware "
+            "protection; for development only",
+            file=sys.stderr,
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SimulationWarning)  # printed above, once per run
-        client = Client(url, policy, allow_simulation=allow_simulation,
-                        verify_tls=str(cacert) if cacert else True)
+        client = Client(url, policy, allow_simulation=allow_simulation, verify_tls=str(cacert) if cacert else True)
     with client:
         enclaves = client.attest()
-        print(f"attested {len(enclaves)} enclave(s): tee {enclaves[0].claims.tee}, "
-              f"measurement ok, model {client.model_id}", file=sys.stderr)
+        print(
+            f"attested {len(enclaves)} enclave(s): tee {enclaves[0].claims.tee}, "
+            f"measurement ok, model {client.model_id}",
+            file=sys.stderr,
+        )
         if provision is not None:
             ready = client.provision(provision)
             print(f"model key provisioned; {ready} worker(s) hold it", file=sys.stderr)
@@ -493,19 +636,21 @@ def classify(
 @app.command()
 def keyserver(
     key_file: Path = typer.Argument(..., help="The owner's model key file (BUNDLE.key)."),
-    policy: Path = typer.Option(..., "--policy", help="Policy an enclave must satisfy (the "
-                                "client policy format; it must name the model)."),
+    policy: Path = typer.Option(
+        ..., "--policy", help="Policy an enclave must satisfy (the client policy format; it must name the model)."
+    ),
     listen: str = typer.Option("127.0.0.1:8444", "--listen", help="HOST:PORT to listen on."),
-    audit_log: Path | None = typer.Option(None, "--audit-log", help="Append one JSON line per "
-                                          "release and refusal to this file."),
-    allow_simulation: bool = typer.Option(False, "--allow-simulation", help="Release to the sim "
-                                          "backend (NO hardware protection; development only)."),
-    nonce_ttl: float = typer.Option(60.0, "--nonce-ttl", min=0.1, help="Seconds a challenge "
-                                    "nonce stays valid (single use)."),
-    rate_burst: int = typer.Option(10, "--rate-burst", min=1, help="Requests a peer may make "
-                                   "at once (token bucket)."),
-    rate_per_s: float = typer.Option(1.0, "--rate", min=0.001, help="Requests per second a "
-                                     "peer's bucket refills."),
+    audit_log: Path | None = typer.Option(
+        None, "--audit-log", help="Append one JSON line per release and refusal to this file."
+    ),
+    allow_simulation: bool = typer.Option(
+        False, "--allow-simulation", help="Release to the sim backend (NO hardware protection; development only)."
+    ),
+    nonce_ttl: float = typer.Option(
+        60.0, "--nonce-ttl", min=0.1, help="Seconds a challenge nonce stays valid (single use)."
+    ),
+    rate_burst: int = typer.Option(10, "--rate-burst", min=1, help="Requests a peer may make at once (token bucket)."),
+    rate_per_s: float = typer.Option(1.0, "--rate", min=0.001, help="Requests per second a peer's bucket refills."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
 ) -> None:
     """Attested key release: hand the model key, HPKE-sealed, to enclaves whose evidence passes
@@ -517,18 +662,30 @@ def keyserver(
     if not host or not port.isdigit():
         raise UsageError(f"--listen must be HOST:PORT, not {listen!r}")
     if allow_simulation:
-        print("warning: --allow-simulation: releasing the model key to SIMULATED enclaves, which "
-              "have no hardware protection; for development only", file=sys.stderr)
-    config = KeyServerConfig(key_file=key_file, policy=policy, allow_simulation=allow_simulation,
-                             audit_log=audit_log, nonce_ttl_s=nonce_ttl, rate_burst=rate_burst,
-                             rate_per_s=rate_per_s)
+        print(
+            "warning: --allow-simulation: releasing the model key to SIMULATED enclaves, which "
+            "have no hardware protection; for development only",
+            file=sys.stderr,
+        )
+    config = KeyServerConfig(
+        key_file=key_file,
+        policy=policy,
+        allow_simulation=allow_simulation,
+        audit_log=audit_log,
+        nonce_ttl_s=nonce_ttl,
+        rate_burst=rate_burst,
+        rate_per_s=rate_per_s,
+    )
     run_keyserver(config, host=host.strip("[]"), port=int(port), log_level=log_level)
 
 
 @app.command()
 def demo(
-    workdir: Path = typer.Option(Path("demo-out"), "--workdir", help="Where the plan, "
-                                 "bundle, key, policy and server state are written (replaced)."),
+    workdir: Path = typer.Option(
+        Path("demo-out"),
+        "--workdir",
+        help="Where the plan, bundle, key, policy and server state are written (replaced).",
+    ),
     model: str = typer.Option("efficientnet-lite0", "--model", help=MODEL_HELP),
     workers: int = typer.Option(2, "--workers", min=1, help="Enclave workers."),
     front_end: str | None = typer.Option(None, "--front-end", help="Skip the assessment: FrontNet end."),
@@ -540,8 +697,7 @@ def demo(
     latency and where each part ran; then stops the server. Exit 0 only if all agree."""
     from infenclave.demo import run_demo
 
-    sys.exit(run_demo(workdir=workdir, model_ref=model, workers=workers,
-                      front_end=front_end, tail_start=tail_start))
+    sys.exit(run_demo(workdir=workdir, model_ref=model, workers=workers, front_end=front_end, tail_start=tail_start))
 
 
 def main() -> None:
@@ -572,8 +728,14 @@ def _warnings_as_lines() -> None:
 
     default = warnings.showwarning
 
-    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-             file: TextIO | None = None, line: str | None = None) -> None:
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
         if category.__module__.startswith("infenclave"):
             print(f"warning: {message}", file=sys.stderr)
         else:

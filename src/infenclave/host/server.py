@@ -130,25 +130,37 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        backnet = BackNet(read_backnet(config.bundle_dir, manifest), device=config.device,
-                          threads=config.backnet_threads)
+        backnet = BackNet(
+            read_backnet(config.bundle_dir, manifest), device=config.device, threads=config.backnet_threads
+        )
         batcher = BackNetBatcher(backnet, max_batch=config.max_batch, observe=metrics.observe_batch)
         batcher.start()
-        pool = EnclavePool(bundle_dir=config.bundle_dir, manifest=manifest, state_dir=config.state_dir,
-                           tee=config.tee, workers=config.workers, metrics=metrics,
-                           enclave_threads=config.enclave_threads,
-                           request_timeout=config.request_timeout,
-                           gramine_dir=config.gramine_dir,
-                           start_timeout=config.worker_start_timeout,
-                           keyserver=config.keyserver,
-                           remote_enclaves=config.remote_enclaves,
-                           memory_limit=config.worker_memory,
-                           max_pixels=config.max_pixels)
+        pool = EnclavePool(
+            bundle_dir=config.bundle_dir,
+            manifest=manifest,
+            state_dir=config.state_dir,
+            tee=config.tee,
+            workers=config.workers,
+            metrics=metrics,
+            enclave_threads=config.enclave_threads,
+            request_timeout=config.request_timeout,
+            gramine_dir=config.gramine_dir,
+            start_timeout=config.worker_start_timeout,
+            keyserver=config.keyserver,
+            remote_enclaves=config.remote_enclaves,
+            memory_limit=config.worker_memory,
+            max_pixels=config.max_pixels,
+        )
         await pool.start()
         state.update(pool=pool, batcher=batcher, backnet=backnet)
-        logger.info("serving model %s (%s) with %d %s enclave worker(s), BackNet on %s",
-                    manifest.model_id[:16], manifest.model.get("name"), config.workers,
-                    config.tee, config.device)
+        logger.info(
+            "serving model %s (%s) with %d %s enclave worker(s), BackNet on %s",
+            manifest.model_id[:16],
+            manifest.model.get("name"),
+            config.workers,
+            config.tee,
+            config.device,
+        )
         try:
             yield
         finally:
@@ -158,8 +170,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     app = FastAPI(
         title="infenclave host",
         version="1",
-        description="Untrusted relay for confidential classification: it sees ciphertext, "
-        "IR1 and IR2 only.",
+        description="Untrusted relay for confidential classification: it sees ciphertext, IR1 and IR2 only.",
         lifespan=lifespan,
     )
     app.add_middleware(_ObserveRequests, metrics=metrics)
@@ -183,8 +194,13 @@ def create_app(config: ServerConfig) -> FastAPI:
         no longer opens: ``reprovision_needed``, the owner must provision again)."""
         pool: EnclavePool = state["pool"]
         ready = sum(1 for w in pool.workers if w.provisioned)
-        doc = {"ready": ready > 0, "workers": len(pool.workers), "workers_ready": ready,
-               "provisioned": pool.provisioned, "reprovision_needed": pool.reprovision_needed}
+        doc = {
+            "ready": ready > 0,
+            "workers": len(pool.workers),
+            "workers_ready": ready,
+            "provisioned": pool.provisioned,
+            "reprovision_needed": pool.reprovision_needed,
+        }
         return JSONResponse(doc, status_code=200 if ready else 503)
 
     @app.get("/healthz")
@@ -195,9 +211,15 @@ def create_app(config: ServerConfig) -> FastAPI:
         workers = pool.workers
         ready = sum(1 for w in workers if w.provisioned)
         return {
-            "status": "ok" if ready else (
-                "reprovision_needed" if pool.reprovision_needed and workers
-                else "unprovisioned" if workers else "degraded"),
+            "status": "ok"
+            if ready
+            else (
+                "reprovision_needed"
+                if pool.reprovision_needed and workers
+                else "unprovisioned"
+                if workers
+                else "degraded"
+            ),
             "reprovision_needed": pool.reprovision_needed,
             "state_error": pool.state_error,
             "model_id": manifest.model_id,
@@ -233,8 +255,13 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get(ATTESTATION_PATH)
     async def attestation(
-        nonce: str = Query(..., min_length=32, max_length=128, pattern="^[0-9a-f]+$",
-                           description="The client's fresh nonce, 16-64 bytes in lower-case hex."),
+        nonce: str = Query(
+            ...,
+            min_length=32,
+            max_length=128,
+            pattern="^[0-9a-f]+$",
+            description="The client's fresh nonce, 16-64 bytes in lower-case hex.",
+        ),
     ) -> dict[str, Any]:
         """Evidence from every enclave worker, each binding SHA-256(worker key || nonce)."""
         if len(nonce) % 2:
@@ -256,10 +283,15 @@ def create_app(config: ServerConfig) -> FastAPI:
             ],
         }
 
-    @app.post(PROVISION_PATH, openapi_extra=_sealed_operation(
-        "The owner's 32-byte model key, HPKE-sealed to the worker named in the header "
-        "(context: provision_context(model id); docs/protocol.md).", MAX_PROVISION_BODY,
-        request_id=False))
+    @app.post(
+        PROVISION_PATH,
+        openapi_extra=_sealed_operation(
+            "The owner's 32-byte model key, HPKE-sealed to the worker named in the header "
+            "(context: provision_context(model id); docs/protocol.md).",
+            MAX_PROVISION_BODY,
+            request_id=False,
+        ),
+    )
     async def provision(request: Request) -> dict[str, Any]:
         """The owner's model key, sealed to one attested worker (header names the key)."""
         pool: EnclavePool = state["pool"]
@@ -272,15 +304,24 @@ def create_app(config: ServerConfig) -> FastAPI:
         logger.info("model key provisioned; %d worker(s) hold it", ready)
         return {"status": "provisioned", "workers_ready": ready}
 
-    @app.post(CLASSIFY_PATH, response_class=Response,
-              responses={200: {"content": {SEALED_MEDIA_TYPE: {"schema": _BINARY}},
-                               "description": "The answer, HPKE-sealed to the client's one-time "
-                               "key (context: response_context(model id, request id))."}},
-              openapi_extra=_sealed_operation(
-                  "The request plaintext (k, the client's one-time X25519 key, the encoded "
-                  "image), HPKE-sealed to the worker named in the header (context: "
-                  "request_context(model id, request id); docs/protocol.md).",
-                  MAX_CLASSIFY_BODY, request_id=True))
+    @app.post(
+        CLASSIFY_PATH,
+        response_class=Response,
+        responses={
+            200: {
+                "content": {SEALED_MEDIA_TYPE: {"schema": _BINARY}},
+                "description": "The answer, HPKE-sealed to the client's one-time "
+                "key (context: response_context(model id, request id)).",
+            }
+        },
+        openapi_extra=_sealed_operation(
+            "The request plaintext (k, the client's one-time X25519 key, the encoded "
+            "image), HPKE-sealed to the worker named in the header (context: "
+            "request_context(model id, request id); docs/protocol.md).",
+            MAX_CLASSIFY_BODY,
+            request_id=True,
+        ),
+    )
     async def classify(request: Request) -> Response:
         """Relay one sealed request: enclave FrontNet, host BackNet, enclave Tail."""
         pool: EnclavePool = state["pool"]
@@ -301,8 +342,11 @@ def create_app(config: ServerConfig) -> FastAPI:
 
 
 _BINARY = {"type": "string", "format": "binary"}
-_ERROR_SCHEMA = {"type": "object", "required": ["error", "detail"],
-                 "properties": {"error": {"type": "string"}, "detail": {"type": "string"}}}
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error", "detail"],
+    "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
+}
 
 
 def _sealed_operation(body: str, limit: int, *, request_id: bool) -> dict[str, Any]:
@@ -312,37 +356,57 @@ def _sealed_operation(body: str, limit: int, *, request_id: bool) -> dict[str, A
     enclave sees them), so FastAPI cannot infer them: they are declared here.
     """
     hex_key = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
-    headers = [{"name": KEY_HEADER, "in": "header", "required": True, "schema": hex_key,
-                "description": "The attested worker the body is sealed to: the hex of its "
-                "X25519 public key (key_id in /v1/attestation)."}]
+    headers = [
+        {
+            "name": KEY_HEADER,
+            "in": "header",
+            "required": True,
+            "schema": hex_key,
+            "description": "The attested worker the body is sealed to: the hex of its "
+            "X25519 public key (key_id in /v1/attestation).",
+        }
+    ]
     if request_id:
         headers += [
-            {"name": REQUEST_ID_HEADER, "in": "header", "required": True,
-             "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
-             "description": "The client's fresh request id, also in the HPKE context."},
-            {"name": MODEL_HEADER, "in": "header", "required": False, "schema": hex_key,
-             "description": "The model id the client attested; another is refused (409)."},
+            {
+                "name": REQUEST_ID_HEADER,
+                "in": "header",
+                "required": True,
+                "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+                "description": "The client's fresh request id, also in the HPKE context.",
+            },
+            {
+                "name": MODEL_HEADER,
+                "in": "header",
+                "required": False,
+                "schema": hex_key,
+                "description": "The model id the client attested; another is refused (409).",
+            },
         ]
     error = {"content": {"application/json": {"schema": _ERROR_SCHEMA}}}
     return {
         "parameters": headers,
-        "requestBody": {"required": True, "description": body,
-                        "content": {SEALED_MEDIA_TYPE: {"schema": {**_BINARY, "maxLength": limit}}}},
+        "requestBody": {
+            "required": True,
+            "description": body,
+            "content": {SEALED_MEDIA_TYPE: {"schema": {**_BINARY, "maxLength": limit}}},
+        },
         "responses": {
             "400": {"description": "bad_request or enclave_refused", **error},
-            "409": {"description": "unknown_enclave_key (attest again), not_provisioned, "
-                    "wrong_model, already_provisioned, other_key_provisioned", **error},
+            "409": {
+                "description": "unknown_enclave_key (attest again), not_provisioned, "
+                "wrong_model, already_provisioned, other_key_provisioned",
+                **error,
+            },
             "413": {"description": "too_large", **error},
             "415": {"description": "unsupported_media_type", **error},
-            "503": {"description": "worker_lost or worker_crashed (attest again, retry), "
-                    "unavailable", **error},
+            "503": {"description": "worker_lost or worker_crashed (attest again, retry), unavailable", **error},
         },
     }
 
 
 #: What the enclave pool raises on purpose; `_pool_error` maps each to one HTTP answer.
-_POOL_ERRORS = (UnknownEnclaveKey, NotProvisioned, EnclaveRefused, EnclaveError, ServerError,
-                asyncio.TimeoutError)
+_POOL_ERRORS = (UnknownEnclaveKey, NotProvisioned, EnclaveRefused, EnclaveError, ServerError, asyncio.TimeoutError)
 #: Refusals an enclave names to the host, because the client can act on them.
 _NAMED_REFUSALS = {
     "already_provisioned": (409, "this enclave already holds this model key"),
@@ -365,8 +429,7 @@ def _pool_error(exc: BaseException, what: str) -> _Error:
         if exc.code in _NAMED_REFUSALS:
             status, detail = _NAMED_REFUSALS[exc.code]
             return _Error(status, exc.code, detail)
-        return _Error(400, "enclave_refused",
-                      f"the enclave refused {what} (it does not say why to the host)")
+        return _Error(400, "enclave_refused", f"the enclave refused {what} (it does not say why to the host)")
     if isinstance(exc, WorkerCrashed):
         return _Error(503, "worker_crashed", str(exc))
     if isinstance(exc, (WorkerLost, EnclaveError, asyncio.TimeoutError)):
@@ -405,8 +468,7 @@ class _ObserveRequests:
             await self.app(scope, receive, send_observed)
         finally:
             outcome = scope.get("state", {}).get("outcome") or ("ok" if status < 400 else "error")
-            self.metrics.request_finished(_endpoint(scope), outcome, status,
-                                          time.perf_counter() - started)
+            self.metrics.request_finished(_endpoint(scope), outcome, status, time.perf_counter() - started)
 
 
 def _key_header(request: Request) -> str:
@@ -442,8 +504,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def run_server(config: ServerConfig, *, host: str, port: int, tls_cert: Path | None = None,
-               tls_key: Path | None = None, log_level: str = "info", log_format: str = "text") -> None:
+def run_server(
+    config: ServerConfig,
+    *,
+    host: str,
+    port: int,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    log_level: str = "info",
+    log_format: str = "text",
+) -> None:
     """Run the server with uvicorn until interrupted.
 
     The port is bound first, before any enclave worker starts: a port in use is one clear
@@ -459,11 +529,15 @@ def run_server(config: ServerConfig, *, host: str, port: int, tls_cert: Path | N
     configure_logging(log_level, log_format)
     app = create_app(config)
     server_config = uvicorn.Config(
-        app, log_level=log_level, log_config=None,
+        app,
+        log_level=log_level,
+        log_config=None,
         ssl_certfile=str(tls_cert) if tls_cert else None,
         ssl_keyfile=str(tls_key) if tls_key else None,
-        timeout_keep_alive=KEEP_ALIVE_S, limit_concurrency=MAX_CONNECTIONS,
-        http=with_header_timeout(config.header_timeout))
+        timeout_keep_alive=KEEP_ALIVE_S,
+        limit_concurrency=MAX_CONNECTIONS,
+        http=with_header_timeout(config.header_timeout),
+    )
     with listener:
         uvicorn.Server(server_config).run(sockets=[listener])
 
