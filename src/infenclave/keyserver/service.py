@@ -159,21 +159,27 @@ def create_app(config: KeyServerConfig) -> FastAPI:
                 raise _Refused("K0 request body over its size limit")
         return data
 
+    def rate_limited(peer: str, t: float) -> JSONResponse | None:
+        """Step K1 for every endpoint: a 429 (audited) once the peer's token bucket is empty."""
+        if take_token(peer, t):
+            return None
+        audit.record(
+            time=now_iso(t),
+            peer=peer,
+            outcome="rate_limited",
+            step="K1 rate limit",
+            model_id=None,
+            enclave_key=None,
+            measurements=None,
+        )
+        return refuse(429, "rate_limited")
+
     @app.post(CHALLENGE_PATH)
     async def challenge(request: Request) -> JSONResponse:
         """Step 1: a fresh single-use nonce for this peer and model."""
         t, peer = config.clock(), _peer(request)
-        if not take_token(peer, t):
-            audit.record(
-                time=now_iso(t),
-                peer=peer,
-                outcome="rate_limited",
-                step="K1 rate limit",
-                model_id=None,
-                enclave_key=None,
-                measurements=None,
-            )
-            return refuse(429, "rate_limited")
+        if (limited := rate_limited(peer, t)) is not None:
+            return limited
         try:
             model_id = decode_challenge_request(await body(request, _MAX_CHALLENGE_BYTES))
             if model_id != model_key.model_id:
@@ -201,17 +207,8 @@ def create_app(config: KeyServerConfig) -> FastAPI:
     async def key(request: Request) -> JSONResponse:
         """Steps 2-5: verify the enclave's evidence over the nonce; release the sealed key."""
         t, peer = config.clock(), _peer(request)
-        if not take_token(peer, t):
-            audit.record(
-                time=now_iso(t),
-                peer=peer,
-                outcome="rate_limited",
-                step="K1 rate limit",
-                model_id=None,
-                enclave_key=None,
-                measurements=None,
-            )
-            return refuse(429, "rate_limited")
+        if (limited := rate_limited(peer, t)) is not None:
+            return limited
         entry: dict[str, Any] = {
             "time": now_iso(t),
             "peer": peer,
