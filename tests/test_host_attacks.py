@@ -277,3 +277,19 @@ def test_hostile_preprocess_values_in_a_manifest_are_refused(field, value) -> No
     }
     with pytest.raises(ModelError, match="preprocess"):
         Preprocess.from_dict(doc)
+
+
+def test_only_ir2_frames_may_be_large() -> None:
+    import struct
+
+    from infenclave.errors import EnclaveError
+    from infenclave.protocol.frames import HEADER, MAGIC, MAX_BODY_BYTES, MAX_OTHER_BODY_BYTES, decode_header
+
+    def header(msg: MsgType, body: int) -> bytes:
+        return struct.pack(HEADER.format, MAGIC, int(msg), 0, 0, 1, 0, body)
+
+    assert decode_header(header(MsgType.IR2, MAX_BODY_BYTES))[3] == MAX_BODY_BYTES
+    assert decode_header(header(MsgType.REQUEST, MAX_OTHER_BODY_BYTES))[3] == MAX_OTHER_BODY_BYTES
+    for msg in (MsgType.REQUEST, MsgType.PROVISION, MsgType.UNSEAL, MsgType.LOAD):
+        with pytest.raises(EnclaveError, match="larger than the limits"):
+            decode_header(header(msg, MAX_OTHER_BODY_BYTES + 1))

@@ -41,10 +41,12 @@ __all__ = [
     "MAGIC",
     "MAX_BODY_BYTES",
     "MAX_META_BYTES",
+    "MAX_OTHER_BODY_BYTES",
     "SEALED_STATE_UNOPENABLE",
     "Frame",
     "FrameReader",
     "MsgType",
+    "body_limit",
     "decode_header",
     "encode_frame",
     "encode_tensors_frame",
@@ -63,6 +65,10 @@ MAX_META_BYTES = 64 * 1024
 #: a verified IR2 frame (IR2 plus the BackNet's checked intermediates: ~11 MiB for Lite0 cut
 #: after block 3, ~100 MiB for an early cut of Lite2).
 MAX_BODY_BYTES = 256 * 1024 * 1024
+#: Every other frame: a sealed request (32 MiB image plus overhead) is the largest. Only IR2
+#: frames may use `MAX_BODY_BYTES`, so that a host cannot make the enclave allocate 256 MiB
+#: per frame of any other type.
+MAX_OTHER_BODY_BYTES = 33 * 1024 * 1024
 #: Tensors in one multi-tensor frame (IR2 and the checked intermediates; ResNet-50: ~60).
 MAX_TENSORS = 1024
 
@@ -108,9 +114,14 @@ class Frame:
     body: bytes | bytearray | memoryview = b""
 
 
+def body_limit(msg: MsgType) -> int:
+    """The largest body a frame of type *msg* may carry."""
+    return MAX_BODY_BYTES if msg == MsgType.IR2 else MAX_OTHER_BODY_BYTES
+
+
 def encode_header(msg: MsgType, tag: int, meta_len: int, body_len: int) -> bytes:
     """Pack a frame header after checking the limits."""
-    if meta_len > MAX_META_BYTES or body_len > MAX_BODY_BYTES:
+    if meta_len > MAX_META_BYTES or body_len > body_limit(msg):
         raise EnclaveError("frame larger than the channel limits")
     return HEADER.pack(MAGIC, int(msg), 0, 0, tag, meta_len, body_len)
 
@@ -123,9 +134,12 @@ def decode_header(header: bytes | bytearray | memoryview) -> tuple[MsgType, int,
     if meta_len > MAX_META_BYTES or body_len > MAX_BODY_BYTES:
         raise EnclaveError("channel: frame larger than the limits")
     try:
-        return MsgType(msg), tag, meta_len, body_len
+        kind = MsgType(msg)
     except ValueError as exc:
         raise EnclaveError("channel: unknown frame type") from exc
+    if body_len > body_limit(kind):
+        raise EnclaveError("channel: frame larger than the limits")
+    return kind, tag, meta_len, body_len
 
 
 def encode_meta(meta: dict[str, Any] | None) -> bytes:
