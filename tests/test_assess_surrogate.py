@@ -31,8 +31,6 @@ def fine_tuned(lite0):
 
     module = copy.deepcopy(lite0.torch_module).eval()  # BN statistics stay; weights move
     front = [module._conv_stem, module._bn0, *module._blocks[:FRONT_BLOCKS]]
-    for part in front:  # the shared session model may have been frozen by an earlier attack
-        part.requires_grad_(True)
     head = torch.nn.Linear(module._blocks[FRONT_BLOCKS - 1]._project_conv.out_channels, 2)
     photos = training_photos().photos
     rng = np.random.default_rng(0)

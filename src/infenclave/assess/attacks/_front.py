@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -49,7 +50,10 @@ def torch_front(net: Network, cut: str) -> Any:
             f"{net.model.name}: the white-box (knows-weights) attack needs the model as torch code; "
             "an ONNX-only model can be assessed with --adversary chosen-inputs, which is weaker"
         )
-    part = fx_graph.segment(net.fx, None, net.fx_cut_nodes[net.cut(cut).name])
+    # The segment shares its parameters with the caller's model: freeze a copy, so that the
+    # attack never changes the model it was given (a frozen shared model once made a later
+    # fine-tuning silently train nothing).
+    part = copy.deepcopy(fx_graph.segment(net.fx, None, net.fx_cut_nodes[net.cut(cut).name]))
     for p in part.parameters():
         p.requires_grad_(False)
     return part
