@@ -18,17 +18,28 @@ if [ ! -d /usr/share/doc/opencv-doc/examples/data ]; then
 fi
 
 # --- Photographs for the attack assessment (src/infenclave/assess/photosets.py): Debian
-# desktop backgrounds that are photographs (evaluation and confirmation sets) and
-# ImageMagick's documentation photo (decoder training). Without them the evaluation set has
-# only the 8 built-in photos and every attacked cut gets "not enough evidence".
+# desktop backgrounds that are photographs (evaluation and confirmation sets),
+# ImageMagick's documentation photo (decoder training), and packages that carry photographs
+# for other purposes (the confirmation set: jigsaw puzzles, annotation examples, manuals, a
+# login theme; about 26 MB of downloads). Without them the evaluation set has only the 8
+# built-in photos and every attacked cut gets "not enough evidence"; without the last six the
+# chosen cut cannot be confirmed on photos that took no part in choosing it.
+PHOTO_PACKAGES="mate-backgrounds lomiri-wallpapers-16.04 lomiri-wallpapers-20.04 plasma-workspace-wallpapers \
+  imagemagick-6-doc jigzo-data labelme-examples hugin-data palapeli-data libvips-doc sddm-theme-maldives"
 if [ ! -d /usr/share/backgrounds/mate/nature ] || [ ! -f /usr/share/backgrounds/Kleiber_by_Lukas_Baubkus.jpg ] \
-   || [ ! -d /usr/share/wallpapers/EveningGlow ] || [ ! -d /usr/share/doc/imagemagick-6-common/html/images ]; then
+   || [ ! -d /usr/share/wallpapers/EveningGlow ] || [ ! -d /usr/share/doc/imagemagick-6-common/html/images ] \
+   || [ ! -f /usr/share/games/jigzo/puzzles/00_default/windmill-4x4.pzl ] \
+   || [ ! -d /usr/share/doc/labelme-examples/examples/classification ] \
+   || [ ! -f /usr/share/hugin/xrc/data/help_en_EN/CA_fringes00.jpg ] \
+   || [ ! -f /usr/share/palapeli/collection/citrus-fruits.jpg ] \
+   || [ ! -f /usr/share/gtk-doc/html/libvips/owl.jpg ] \
+   || [ ! -f /usr/share/sddm/themes/maldives/background.jpg ]; then
   if [ "$(id -u)" -eq 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mate-backgrounds \
-      lomiri-wallpapers-16.04 lomiri-wallpapers-20.04 plasma-workspace-wallpapers imagemagick-6-doc >/dev/null
+    # shellcheck disable=SC2086 # a list of package names
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $PHOTO_PACKAGES >/dev/null
   else
-    echo "note: background photo packages are missing and we are not root; attack verdicts will lack evidence" >&2
+    echo "note: photo packages are missing and we are not root; attack verdicts will lack evidence" >&2
   fi
 fi
 

@@ -9,16 +9,31 @@ art, logos, screenshots, calibration patterns and near-copies left out):
 - the 8 built-in photos (`sample_images`: scikit-image, scikit-learn) - evaluation;
 - Debian desktop backgrounds that are photographs: `mate-backgrounds` (12 nature photos),
   `lomiri-wallpapers-16.04` / `-20.04` (14), `plasma-workspace-wallpapers` (11) -
-  evaluation and confirmation (`scripts/system-deps.sh` installs them);
+  evaluation, and the last 5 of them confirmation;
+- Debian packages that carry photographs for other purposes (confirmation; all installed by
+  `scripts/system-deps.sh`, about 26 MB of downloads; licence as each package's copyright
+  file states): `jigzo-data` (12, the photo inside each children's jigsaw puzzle file,
+  GPL-2+, the penguin CC-BY-NC-SA-1.0), `labelme-examples` (7 annotation examples: 3 PASCAL
+  VOC photos, a kitten, a dog, a shelf, a street; GPL-3+), `hugin-data` (6 photos of the
+  panorama stitcher's manual: Grand Central, Tuebingen, a forest, a kitchen, a building, a
+  bridge; GPL-2+), `palapeli-data` (5 jigsaw photos: castle, bridge, citrus, bee,
+  chameleon; GPL-2+), `libvips-doc` (the owl of its manual; LGPL-2.1) and
+  `sddm-theme-maldives` (its login background; GPL-2+);
 - the decoder's training photos (`attacks.training_data`: scikit-image, matplotlib,
   `opencv-doc`, `imagemagick-6-doc`).
 
-Found with `apt-cache search backgrounds` / `wallpaper`: `gnome-backgrounds`,
-`ukui-wallpapers`, `sway-backgrounds` and `lomiri-wallpapers` hold only abstract art or
-renders (looked at: none is a photo), so they are not used. That leaves 37 background photos:
-32 complete the evaluation set to 40 and 5 remain for confirmation, short of the 29 a
-confirmation needs; the assessment therefore chooses its cut by a fixed-sequence test
-(`attacks.evidence`) that needs no confirmation set, and says so in the plan.
+Looked at and not used (every image seen on a contact sheet): `gnome-backgrounds`,
+`ukui-wallpapers`, `sway-backgrounds`, `lomiri-wallpapers`, `desktop-base`,
+`xfdesktop4-data`, the other `sddm-theme-*` and `slim` themes (abstract art or renders);
+`fotoxx-common`, `kphotoalbum`, `digikam-data` (screenshots of the program, edited photos);
+`hugin-data`'s fisheye, stereographic, grid-overlaid and aliasing-crop variants (projections
+or near-copies of the photos kept); `labelme-examples`' other video frames (near-copies);
+`gcompris-qt-data` (photos inside Qt resource bundles); `darktable` and `puzzle-jigsaw`
+(one or two photos each, behind a whole GUI's dependencies). That gives 37 background photos
+plus 32 others: 32 complete the evaluation set to 40 and 37 remain for confirmation, more than
+the 29 a confirmation needs, so the cut chosen on the evaluation photos is confirmed on photos
+that took no part in choosing it (`adversary`); without these packages the confirmation set is
+short and the fixed-sequence test alone decides (`attacks.evidence`), as the plan says.
 
 Disjointness is checked by content, not by name: a photo whose decoded pixels hash like one in
 an earlier set (built-in evaluation photos first, then training) is dropped from the later set,
@@ -42,6 +57,10 @@ TRAINING_TARGET = 50
 _MATE = Path("/usr/share/backgrounds/mate/nature")
 _BG = Path("/usr/share/backgrounds")
 _PLASMA = Path("/usr/share/wallpapers")
+_JIGZO = Path("/usr/share/games/jigzo/puzzles/00_default")
+_LABELME = Path("/usr/share/doc/labelme-examples/examples")
+_HUGIN = Path("/usr/share/hugin/xrc/data/help_en_EN")
+_PALAPELI = Path("/usr/share/palapeli/collection")
 
 # (package, path). Order is the assignment order: the first ones complete the evaluation set.
 BACKGROUND_PHOTOS: tuple[tuple[str, Path], ...] = (
@@ -91,6 +110,58 @@ BACKGROUND_PHOTOS: tuple[tuple[str, Path], ...] = (
         ("plasma-workspace-wallpapers", _PLASMA / d / "contents/images/1920x1080.jpg")
         for d in ("Kite", "OneStandsOut", "Path", "summer_1am")
     ),
+    *(
+        ("jigzo-data", _JIGZO / f"{f}.pzl")
+        for f in (
+            "bike-3x4",
+            "bird-2x3",
+            "blackberry-3x3",
+            "castle-6x3",
+            "clouds-4x4",
+            "gorilla2-3x3",
+            "heli-4x3",
+            "horse-4x3",
+            "penguin-3x2",
+            "tobogan-4x3",
+            "train-2x2",
+            "windmill-4x4",
+        )
+    ),
+    *(
+        ("labelme-examples", _LABELME / f)
+        for f in (
+            "bbox_detection/data_annotated/2011_000003.jpg",
+            "bbox_detection/data_annotated/2011_000006.jpg",
+            "bbox_detection/data_annotated/2011_000025.jpg",
+            "classification/data_annotated/0001.jpg",
+            "classification/data_annotated/0002.jpg",
+            "tutorial/apc2016_obj3.jpg",
+            "video_annotation/data_annotated/00000100.jpg",
+        )
+    ),
+    *(
+        ("hugin-data", _HUGIN / f)
+        for f in (
+            "800px-C_Marchi-GrandCentral-adj.jpg",
+            "600px-Tuebingen_Neckarfront_small15_2006-06-11.jpg",
+            "CA_fringes00.jpg",
+            "AliasingPTpoly3.jpg",
+            "CA_tCA00.jpg",
+            "250px-LagardePont-defish.jpg",
+        )
+    ),
+    *(
+        ("palapeli-data", _PALAPELI / f"{f}.jpg")
+        for f in (
+            "castle-maintenon",
+            "cincinnati-bridge",
+            "citrus-fruits",
+            "european-honey-bee",
+            "panther-chameleon-female",
+        )
+    ),
+    ("libvips-doc", Path("/usr/share/gtk-doc/html/libvips/owl.jpg")),
+    ("sddm-theme-maldives", Path("/usr/share/sddm/themes/maldives/background.jpg")),
 )
 
 
@@ -143,7 +214,20 @@ def _load(path: Path) -> np.ndarray:
     from infenclave.assess.attacks.training_data import _shrink
     from infenclave.enclave.imaging import decode_image
 
-    return _shrink(decode_image(path.read_bytes()))
+    return _shrink(decode_image(photo_bytes(path)))
+
+
+def photo_bytes(path: Path) -> bytes:
+    """The encoded photo in `path`: the file itself, or for a jigzo puzzle (`.pzl`: a text
+    header, the photo as JPEG, then the PNG piece mask) the JPEG between the two."""
+    data = path.read_bytes()
+    if path.suffix != ".pzl":
+        return data
+    start = data.find(b"\xff\xd8\xff")
+    end = data.find(b"\x89PNG", start)
+    if start < 0:
+        raise ImageError(f"{path.name} holds no JPEG photo")
+    return data[start : end if end > start else len(data)]
 
 
 def _builtin() -> list[Photo]:
@@ -183,7 +267,7 @@ def offline_sets() -> dict[str, PhotoSet]:
     thumbs = [_thumb(p.rgb) for s in (evaluation, training) for p in s.photos]
     for source, path in BACKGROUND_PHOTOS:
         target = evaluation if len(evaluation.photos) < EVALUATION_TARGET else confirmation
-        name = f"{source}:{path.parent.parent.parent.name if source.startswith('plasma') else path.stem}"
+        name = f"{source}:{_stem(source, path)}"
         if not path.is_file():
             target.missing.append(source)
             continue
@@ -203,6 +287,11 @@ def offline_sets() -> dict[str, PhotoSet]:
         thumbs.append(thumb)
         target.photos.append(Photo(name, source, digest, rgb))
     return {"training": training, "evaluation": evaluation, "confirmation": confirmation}
+
+
+def _stem(source: str, path: Path) -> str:
+    """A short, unique photo name within its package (plasma: the wallpaper's folder)."""
+    return path.parent.parent.parent.name if source.startswith("plasma") else path.stem
 
 
 def check_disjoint(sets: dict[str, PhotoSet]) -> None:
