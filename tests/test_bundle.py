@@ -73,7 +73,7 @@ def cli_bundle(tmp_path_factory, assessed_plan: Path) -> Path:
 
 def test_partition_writes_bundle_key_0600_and_starter_policy(cli_bundle: Path) -> None:
     assert sorted(p.name for p in cli_bundle.iterdir()) == sorted(
-        [MANIFEST_FILE, SIGNATURE_FILE, VERIFY_FILE, *PART_FILES.values()]
+        [MANIFEST_FILE, SIGNATURE_FILE, VERIFY_FILE, *(PART_FILES[p] for p in ("frontnet", "backnet", "tail"))]
     )
     key_file = key_path_for(cli_bundle)
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
@@ -196,7 +196,8 @@ def test_key_file_readable_by_others_is_refused(copy: Path) -> None:
 def test_read_plan_is_the_assessments_reader(assessed_plan: Path, tmp_path: Path) -> None:
     doc = json.loads(assessed_plan.read_text())
     chosen = (doc["partition"]["frontnet"]["end"], doc["partition"]["tail"]["start"])
-    assert read_plan(assessed_plan, doc["model"]["weights_sha256"]) == chosen
+    choice = read_plan(assessed_plan, doc["model"]["weights_sha256"])
+    assert (choice.front_end, choice.tail_start) == chosen and not choice.whole_model
     with pytest.raises(UsageError, match="other weights"):
         read_plan(assessed_plan, "cd" * 32)
     # The schema is the assessment's: a lenient look-alike is not a plan.

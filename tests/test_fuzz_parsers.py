@@ -166,11 +166,14 @@ def _manifest_seeds() -> tuple[bytes, ...]:
         "parts": {
             name: {"file": file, "encrypted": name in bf.ENCRYPTED_PARTS, **part}
             for name, file in bf.PART_FILES.items()
+            if name != "model"  # the whole-model bundle's one part (seeded below)
         },
     }
     keys = getattr(bf, "_MANIFEST_KEYS", ())
     if "owner_key" in keys:
         doc["owner_key"] = "ab" * 32
+    if "deployment" in keys:
+        doc["deployment"] = "partitioned"
     sections = [None]
     if "backnet" in keys:  # both BackNet modes: unverified, and Freivalds-verified
         from infenclave.protocol.backnet_verify import VERIFY_FILE
@@ -184,6 +187,10 @@ def _manifest_seeds() -> tuple[bytes, ...]:
         if section is not None:
             doc["backnet"] = section
         seeds.append((json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+    if "deployment" in keys:  # the whole model in the enclave: one part, no cuts, no BackNet
+        whole = dict(doc, deployment="whole-model-in-enclave", cuts=None, backnet=None)
+        whole["parts"] = {"model": {"file": "model.bin.enc", "encrypted": True, **part}}
+        seeds.append((json.dumps(whole, indent=2, sort_keys=True) + "\n").encode())
     return tuple(seeds)
 
 

@@ -100,10 +100,25 @@ def test_assess_unsafe_verdict_exits_4(photos, tmp_path) -> None:
     assert out.returncode == 4, out.stderr  # ExitCode.UNSAFE; plan and report still written
     assert "error: no-safe-cut:" in out.stderr
     assert (tmp_path / "a" / "plan.json").is_file() and (tmp_path / "a" / "report.html").is_file()
-    # partition reads that plan with the assessment's reader, and refuses it with its reason.
-    refused = run_cli("partition", MODEL, "--plan", str(tmp_path / "a" / "plan.json"), "--out", str(tmp_path / "b"))
-    assert refused.returncode == 2 and "recommends no partition" in refused.stderr
-    assert not (tmp_path / "b").exists()
+    # partition reads that plan with the assessment's reader and follows it, saying why: the
+    # whole model in the enclave.
+    whole = run_cli("partition", MODEL, "--plan", str(tmp_path / "a" / "plan.json"), "--out", str(tmp_path / "b"))
+    assert whole.returncode == 0, whole.stderr
+    assert "no-safe-cut: the whole model in the enclave" in whole.stdout and "no BackNet" in whole.stdout
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["manifest.json", "manifest.sig", "model.bin.enc"]
+    # Half a split on top of that plan is refused; both cut points choose a split anyway.
+    half = run_cli(
+        "partition",
+        MODEL,
+        "--plan",
+        str(tmp_path / "a" / "plan.json"),
+        "--front-end",
+        "_blocks.3",
+        "--out",
+        str(tmp_path / "c"),
+    )
+    assert half.returncode == 2 and "recommends the whole model in the enclave" in half.stderr
+    assert not (tmp_path / "c").exists()
 
 
 def test_liveness_and_readiness(server, bundle) -> None:

@@ -1,5 +1,8 @@
 """Partition a model into a bundle: encrypted FrontNet and Tail, clear BackNet, a manifest.
 
+Or, when no cut point is safe (``partition(..., whole_model=True)``), a whole-model bundle:
+the whole network encrypted as one part, no BackNet, nothing for the host to run.
+
 `partition` is what `infenclave partition` runs on the model owner's machine. It writes:
 
 - ``BUNDLE/`` (the format is documented in `infenclave.protocol.bundle_format`): what the
@@ -42,6 +45,9 @@ from infenclave.errors import AssessmentError, BundleError, UsageError
 from infenclave.protocol.backnet_verify import VERIFY_FILE, BackNetPolicy
 from infenclave.protocol.bundle_format import (
     BUNDLE_FORMAT,
+    DEPLOY_PARTITIONED,
+    DEPLOY_WHOLE_MODEL,
+    ENCRYPTED_PARTS,
     MANIFEST_FILE,
     MAX_MANIFEST_BYTES,
     MAX_PART_BYTES,
@@ -60,6 +66,7 @@ __all__ = [
     "KEY_FILE_FORMAT",
     "ModelKey",
     "PartitionResult",
+    "PlanChoice",
     "default_state_dir",
     "key_path_for",
     "local_sim_signer",
@@ -100,10 +107,13 @@ class PartitionResult:
     key_file: Path
     policy_file: Path
     model_id: str
-    front_end: str
-    tail_start: str
+    front_end: str | None  # None for a whole-model bundle
+    tail_start: str | None
     sim_measurement: str
     part_sizes: dict[str, int]
+    deployment: str = DEPLOY_PARTITIONED
+    #: Per image: ``enclave_flops``/``total_flops`` and ``enclave_param_bytes``/``total_param_bytes``.
+    cost: dict[str, int] | None = None
 
 
 def key_path_for(bundle_dir: Path) -> Path:
@@ -165,20 +175,24 @@ def sim_measurement() -> bytes:
 
 def partition(
     model: Any,
-    front_end: str,
-    tail_start: str,
+    front_end: str | None,
+    tail_start: str | None,
     out: Path,
     *,
     mrenclave: tuple[str, ...] = (),
     mrsigner: tuple[str, ...] = (),
     force: bool = False,
     unverified_backnet: bool = False,
+    whole_model: bool = False,
 ) -> PartitionResult:
-    """Split *model* (a `LoadedModel`) at the two cut points and write the bundle to *out*.
+    """Split *model* (a `LoadedModel`) at the two cut points and write the bundle to *out*;
+    with *whole_model* (and no cut points) write a whole-model bundle instead.
 
     Refuses to overwrite an existing bundle, key or policy unless *force*: overwriting the
     key of a bundle that is already deployed would lock its owner out.
     """
+    if whole_model != (front_end is None and tail_start is None):
+        raise UsageError("give either both cut points (a split) or none (the whole model in the enclave)")
     out = Path(out)
     key_file, policy_file = key_path_for(out), policy_path_for(out)
     existing = [p for p in (out, key_file, policy_file) if os.path.lexists(p)]
@@ -186,7 +200,11 @@ def partition(
         raise UsageError(f"{', '.join(map(str, existing))} already exist(s); pass --force to replace")
     owner_key = load_or_create_key_file(owner_key_path_for(out), ED25519_KEY_SIZE)
     owner_public = ed25519_public_key(owner_key).hex()
-    parts = _split_parts(model, front_end, tail_start, verified=not unverified_backnet)
+    parts = (
+        _whole_parts(model)
+        if front_end is None or tail_start is None
+        else _split_parts(model, front_end, tail_start, verified=not unverified_backnet)
+    )
     manifest_bytes = _manifest_bytes(model, parts, owner_public)
     manifest = parse_manifest(manifest_bytes)  # what we write is what readers accept
     key = generate_aead_key()
@@ -197,10 +215,11 @@ def partition(
     out.mkdir(parents=True)
     _write(out / MANIFEST_FILE, manifest_bytes)
     _write(out / SIGNATURE_FILE, ed25519_sign(owner_key, manifest_bytes))
-    _write(out / PART_FILES["backnet"], parts.plaintext["backnet"])
-    if parts.backnet_policy.verified:
+    if "backnet" in parts.plaintext:
+        _write(out / PART_FILES["backnet"], parts.plaintext["backnet"])
+    if parts.backnet_policy is not None and parts.backnet_policy.verified:
         _write(out / VERIFY_FILE, parts.verify_file)
-    for name in ("frontnet", "tail"):
+    for name in (n for n in ENCRYPTED_PARTS if n in parts.plaintext):
         _write(out / PART_FILES[name], aead_encrypt(key, parts.plaintext[name], part_aad(manifest.digest, name)))
     write_key_file(key_file, ModelKey(manifest.model_id, key))
     policy_file.write_text(
@@ -222,23 +241,63 @@ def partition(
         key_file=key_file,
         policy_file=policy_file,
         model_id=manifest.model_id,
-        front_end=parts.front_end.name,
-        tail_start=parts.tail_start.name,
+        front_end=None if parts.front_end is None else parts.front_end.name,
+        tail_start=None if parts.tail_start is None else parts.tail_start.name,
         sim_measurement=measurement,
         part_sizes={name: len(data) for name, data in parts.plaintext.items()},
+        deployment=manifest.deployment,
+        cost=parts.cost,
     )
 
 
 @dataclass(frozen=True)
 class _Parts:
-    """The three parts in plaintext, as the manifest describes them, before encryption."""
+    """The parts in plaintext, as the manifest describes them, before encryption."""
 
-    plaintext: dict[str, bytes]  # frontnet, backnet, tail container
-    front_end: Any  # graph.CutPoint where the FrontNet ends
-    tail_start: Any  # graph.CutPoint where the Tail starts
+    plaintext: dict[str, bytes]  # frontnet, backnet, tail container; or model (a tail container)
+    front_end: Any  # graph.CutPoint where the FrontNet ends (None: whole model)
+    tail_start: Any  # graph.CutPoint where the Tail starts (None: whole model)
     input_shape: tuple[int, ...]  # per image
     verify_file: bytes
-    backnet_policy: BackNetPolicy
+    backnet_policy: BackNetPolicy | None  # None: whole model, no BackNet
+    cost: dict[str, int]  # what runs in the enclave, against the whole model (per image)
+
+
+def _enclave_cost(net: Any, front_end: Any, tail_start: Any) -> dict[str, int]:
+    """FLOPs and parameter bytes per image in the enclave (FrontNet + Tail, or everything)."""
+    total_params, total_flops, _ = net.part_cost(None, None)
+    if front_end is None:
+        return {
+            "enclave_flops": total_flops,
+            "total_flops": total_flops,
+            "enclave_param_bytes": total_params,
+            "total_param_bytes": total_params,
+        }
+    front_params, front_flops, _ = net.part_cost(None, front_end)
+    tail_params, tail_flops, _ = net.part_cost(tail_start, None)
+    return {
+        "enclave_flops": front_flops + tail_flops,
+        "total_flops": total_flops,
+        "enclave_param_bytes": front_params + tail_params,
+        "total_param_bytes": total_params,
+    }
+
+
+def _whole_parts(model: Any) -> _Parts:
+    """The whole network as one part, packed with its labels like a Tail (no cut, no BackNet)."""
+    import onnx.utils
+
+    from infenclave.network import analyse
+
+    net = analyse(model)
+    whole = onnx.utils.Extractor(net.onnx_model).extract_model([net.input_name], [net.output_name])
+    whole.graph.name = "whole-model"
+    container = encode_tail(whole.SerializeToString(), list(model.labels))
+    if len(container) > MAX_PART_BYTES:
+        raise BundleError(f"model is {len(container)} bytes, over the {MAX_PART_BYTES} limit")
+    return _Parts(
+        {"model": container}, None, None, tuple(net.input_shape[1:]), b"", None, _enclave_cost(net, None, None)
+    )
 
 
 def _split_parts(model: Any, front_end: str, tail_start: str, *, verified: bool) -> _Parts:
@@ -269,33 +328,40 @@ def _split_parts(model: Any, front_end: str, tail_start: str, *, verified: bool)
     for name, data in plaintext.items():
         if len(data) > MAX_PART_BYTES:
             raise BundleError(f"{name} is {len(data)} bytes, over the {MAX_PART_BYTES} limit")
-    return _Parts(plaintext, split.front_end, split.tail_start, tuple(net.input_shape[1:]), verify_file, backnet_policy)
+    cost = _enclave_cost(net, split.front_end, split.tail_start)
+    return _Parts(
+        plaintext, split.front_end, split.tail_start, tuple(net.input_shape[1:]), verify_file, backnet_policy, cost
+    )
 
 
 def _manifest_bytes(model: Any, parts: _Parts, owner_public: str) -> bytes:
     """The manifest's exact bytes (sorted keys: its hash is the model id)."""
+    whole = parts.front_end is None
     manifest_doc = {
         "format": BUNDLE_FORMAT,
+        "deployment": DEPLOY_WHOLE_MODEL if whole else DEPLOY_PARTITIONED,
         "model": model.identity(),
         "preprocess": model.preprocess.to_dict(),
         "output": model.output,
         "num_classes": model.num_classes,
         "input_shape": list(parts.input_shape),
-        "cuts": {
+        "cuts": None
+        if whole
+        else {
             "front_end": _cut_doc(parts.front_end),
             "tail_start": _cut_doc(parts.tail_start),
         },
         "parts": {
             name: {
                 "file": PART_FILES[name],
-                "encrypted": name != "backnet",
+                "encrypted": name in ENCRYPTED_PARTS,
                 "sha256": hashlib.sha256(data).hexdigest(),
                 "size": len(data),
             }
             for name, data in parts.plaintext.items()
         },
         "owner_key": owner_public,
-        "backnet": parts.backnet_policy.to_dict(),
+        "backnet": None if parts.backnet_policy is None else parts.backnet_policy.to_dict(),
     }
     return (json.dumps(manifest_doc, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
@@ -407,14 +473,29 @@ def read_key_file(path: Path) -> ModelKey:
     return ModelKey(model_id, key)
 
 
-def read_plan(path: Path, weights_sha256: str | None = None) -> tuple[str, str]:
-    """The (FrontNet end, Tail start) cut names chosen in an assessment ``plan.json``.
+@dataclass(frozen=True)
+class PlanChoice:
+    """What a plan recommends: a split at two cut points, or the whole model in the enclave."""
+
+    front_end: str | None  # None: the whole model in the enclave
+    tail_start: str | None
+    verdict: str  # the plan's recommendation.verdict
+    reason: str  # the plan's own words
+
+    @property
+    def whole_model(self) -> bool:
+        """No cut point is safe (or the evidence is too thin): keep every layer in the enclave."""
+        return self.front_end is None
+
+
+def read_plan(path: Path, weights_sha256: str | None = None) -> PlanChoice:
+    """The deployment an assessment ``plan.json`` recommends: its FrontNet end and Tail
+    start, or (``partition`` null: no safe cut, or not enough evidence for one) the whole
+    model in the enclave, with the plan's own reason.
 
     The plan is read by the assessment's own reader (`infenclave.assess.plan.Plan.parse`:
-    format, version and JSON schema), so there is one reader for the format. A partial plan,
-    a plan for other weights (when *weights_sha256* is given) and a plan that recommends no
-    partition (``partition`` null: no safe cut, or the whole model in the enclave) are
-    refused, the last with the plan's own reason.
+    format, version and JSON schema), so there is one reader for the format. A partial plan
+    and a plan for other weights (when *weights_sha256* is given) are refused.
     """
     from infenclave.assess.plan import Plan
 
@@ -430,13 +511,10 @@ def read_plan(path: Path, weights_sha256: str | None = None) -> tuple[str, str]:
         )
     if plan.partial:
         raise UsageError(f"{path} is a partial (interrupted) assessment: run it to the end")
-    partition = plan.doc["partition"]
+    partition, reason = plan.doc["partition"], str(plan.doc["recommendation"]["reason"])
     if partition is None:
-        raise UsageError(
-            f"{path} recommends no partition: {plan.doc['recommendation']['reason']} "
-            "(give --front-end and --tail-start to choose one anyway)"
-        )
-    return str(partition["frontnet"]["end"]), str(partition["tail"]["start"])
+        return PlanChoice(None, None, plan.verdict, reason)
+    return PlanChoice(str(partition["frontnet"]["end"]), str(partition["tail"]["start"]), plan.verdict, reason)
 
 
 def manifest_model_id(bundle_dir: Path) -> str:

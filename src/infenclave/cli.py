@@ -47,8 +47,8 @@ def _root(
     """Confidential image classification by ternary model partitioning.
 
     Exit codes (every command): 0 ok; 1 internal error (a bug); 2 usage or bad input;
-    3 verification refused; 4 unsafe verdict or not enough evidence; 5 server or network
-    error; 130 interrupted.
+    3 verification refused; 4 no safe cut; 5 server or network error; 6 not enough evidence
+    to call a cut safe; 130 interrupted.
     """
 
 
@@ -309,13 +309,14 @@ def assess(
     safe only when, in addition, no inversion attack recovers a photo that an independent judge
     network recognises. Ctrl-C stops cleanly and writes what is done, marked partial.
 
-    Exit code 0: plan written with a safe partition; 2: bad input; 4: no cut point is safe, or
-    the evidence is too thin to call one safe (the plan and report are still written);
-    130: interrupted (a partial plan is written).
+    Exit code 0: plan written with a safe partition; 2: bad input; 4: no cut point is safe;
+    6: not enough evidence to call one safe (attack more photos); with 4 and 6 the plan and
+    report are still written and recommend the whole model in the enclave
+    (`infenclave partition --plan` follows it); 130: interrupted (a partial plan is written).
     """
     from infenclave.assess.command import AssessOptions, outcome_error, rich_progress, run_assess
     from infenclave.assess.plan import VERDICT_NO_SAFE_CUT, VERDICT_NOT_ENOUGH
-    from infenclave.errors import UnsafeVerdict, UsageError
+    from infenclave.errors import NotEnoughEvidence, UnsafeVerdict, UsageError
 
     extra = [Path(a) for a in ctx.args]
     if extra and not images:
@@ -350,7 +351,8 @@ def assess(
         print("interrupted: the plan and report are PARTIAL", file=sys.stderr)
         sys.exit(ExitCode.INTERRUPTED)
     if rec["verdict"] in (VERDICT_NO_SAFE_CUT, VERDICT_NOT_ENOUGH):
-        raise UnsafeVerdict(f"{rec['verdict']}: {rec['reason']} The plan and report are in {outcome.out}.")
+        verdict_error = NotEnoughEvidence if rec["verdict"] == VERDICT_NOT_ENOUGH else UnsafeVerdict
+        raise verdict_error(f"{rec['verdict']}: {rec['reason']} The plan and report are in {outcome.out}.")
     error = outcome_error(outcome)
     if error is not None:
         raise error
@@ -369,7 +371,10 @@ def partition(
         "BUNDLE.key (mode 0600) and BUNDLE.policy.json go beside it.",
     ),
     plan: Path | None = typer.Option(
-        None, "--plan", help="plan.json from `infenclave assess`: its chosen FrontNet end and Tail start."
+        None,
+        "--plan",
+        help="plan.json from `infenclave assess`: its chosen FrontNet end and Tail start, or, "
+        "when it recommends the whole model in the enclave, a whole-model bundle.",
     ),
     front_end: str | None = typer.Option(
         None, "--front-end", help="Cut point where the FrontNet ends (overrides the plan)."
@@ -390,8 +395,17 @@ def partition(
         help="Write a manifest whose BackNet the enclave does NOT "
         "verify (for BackNets with ops the verifier does not cover): the host can then forge IR2.",
     ),
+    whole_model: bool = typer.Option(
+        False,
+        "--whole-model",
+        help="No split: the whole model, encrypted, runs in the enclave and no IR leaves it "
+        "(what a plan recommends when no cut is safe).",
+    ),
 ) -> None:
     """Split MODEL into a bundle: encrypted FrontNet and Tail, clear BackNet, a manifest.
+
+    With --whole-model, or a --plan that recommends it: one encrypted part, the whole model,
+    and no BackNet (the host runs nothing; the enclave pays every FLOP).
 
     FrontNet and Tail (with the label list) are encrypted under a fresh 256-bit model key
     (AES-256-GCM, the manifest hash as associated data); the manifest holds the SHA-256 of
@@ -404,13 +418,24 @@ def partition(
     from infenclave.errors import UsageError
     from infenclave.models import load_model
 
+    if whole_model and (plan is not None or front_end is not None or tail_start is not None):
+        raise UsageError("--whole-model takes no --plan, --front-end or --tail-start: there is no cut")
     loaded = load_model(model)
     if plan is not None and (front_end is None or tail_start is None):
-        plan_front, plan_tail = read_plan(plan, loaded.weights_sha256)
-        front_end = front_end or plan_front
-        tail_start = tail_start or plan_tail
-    if front_end is None or tail_start is None:
-        raise UsageError("give --plan, or both --front-end and --tail-start")
+        choice = read_plan(plan, loaded.weights_sha256)
+        if choice.whole_model and front_end is None and tail_start is None:
+            whole_model = True
+            print(f"plan        {choice.verdict}: the whole model in the enclave. {choice.reason}")
+        elif choice.whole_model:
+            raise UsageError(
+                f"{plan} recommends the whole model in the enclave ({choice.verdict}): give both "
+                "--front-end and --tail-start to choose a split anyway, or neither"
+            )
+        else:
+            front_end = front_end or choice.front_end
+            tail_start = tail_start or choice.tail_start
+    if not whole_model and (front_end is None or tail_start is None):
+        raise UsageError("give --plan, --whole-model, or both --front-end and --tail-start")
     result = do_partition(
         loaded,
         front_end,
@@ -420,18 +445,27 @@ def partition(
         mrsigner=tuple(mrsigner),
         force=force,
         unverified_backnet=unverified_backnet,
+        whole_model=whole_model,
     )
-    print(f"bundle      {result.bundle_dir}  (model id {result.model_id})")
-    print(
-        f"parts       FrontNet ..{result.front_end} {result.part_sizes['frontnet']:,} B (encrypted), "
-        f"BackNet {result.part_sizes['backnet']:,} B (clear), "
-        f"Tail {result.tail_start}.. {result.part_sizes['tail']:,} B (encrypted, with labels)"
-    )
+    print(f"bundle      {result.bundle_dir}  (model id {result.model_id}, {result.deployment})")
+    if result.front_end is None:
+        print(
+            f"parts       the whole model {result.part_sizes['model']:,} B (encrypted, with labels); "
+            "no BackNet: the host runs nothing and no IR leaves the enclave"
+        )
+    else:
+        print(
+            f"parts       FrontNet ..{result.front_end} {result.part_sizes['frontnet']:,} B (encrypted), "
+            f"BackNet {result.part_sizes['backnet']:,} B (clear), "
+            f"Tail {result.tail_start}.. {result.part_sizes['tail']:,} B (encrypted, with labels)"
+        )
+    if result.cost is not None:
+        print(f"cost        {_enclave_cost_line(result.cost)}")
     print(f"model key   {result.key_file}  (mode 0600; never upload it)")
     print(f"policy      {result.policy_file}  (sim measurement {result.sim_measurement})")
     from infenclave.models.zoo import ZOO
 
-    if loaded.source in ZOO:
+    if loaded.source in ZOO and result.front_end is not None:
         # Measured: with the public Lite0 head the host named the top-1 label of 8/8 photos
         # from IR2 alone. Encrypting public layers hides nothing from whoever has the weights.
         print(
@@ -441,6 +475,16 @@ def partition(
             "cannot reproduce what follows.",
             file=sys.stderr,
         )
+
+
+def _enclave_cost_line(cost: dict[str, int]) -> str:
+    """What the enclave computes and holds per image, against the whole model."""
+    flops, params = cost["enclave_flops"], cost["enclave_param_bytes"]
+    return (
+        f"in the enclave per image: {flops / 1e6:,.1f} of {cost['total_flops'] / 1e6:,.1f} MFLOPs "
+        f"({flops / max(1, cost['total_flops']):.0%}), {_mib(params)} of "
+        f"{_mib(cost['total_param_bytes'])} of parameters ({params / max(1, cost['total_param_bytes']):.0%})"
+    )
 
 
 @app.command()

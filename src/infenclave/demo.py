@@ -1,8 +1,10 @@
 """`make demo` / `infenclave demo`: the whole story on one machine, in under three minutes.
 
-1. Assess the model on the built-in photos (the assessment's early-stop mode) and take the
-   plan's FrontNet end and Tail start (``--front-end/--tail-start`` skip this step).
-2. Partition: encrypted FrontNet and Tail, clear BackNet, the owner's key and policy.
+1. Assess the model on the built-in photos (the assessment's early-stop mode) and follow the
+   plan, saying why: its FrontNet end and Tail start when it found a safe cut, the whole
+   model in the enclave when it found none (``--front-end/--tail-start`` skip this step).
+2. Partition: encrypted FrontNet and Tail, clear BackNet, the owner's key and policy (or one
+   encrypted part, the whole model, and no BackNet).
 3. Start ``infenclave serve`` on 127.0.0.1 (a free port) with the ``sim`` backend.
 4. As a client: attest every enclave worker (simulation explicitly allowed, with a warning),
    provision the model key as the owner, classify every built-in photo.
@@ -63,14 +65,24 @@ def run_demo(
     from infenclave.bundle import partition
 
     bundle_dir = workdir / "bundle"
-    result = partition(model, front_end, tail_start, bundle_dir)
-    _say(
-        f"[2/5] partitioned {model.name}: FrontNet ..{front_end} "
-        f"({result.part_sizes['frontnet'] / 2**20:.2f} MiB, encrypted), BackNet "
-        f"({result.part_sizes['backnet'] / 2**20:.2f} MiB, clear), Tail {tail_start}.. "
-        f"({result.part_sizes['tail'] / 2**20:.2f} MiB with labels, encrypted); "
-        f"key {result.key_file} (0600)"
+    whole = front_end is None or tail_start is None
+    result = partition(
+        model, None if whole else front_end, None if whole else tail_start, bundle_dir, whole_model=whole
     )
+    if whole:
+        _say(
+            f"[2/5] partitioned {model.name} as ONE part: the whole model "
+            f"({result.part_sizes['model'] / 2**20:.2f} MiB with labels, encrypted), no BackNet; "
+            f"key {result.key_file} (0600)"
+        )
+    else:
+        _say(
+            f"[2/5] partitioned {model.name}: FrontNet ..{front_end} "
+            f"({result.part_sizes['frontnet'] / 2**20:.2f} MiB, encrypted), BackNet "
+            f"({result.part_sizes['backnet'] / 2**20:.2f} MiB, clear), Tail {tail_start}.. "
+            f"({result.part_sizes['tail'] / 2**20:.2f} MiB with labels, encrypted); "
+            f"key {result.key_file} (0600)"
+        )
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -115,7 +127,8 @@ def run_demo(
 
 def _assess(
     model_ref: str, model: LoadedModel, workdir: Path, front_end: str | None, tail_start: str | None
-) -> tuple[str, str]:
+) -> tuple[str | None, str | None]:
+    """The cut the plan recommends, or (None, None) when it recommends the whole model."""
     try:
         from infenclave.assess import AssessOptions, run_assess
         from infenclave.bundle import read_plan
@@ -135,22 +148,15 @@ def _assess(
         AssessOptions(model=model_ref, out=out, tail_start=tail_start, force=True, adversary="passive"),
         log=lambda m: _say(f"      {m}"),
     )
-    try:
-        plan_front, plan_tail = read_plan(out / "plan.json", model.weights_sha256)
-    except UsageError as exc:
-        # The demo must go on to show serving; it says loudly that the cut is not assessed.
-        _say(f"      {exc}")
-        _say(
-            f"      NOTE: the demo continues with the fixed cut {_FALLBACK_CUTS[0]} / "
-            f"{_FALLBACK_CUTS[1]}, which this assessment did NOT find safe for every photo; "
-            f"see {out / 'report.html'}"
-        )
-        return front_end or _FALLBACK_CUTS[0], tail_start or _FALLBACK_CUTS[1]
-    _say(
-        f"      plan: FrontNet ends at {plan_front}, Tail starts at {plan_tail} "
-        f"({time.perf_counter() - t0:.0f} s; report {out / 'report.html'})"
-    )
-    return front_end or plan_front, tail_start or plan_tail
+    choice = read_plan(out / "plan.json", model.weights_sha256)
+    took = f"{time.perf_counter() - t0:.0f} s; report {out / 'report.html'}"
+    if choice.whole_model:
+        _say(f"      plan ({took}): {choice.verdict}, so the whole model runs in the enclave and no IR leaves it.")
+        _say(f"      why: {choice.reason}")
+        return None, None
+    _say(f"      plan ({took}): a safe split, FrontNet ends at {choice.front_end}, Tail starts at {choice.tail_start}.")
+    _say(f"      why: {choice.reason}")
+    return front_end or choice.front_end, tail_start or choice.tail_start
 
 
 def _client_side(
@@ -194,15 +200,21 @@ def _client_side(
             _say(f"      {c.prob:7.2%} {_short(c.label):<28} | {p.prob:7.2%} {_short(p.label)}")
     pids = ", ".join(map(str, health["worker_pids"].values()))
     _say("where each part ran:")
-    _say(
-        f"  decrypt + decode + FrontNet  enclave worker processes {pids} (sim sandbox: seccomp, "
-        "own network namespace, not dumpable)"
-    )
-    _say(
-        f"  BackNet                      host server process {server_pid} (CPU, batched; it "
-        "saw only ciphertext, IR1 and IR2)"
-    )
-    _say(f"  Tail + top-5 + labels + seal enclave worker processes {pids}")
+    if result.front_end is None:
+        _say(f"  decrypt + decode + whole model + top-5 + labels + seal  enclave worker processes {pids}")
+        _say(
+            f"  nothing                      host server process {server_pid} (it saw only ciphertext: no IR1, no IR2)"
+        )
+    else:
+        _say(
+            f"  decrypt + decode + FrontNet  enclave worker processes {pids} (sim sandbox: seccomp, "
+            "own network namespace, not dumpable)"
+        )
+        _say(
+            f"  BackNet                      host server process {server_pid} (CPU, batched; it "
+            "saw only ciphertext, IR1 and IR2)"
+        )
+        _say(f"  Tail + top-5 + labels + seal enclave worker processes {pids}")
     _say(_stage_summary(url))
     _say(
         f"{'all' if agree_all else 'NOT all'} {len(rows)} photos agree; demo took {time.perf_counter() - started:.0f} s"
@@ -222,7 +234,7 @@ def _stage_summary(url: str) -> str:
     counts = dict(re.findall(r'infenclave_stage_seconds_count\{stage="(\w+)"\} ([0-9]+)', text))
     parts = [
         f"{stage} {float(sums[stage]) / int(counts[stage]) * 1e3:.1f}"
-        for stage in ("open", "decode", "frontnet", "backnet", "tail", "seal", "total")
+        for stage in ("open", "decode", "model", "frontnet", "backnet", "tail", "seal", "total")
         if stage in sums and int(counts.get(stage, 0))
     ]
     return "mean ms per stage (from /metrics): " + ", ".join(parts)

@@ -22,10 +22,13 @@ class ExitCode(IntEnum):
     #: Verification refused: evidence or policy, a model the policy does not name, a part or
     #: an answer that fails its integrity check.
     REFUSED = 3
-    #: The assessment's verdict: no safe cut point, or not enough evidence to call one safe.
+    #: The assessment's verdict: no safe cut point (attacks recovered photos at every cut).
     UNSAFE = 4
     #: The server answered with an error or could not be reached.
     SERVER = 5
+    #: The assessment's verdict: nothing was recovered, but too few photos were attacked to
+    #: call a cut safe. Unlike 4, more photos (``--attack-images``) may still find one.
+    NOT_ENOUGH_EVIDENCE = 6
     #: Interrupted (Ctrl-C); what was done is kept where the command says so.
     INTERRUPTED = 130
 
@@ -56,6 +59,11 @@ class AssessmentError(InfenclaveError):
 
 class UnsafeVerdict(AssessmentError):
     """The assessment ran to the end: no cut point is safe, or the evidence is too thin to say."""
+
+
+class NotEnoughEvidence(UnsafeVerdict):
+    """The assessment ran to the end and recovered nothing, but attacked too few photos to call
+    a cut safe: a script may attack more photos, where after `UnsafeVerdict` it may not."""
 
 
 class BundleError(InfenclaveError):
@@ -103,6 +111,8 @@ def exit_code_for(exc: InfenclaveError) -> ExitCode:
     """The exit code for a deliberate error (one table for every command)."""
     if isinstance(exc, (VerificationError, CryptoError, IntegrityError)):
         return ExitCode.REFUSED
+    if isinstance(exc, NotEnoughEvidence):
+        return ExitCode.NOT_ENOUGH_EVIDENCE
     if isinstance(exc, UnsafeVerdict):
         return ExitCode.UNSAFE
     if isinstance(exc, (ServerError, EnclaveError)):

@@ -33,6 +33,10 @@ What it does, per message from the host (`infenclave.protocol.frames`):
    Tail, take top-k with labels, seal the answer to the client's one-time key (context: model
    id, request id, "response"), padded to a size that depends on the model and k only.
 
+A whole-model bundle (manifest ``deployment = "whole-model-in-enclave"``, chosen when no cut
+is safe) has one encrypted part, the whole network: REQUEST runs it and answers RESULT at
+once. No IR1 frame is ever sent, and every IR2 frame is refused.
+
 Fail closed: every error ends the request. The host gets one opaque code; the log (stderr,
 which the host can read) names the failing step and the exception type, never a message
 that could carry data derived from a secret (an image's size, say). A refusal the client
@@ -166,11 +170,11 @@ class _Pending:
 class _Model:
     """The decrypted, checked trusted parts of one bundle."""
 
-    front: OnnxPart
-    tail: OnnxPart
+    front: OnnxPart  # the whole network for a whole-model bundle
+    tail: OnnxPart | None  # None: whole model, the FrontNet's output is the scores
     labels: list[str]
     preprocess: Preprocess
-    ir2_shape: tuple[int, ...]
+    ir2_shape: tuple[int, ...]  # () for a whole model
     key: bytes  # to tell a repeated provisioning from one with another key
     answer_bytes: tuple[int, int]  # padded answer size: fixed part, per-prediction part
 
@@ -309,7 +313,9 @@ class EnclaveProgram:
             raise _Refused("bad_bundle", "load: max_pixels is not a positive integer")
         try:
             manifest = parse_manifest(_read(directory / MANIFEST_FILE, MAX_MANIFEST_BYTES))
-            blobs = {part: _read(directory / PART_FILES[part], MAX_PART_BYTES) for part in ("frontnet", "tail")}
+            blobs = {
+                p: _read(directory / PART_FILES[p], MAX_PART_BYTES) for p, i in manifest.parts.items() if i.encrypted
+            }
             if manifest.owner_key is not None:
                 signature = _read(directory / SIGNATURE_FILE, SIGNATURE_BYTES)
                 ed25519_verify(manifest.owner_key, signature, manifest.raw)
@@ -317,7 +323,7 @@ class EnclaveProgram:
             raise _Refused("bad_bundle", "load: manifest or parts unreadable or malformed", exc) from exc
         except CryptoError as exc:
             raise _Refused("bad_bundle", "load: the owner's signature over the manifest does not verify", exc) from exc
-        if manifest.backnet.verified:
+        if manifest.backnet is not None and manifest.backnet.verified and manifest.front_end and manifest.tail_start:
             try:
                 raw = _read(directory / VERIFY_FILE, manifest.backnet.size)
                 check_verify_file(manifest.backnet, raw)
@@ -377,16 +383,17 @@ class EnclaveProgram:
         manifest = self._need_manifest()
         if len(key) != AEAD_KEY_SIZE:
             raise _Refused("refused", f"{step}: the model key has the wrong size")
+        whole = manifest.whole_model
         try:
-            front_bytes = decrypt_part(manifest, "frontnet", self._blobs["frontnet"], key)
-            tail_bytes, labels = decode_tail(
-                decrypt_part(manifest, "tail", self._blobs["tail"], key), manifest.num_classes
-            )
+            # A whole model is stored as a tail container (network + labels): run it as the FrontNet.
+            front_bytes = b"" if whole else decrypt_part(manifest, "frontnet", self._blobs["frontnet"], key)
+            last = "model" if whole else "tail"
+            tail_bytes, labels = decode_tail(decrypt_part(manifest, last, self._blobs[last], key), manifest.num_classes)
         except BundleError as exc:
             raise _Refused("refused", f"{step}: FrontNet/Tail do not decrypt and match the manifest", exc) from exc
         try:
-            front = OnnxPart(front_bytes, threads=self._threads)
-            tail = OnnxPart(tail_bytes, threads=self._threads)
+            front = OnnxPart(tail_bytes if whole else front_bytes, threads=self._threads)
+            tail = None if whole else OnnxPart(tail_bytes, threads=self._threads)
             preprocess = Preprocess.from_dict(manifest.preprocess)
         except Exception as exc:  # ORT raises several types for a bad graph
             raise _Refused("refused", f"{step}: FrontNet/Tail graphs do not load", exc) from exc
@@ -395,7 +402,7 @@ class EnclaveProgram:
             tail,
             labels,
             preprocess,
-            ir2_shape=(1, *manifest.tail_start.shape),
+            ir2_shape=() if manifest.tail_start is None else (1, *manifest.tail_start.shape),  # () whole
             key=bytes(key),
             answer_bytes=_answer_sizes(labels),
         )
@@ -437,6 +444,12 @@ class EnclaveProgram:
             return
         front_ms = (time.perf_counter() - t0) * 1e3
         for row, (frame, pending, _) in enumerate(opened):
+            if model.tail is None:  # the whole model ran: these are the scores, nothing leaves
+                try:
+                    self._finish(frame.tag, pending, ir1[row], {**pending.stages, "model_ms": front_ms})
+                except _Refused as exc:
+                    self._refuse(frame, exc)
+                continue
             pending.stages["frontnet_ms"] = front_ms
             pending.ir1 = ir1[row : row + 1].copy()  # (1, C, H', W'): the IR2 check's ground truth
             self._pending[frame.tag] = pending
@@ -484,7 +497,9 @@ class EnclaveProgram:
     def _on_ir2(self, frame: Frame) -> None:
         pending = self._pending.pop(frame.tag, None)
         model = self._model
-        if pending is None or model is None:
+        if model is not None and model.tail is None:
+            raise _Refused("refused", "ir2: the whole model runs here, no IR2 is taken")
+        if pending is None or model is None or model.tail is None:
             raise _Refused("refused", "ir2: no request waits for this tag")
         self._refuse_if_tripped("ir2")
         t0 = time.perf_counter()
@@ -506,24 +521,28 @@ class EnclaveProgram:
                 self._check_failures += 1
                 raise _Refused(
                     "backnet_check_failed",
-                    f"ir2: BackNet check failed at {exc.step} "
-                    f"({self._check_failures} of at most "
-                    f"{self._need_manifest().backnet.max_failures})",
+                    f"ir2: BackNet check failed at {exc.step} ({self._check_failures} of at most "
+                    f"{getattr(self._need_manifest().backnet, 'max_failures', 0)})",
                 ) from exc
             pending.stages["verify_ms"] = (time.perf_counter() - t0) * 1e3
             t0 = time.perf_counter()
+        stages = {k: v for k, v in pending.stages.items() if k == "verify_ms"}
         scores = model.tail(ir2)[0]  # (num_classes,)
+        stages["tail_ms"] = (time.perf_counter() - t0) * 1e3
+        self._finish(frame.tag, pending, scores, stages)
+
+    def _finish(self, tag: int, pending: _Pending, scores: np.ndarray, stages: dict[str, float]) -> None:
+        """Top-k of one image's scores (num_classes,), sealed to its client."""
+        model = self._model
+        if model is None:  # unreachable: a pending request had a model
+            raise _Refused("not_provisioned", "answer: no model key yet")
         if not np.isfinite(scores).all():
             raise _Refused("refused", "tail: produced non-finite scores")
         predictions = top_k(
             scores, model.labels, pending.k, already_probabilities=self._manifest_output() == "probabilities"
         )
-        t1 = time.perf_counter()
-        stages = {"tail_ms": (t1 - t0) * 1e3}
-        if "verify_ms" in pending.stages:
-            stages["verify_ms"] = pending.stages["verify_ms"]
         self._answer(
-            frame.tag,
+            tag,
             pending.request_id,
             pending.client_public,
             pending.k,
@@ -562,8 +581,8 @@ class EnclaveProgram:
 
     def _refuse_if_tripped(self, step: str) -> None:
         """After max_failures failed BackNet checks, refuse everything until restarted."""
-        manifest = self._need_manifest()
-        if manifest.backnet.verified and self._check_failures >= manifest.backnet.max_failures:
+        backnet = self._need_manifest().backnet
+        if backnet is not None and backnet.verified and self._check_failures >= backnet.max_failures:
             raise _Refused("backnet_check_failed", f"{step}: refused, BackNet checks failed before")
 
     def _manifest_output(self) -> str:

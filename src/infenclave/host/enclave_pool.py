@@ -160,7 +160,8 @@ class EnclavePool:
         #: The host's pixel cap, sent in LOAD: the enclave takes the lower of it and its own.
         self._max_pixels = max_pixels
         self._provision_lock = asyncio.Lock()
-        self._ir1_shape = (1, *manifest.front_end.shape)
+        #: () for a whole-model bundle: its enclave answers REQUEST with RESULT, never IR1.
+        self._ir1_shape = () if manifest.front_end is None else (1, *manifest.front_end.shape)
         self.sealed_key_path = self._state_dir / f"model-key-{manifest.model_id}.sealed"
         #: Why the owner must provision again (a stored sealed key that no longer opens), or
         #: None. Shown by /healthz; cleared by the next successful provisioning.
@@ -532,6 +533,8 @@ class EnclavePool:
     async def classify(self, key_id: str, request_id: str, sealed: bytes, batcher: Any) -> bytes:
         """Relay one sealed request through FrontNet (enclave), BackNet (here), Tail (enclave).
 
+        For a whole-model bundle (*batcher* None) the enclave runs everything and answers the
+        REQUEST with the RESULT: an IR1 from it is refused here too.
         Returns the sealed answer for the client. Raises `UnknownEnclaveKey`,
         `NotProvisioned`, `WorkerLost`, `EnclaveRefused` or `ServerError`.
         """
@@ -552,7 +555,7 @@ class EnclavePool:
             self._record_enclave_stages(first)
             if first.type == MsgType.RESULT:  # refused image: the reason is sealed to the client
                 return bytes(first.body)
-            if first.type != MsgType.IR1:
+            if first.type != MsgType.IR1 or batcher is None or self.manifest.backnet is None:
                 raise ServerError("the enclave answered a request with an unexpected frame")
             ir1 = tensor_from_frame(first, self._ir1_shape)  # (1, C, H, W), read-only view
             outputs = await batcher.run(ir1)  # [IR2 (1, C', H', W'), *checked intermediates]

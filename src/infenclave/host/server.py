@@ -9,7 +9,7 @@ Endpoints (OpenAPI schema at ``/openapi.json``, docs at ``/docs``):
 - ``POST /v1/classify``: a request HPKE-sealed to one worker key (headers
   ``X-Infenclave-Enclave-Key``, ``X-Infenclave-Request-Id``, ``X-Infenclave-Model``);
   the answer is sealed to the client. Bodies are raw ``application/octet-stream``.
-- ``GET /v1/model``: public facts of the served bundle (model id, cut points).
+- ``GET /v1/model``: public facts of the served bundle (model id, deployment, cut points).
 - ``GET /healthz``; ``GET /metrics`` (Prometheus text format).
 
 Errors are JSON ``{"error": code, "detail": text}`` with codes a client can act on
@@ -17,6 +17,9 @@ Errors are JSON ``{"error": code, "detail": text}`` with codes a client can act 
 ``enclave_refused``: opaque by design). Bodies are size-limited before they are read, and
 every request has a deadline. TLS is optional: confidentiality rests on the end-to-end
 encryption, TLS only hides metadata.
+
+A whole-model bundle (``deployment`` ``whole-model-in-enclave``) has no BackNet: none is
+loaded, the enclave answers each request itself, and /metrics counts no BackNet batch.
 """
 
 from __future__ import annotations
@@ -125,16 +128,19 @@ def create_app(config: ServerConfig) -> FastAPI:
     manifest = read_manifest(config.bundle_dir)
     signature = read_signature(config.bundle_dir)
     metrics = Metrics()
-    metrics.set_info(version=__version__, model_id=manifest.model_id, tee=config.tee)
+    metrics.set_info(version=__version__, model_id=manifest.model_id, tee=config.tee, deployment=manifest.deployment)
     state: dict[str, Any] = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        backnet = BackNet(
-            read_backnet(config.bundle_dir, manifest), device=config.device, threads=config.backnet_threads
-        )
-        batcher = BackNetBatcher(backnet, max_batch=config.max_batch, observe=metrics.observe_batch)
-        batcher.start()
+        backnet: BackNet | None = None
+        batcher: BackNetBatcher | None = None
+        if not manifest.whole_model:  # a whole-model bundle has nothing for the host to run
+            backnet = BackNet(
+                read_backnet(config.bundle_dir, manifest), device=config.device, threads=config.backnet_threads
+            )
+            batcher = BackNetBatcher(backnet, max_batch=config.max_batch, observe=metrics.observe_batch)
+            batcher.start()
         pool = EnclavePool(
             bundle_dir=config.bundle_dir,
             manifest=manifest,
@@ -154,18 +160,19 @@ def create_app(config: ServerConfig) -> FastAPI:
         await pool.start()
         state.update(pool=pool, batcher=batcher, backnet=backnet)
         logger.info(
-            "serving model %s (%s) with %d %s enclave worker(s), BackNet on %s",
+            "serving model %s (%s) with %d %s enclave worker(s), %s",
             manifest.model_id[:16],
             manifest.model.get("name"),
             config.workers,
             config.tee,
-            config.device,
+            "the whole model in the enclave (no BackNet)" if batcher is None else f"BackNet on {config.device}",
         )
         try:
             yield
         finally:
             await pool.stop()
-            await batcher.stop()
+            if batcher is not None:
+                await batcher.stop()
 
     app = FastAPI(
         title="infenclave host",
@@ -200,6 +207,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             "workers_ready": ready,
             "provisioned": pool.provisioned,
             "reprovision_needed": pool.reprovision_needed,
+            "deployment": manifest.deployment,
         }
         return JSONResponse(doc, status_code=200 if ready else 503)
 
@@ -228,6 +236,8 @@ def create_app(config: ServerConfig) -> FastAPI:
             "workers_ready": ready,
             "worker_pids": {str(w.slot): w.process.pid for w in workers},
             "provisioned": pool.provisioned,
+            "deployment": manifest.deployment,
+            "backnet": None if state["batcher"] is None else config.device,
         }
 
     @app.get("/metrics", response_class=PlainTextResponse)
@@ -248,8 +258,9 @@ def create_app(config: ServerConfig) -> FastAPI:
             "signature": None if signature is None else base64.b64encode(signature).decode("ascii"),
             "model": manifest.model,
             "num_classes": manifest.num_classes,
-            "front_end": manifest.front_end.name,
-            "tail_start": manifest.tail_start.name,
+            "deployment": manifest.deployment,
+            "front_end": None if manifest.front_end is None else manifest.front_end.name,
+            "tail_start": None if manifest.tail_start is None else manifest.tail_start.name,
             "tee": config.tee,
         }
 

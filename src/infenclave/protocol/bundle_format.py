@@ -14,6 +14,14 @@ A bundle is a directory::
     manifest.sig         Ed25519(owner key, manifest.json bytes), raw 64 bytes; present when
                          the manifest names an ``owner_key`` (hex of the raw public key)
 
+The manifest's ``deployment`` says which of two layouts the bundle has, explicitly (no default
+a host could fall back to): ``partitioned`` is the layout above; ``whole-model-in-enclave``
+(when no cut point is safe) has ``cuts`` and ``backnet`` null and one part, ``model``:
+``model.bin.enc``, AES-256-GCM(model key, the whole network as a tail container). Nothing
+runs on the host and no IR leaves the enclave. A manifest whose parts, cuts or BackNet
+section do not match its deployment is refused; since the model id is the manifest's hash
+(and the owner signs it), a host cannot turn one kind of bundle into the other.
+
 The owner signature lets a client policy accept "any release this owner signed"
 (``model_signers``) instead of listing model ids, and lets the enclave refuse a manifest that
 names an owner but was not signed by it (a host editing a signed release).
@@ -47,6 +55,8 @@ from infenclave.protocol.strict_json import loads_object
 
 __all__ = [
     "BUNDLE_FORMAT",
+    "DEPLOY_PARTITIONED",
+    "DEPLOY_WHOLE_MODEL",
     "MANIFEST_FILE",
     "SIGNATURE_BYTES",
     "SIGNATURE_FILE",
@@ -73,8 +83,13 @@ SIGNATURE_BYTES = 64
 PART_AAD_TAG = b"infenclave/bundle-part/v1"
 TAIL_MAGIC = b"IETAIL1\n"
 #: Fixed file names: the manifest cannot point the enclave at another path.
-PART_FILES = {"frontnet": "frontnet.onnx.enc", "backnet": "backnet.onnx", "tail": "tail.bin.enc"}
-ENCRYPTED_PARTS = ("frontnet", "tail")
+PART_FILES = dict(frontnet="frontnet.onnx.enc", backnet="backnet.onnx", tail="tail.bin.enc", model="model.bin.enc")
+ENCRYPTED_PARTS = ("frontnet", "tail", "model")
+DEPLOY_PARTITIONED = "partitioned"
+#: The whole network in the enclave: an empty BackNet, no IR1 or IR2 frame.
+DEPLOY_WHOLE_MODEL = "whole-model-in-enclave"
+#: The parts each deployment has, exactly.
+DEPLOYMENT_PARTS = {DEPLOY_PARTITIONED: ("frontnet", "backnet", "tail"), DEPLOY_WHOLE_MODEL: ("model",)}
 
 #: A manifest is a few KiB; refuse anything that is clearly not one.
 MAX_MANIFEST_BYTES = 256 * 1024
@@ -86,7 +101,7 @@ MAX_LABEL_BYTES = 1024
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _MANIFEST_KEYS = frozenset(
-    {"format", "model", "preprocess", "output", "num_classes", "input_shape", "cuts", "parts", "owner_key", "backnet"}
+    "format deployment model preprocess output num_classes input_shape cuts parts owner_key backnet".split()
 )
 
 
@@ -112,7 +127,10 @@ class CutInfo:
 
 @dataclass(frozen=True)
 class BundleManifest:
-    """A parsed manifest whose *structure* is checked. `raw` are the exact file bytes."""
+    """A parsed manifest whose *structure* is checked. `raw` are the exact file bytes.
+
+    A whole-model manifest has no cuts and no BackNet (`front_end`, `tail_start`, `backnet`
+    None) and one part, ``model``."""
 
     raw: bytes
     model_id: str
@@ -121,11 +139,17 @@ class BundleManifest:
     output: str
     num_classes: int
     input_shape: tuple[int, ...]
-    front_end: CutInfo
-    tail_start: CutInfo
+    front_end: CutInfo | None
+    tail_start: CutInfo | None
     parts: dict[str, PartInfo]
     owner_key: bytes | None
-    backnet: BackNetPolicy
+    backnet: BackNetPolicy | None
+    deployment: str
+
+    @property
+    def whole_model(self) -> bool:
+        """True for a whole-model-in-enclave bundle: nothing for the host to run."""
+        return self.deployment == DEPLOY_WHOLE_MODEL
 
     @property
     def digest(self) -> bytes:
@@ -162,13 +186,21 @@ def parse_manifest(raw: bytes) -> BundleManifest:
     num_classes = doc["num_classes"]
     if not _is_int(num_classes) or not 2 <= num_classes <= MAX_CLASSES:
         raise BundleError(f"manifest: num_classes must be an integer in 2..{MAX_CLASSES}")
-    cuts = doc["cuts"]
-    if not isinstance(cuts, dict) or set(cuts) != {"front_end", "tail_start"}:
+    deployment = doc["deployment"]
+    if deployment not in DEPLOYMENT_PARTS:
+        raise BundleError(f"manifest: deployment must be one of {sorted(DEPLOYMENT_PARTS)}")
+    whole = deployment == DEPLOY_WHOLE_MODEL
+    cuts, backnet = doc["cuts"], doc["backnet"]
+    if whole and (cuts is not None or backnet is not None):  # fail closed: no half-split bundle
+        raise BundleError("manifest: a whole-model bundle has no cuts and no backnet section")
+    if not whole and (not isinstance(cuts, dict) or set(cuts) != {"front_end", "tail_start"}):
         raise BundleError("manifest: cuts must name front_end and tail_start")
     parts_doc = doc["parts"]
-    if not isinstance(parts_doc, dict) or set(parts_doc) != set(PART_FILES):
-        raise BundleError(f"manifest: parts must be exactly {sorted(PART_FILES)}")
-    parts = {name: _part(name, parts_doc[name]) for name in PART_FILES}
+    if not isinstance(parts_doc, dict) or set(parts_doc) != set(DEPLOYMENT_PARTS[deployment]):
+        raise BundleError(
+            f"manifest: the parts of a {deployment} bundle must be exactly {DEPLOYMENT_PARTS[deployment]}"
+        )
+    parts = {name: _part(name, parts_doc[name]) for name in DEPLOYMENT_PARTS[deployment]}
     owner_key = doc["owner_key"]
     if owner_key is not None and (not isinstance(owner_key, str) or _HEX64.fullmatch(owner_key) is None):
         raise BundleError("manifest: owner_key must be null or 64 lower-case hex digits")
@@ -180,11 +212,12 @@ def parse_manifest(raw: bytes) -> BundleManifest:
         output=doc["output"],
         num_classes=num_classes,
         input_shape=_shape("input_shape", doc["input_shape"]),
-        front_end=_cut("front_end", cuts["front_end"]),
-        tail_start=_cut("tail_start", cuts["tail_start"]),
+        front_end=None if whole else _cut("front_end", cuts["front_end"]),
+        tail_start=None if whole else _cut("tail_start", cuts["tail_start"]),
         parts=parts,
         owner_key=None if owner_key is None else bytes.fromhex(owner_key),
-        backnet=parse_backnet_section(doc["backnet"]),
+        backnet=None if whole else parse_backnet_section(backnet),
+        deployment=deployment,
     )
 
 
@@ -194,8 +227,8 @@ def decrypt_part(manifest: BundleManifest, part: str, blob: bytes, key: bytes) -
     Order: the AEAD tag first (nothing is parsed before the ciphertext is authenticated),
     then size and SHA-256 against the manifest, compared in constant time.
     """
-    if part not in ENCRYPTED_PARTS:
-        raise BundleError(f"part {part!r} is not an encrypted part")
+    if part not in ENCRYPTED_PARTS or part not in manifest.parts:
+        raise BundleError(f"part {part!r} is not an encrypted part of this bundle")
     try:
         plaintext = aead_decrypt(key, blob, part_aad(manifest.digest, part))
     except CryptoError as exc:
@@ -206,7 +239,9 @@ def decrypt_part(manifest: BundleManifest, part: str, blob: bytes, key: bytes) -
 
 def check_part(manifest: BundleManifest, part: str, plaintext: bytes) -> None:
     """Refuse a part whose size or SHA-256 differs from the manifest's."""
-    info = manifest.parts[part]
+    info = manifest.parts.get(part)
+    if info is None:
+        raise BundleError(f"{part}: this bundle has no such part")
     digest = hashlib.sha256(plaintext).hexdigest()
     if len(plaintext) != info.size or not hmac.compare_digest(digest, info.sha256):
         raise IntegrityError(f"{part}: does not match the manifest's SHA-256 (tampered or mixed up)")
