@@ -100,6 +100,7 @@ def test_assess_unsafe_verdict_exits_4(photos, tmp_path) -> None:
     assert out.returncode == 4, out.stderr  # ExitCode.UNSAFE; plan and report still written
     assert "error: no-safe-cut:" in out.stderr
     assert (tmp_path / "a" / "plan.json").is_file() and (tmp_path / "a" / "report.html").is_file()
+    assert 'id="whole-model"' in (tmp_path / "a" / "report.html").read_text()  # and what it costs
     # partition reads that plan with the assessment's reader and follows it, saying why: the
     # whole model in the enclave.
     whole = run_cli("partition", MODEL, "--plan", str(tmp_path / "a" / "plan.json"), "--out", str(tmp_path / "b"))

@@ -235,3 +235,36 @@ def test_partition_cli_whole_model_and_its_refusals(tmp_path) -> None:
 def test_no_safe_cut_and_not_enough_evidence_have_their_own_exit_codes() -> None:
     assert exit_code_for(UnsafeVerdict("no-safe-cut")) == ExitCode.UNSAFE == 4
     assert exit_code_for(NotEnoughEvidence("not-enough-evidence")) == ExitCode.NOT_ENOUGH_EVIDENCE == 6
+
+
+def test_report_states_the_cost_of_the_whole_model(tmp_path, photos) -> None:
+    """A real plan (the KL method on one photo), turned into what `build_plan` writes when the
+    attacks then reject every cut: the report states the whole model's enclave cost, against
+    the split at the KL method's first safe cut."""
+    from infenclave.assess import AssessOptions, run_assess
+    from infenclave.assess.plan import DEPLOY_WHOLE_MODEL as PLAN_WHOLE
+    from infenclave.assess.plan import validate_plan
+    from infenclave.assess.report import ReportInputs, render_report
+
+    run_assess(AssessOptions(model=MODEL, images=[photos["flower"]], out=tmp_path / "a", adversary="passive"))
+    doc = json.loads((tmp_path / "a" / "plan.json").read_text())
+    assert doc["partition"] is not None  # the KL method alone found a safe cut
+    cuts = {c["name"]: c for c in doc["cuts"]}
+    first_safe, tail_start = doc["recommendation"]["front_end"], doc["recommendation"]["tail_start"]
+    split_flops = doc["partition"]["frontnet"]["cost"]["flops"] + doc["partition"]["tail"]["cost"]["flops"]
+    whole = {
+        k: sum(doc["partition"][p]["cost"][k] for p in ("frontnet", "backnet", "tail"))
+        for k in ("flops", "param_bytes")
+    }
+    whole_cost = dict(doc["partition"]["backnet"]["cost"], **whole)  # peak and memory: any valid figures
+    doc["recommendation"].update(front_end=None, verdict="no-safe-cut", deployment=PLAN_WHOLE)
+    doc["partition"] = None
+    doc["enclave"] = dict(doc["enclave"], deployment=PLAN_WHOLE, cost=whole_cost, flops_share_in_enclave=1.0)
+    validate_plan(doc)
+    html = render_report(ReportInputs(plan=doc, result=None))
+    section = html.split('id="whole-model"', 1)[1].split("<h2", 1)[0]
+    assert "100% of the model's FLOPs run in the enclave" in section and "no IR1 or IR2 leaves" in section
+    assert f"<code>{first_safe}</code>" in section and f"<code>{tail_start}</code>" in section
+    assert f"{whole['flops'] / split_flops:.2f}&times;" in section
+    assert cuts[first_safe]["frontnet_cost"]["flops"] < split_flops < whole["flops"]
+    assert "partition MODEL --plan plan.json" in section

@@ -338,7 +338,32 @@ def render_report(inputs: ReportInputs) -> str:
         cut_index={c["name"]: c for c in plan["cuts"]},
         attack_rows=attack_rows,
         budget_label=_budget_label(results.get("budgets")),
+        split_cost=_split_cost(plan),
     )
+
+
+def _split_cost(plan: dict[str, Any]) -> dict[str, Any] | None:
+    """When the plan keeps the whole model in the enclave: the enclave FLOPs of the split at
+    the KL method's first safe cut (FrontNet up to it, Tail from the plan's Tail start), to set
+    the whole model's cost against; None when there is no such split to compare with."""
+    whole = (plan.get("enclave") or {}).get("cost")
+    first_safe = plan["verdicts"].get("kl_oracle", {}).get("first_safe_cut")
+    cuts = {c["name"]: c for c in plan["cuts"]}
+    tail_start = plan["recommendation"]["tail_start"]
+    if plan["partition"] is not None or not whole or first_safe not in cuts or tail_start not in cuts:
+        return None
+    front, tail_from = cuts[first_safe], cuts[tail_start]
+    if front["index"] >= tail_from["index"]:
+        return None
+    # Cut points separate the graph: the Tail is the whole model less everything before it.
+    flops = front["frontnet_cost"]["flops"] + whole["flops"] - tail_from["frontnet_cost"]["flops"]
+    return {
+        "front_end": first_safe,
+        "tail_start": tail_start,
+        "flops": flops,
+        "share": flops / max(1, whole["flops"]),
+        "ratio": whole["flops"] / max(1, flops),
+    }
 
 
 def _budget_label(b: dict[str, Any] | None) -> str:
