@@ -55,6 +55,13 @@ if ! command -v strace >/dev/null 2>&1 || ! command -v setpriv >/dev/null 2>&1; 
   fi
 fi
 
+# --- iproute2's `ip`: tests/test_ray_serve.py brings loopback up in the network namespace
+# (unshare -n) its Ray cluster runs in.
+if ! command -v ip >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iproute2 >/dev/null
+fi
+
 # --- Chromium
 if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
   exit 0

@@ -564,6 +564,51 @@ def serve(
         help="HOST:PORT of an enclave started elsewhere with `python -m "
         "infenclave.enclave --listen HOST:PORT` (repeatable): served besides the local workers.",
     ),
+    ray: bool = typer.Option(
+        False,
+        "--ray",
+        help="Run on Ray Serve (install infenclave[ray]): an HTTP ingress, enclave replicas on nodes "
+        "with the --ray-tee-resource (each starts one enclave program that gets the model key from "
+        "--keyserver, required), a batched BackNet. Without --ray-address, a one-machine cluster on --host.",
+        rich_help_panel="Ray Serve",
+    ),
+    ray_address: str | None = typer.Option(
+        None,
+        "--ray-address",
+        help="Join this Ray cluster (e.g. 10.0.0.1:6379) instead of starting one here.",
+        rich_help_panel="Ray Serve",
+    ),
+    ray_enclaves: int = typer.Option(
+        2,
+        "--ray-enclaves",
+        min=1,
+        help="Enclave replicas (the autoscaling floor with --ray-max-enclaves).",
+        rich_help_panel="Ray Serve",
+    ),
+    ray_max_enclaves: int | None = typer.Option(
+        None,
+        "--ray-max-enclaves",
+        min=1,
+        help="Autoscale the enclave replicas up to this many (by requests in flight).",
+        rich_help_panel="Ray Serve",
+    ),
+    ray_backnet_replicas: int = typer.Option(
+        1, "--ray-backnet-replicas", min=1, help="BackNet replicas.", rich_help_panel="Ray Serve"
+    ),
+    ray_backnet_gpus: float = typer.Option(
+        0.0,
+        "--ray-backnet-gpus",
+        min=0.0,
+        help="GPUs per BackNet replica (with --device cuda); 0: the BackNet runs on CPU.",
+        rich_help_panel="Ray Serve",
+    ),
+    ray_tee_resource: str = typer.Option(
+        "tee",
+        "--ray-tee-resource",
+        help="The Ray custom resource an enclave replica needs: nodes with a TEE declare it "
+        "(ray start --resources '{\"tee\": N}').",
+        rich_help_panel="Ray Serve",
+    ),
 ) -> None:
     """Serve BUNDLE: N enclave workers behind an HTTP API; the host runs the BackNet.
 
@@ -617,9 +662,42 @@ def serve(
         worker_memory=memory,
         header_timeout=header_timeout,
     )
+    if ray:
+        _serve_ray(
+            config,
+            host=host,
+            port=port,
+            address=ray_address,
+            enclaves=ray_enclaves,
+            max_enclaves=ray_max_enclaves,
+            backnet_replicas=ray_backnet_replicas,
+            backnet_gpus=ray_backnet_gpus,
+            tee_resource=ray_tee_resource,
+            tls=tls_cert is not None,
+        )
+        return
     run_server(
         config, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, log_level=log_level, log_format=log_format
     )
+
+
+def _serve_ray(config: Any, *, host: str, port: int, address: str | None, tls: bool, **options: Any) -> None:
+    """`serve --ray`: check what Ray mode needs, then hand over to `host.ray_serve`."""
+    from infenclave.errors import UsageError
+
+    try:
+        import ray  # noqa: F401 - only to say clearly that the extra is missing
+    except ImportError:
+        raise UsageError("--ray needs Ray Serve: install infenclave[ray]") from None
+    if not config.keyserver:
+        raise UsageError("--ray needs --keyserver URL: enclave replicas get the model key from the key server")
+    if config.remote_enclaves:
+        raise UsageError("--ray and --enclave do not mix: under Ray the enclave replicas start their own enclaves")
+    if tls:
+        raise UsageError("--ray serves plain HTTP through Serve's proxy (the requests are end-to-end encrypted)")
+    from infenclave.host.ray_serve import RayOptions, run_ray
+
+    run_ray(config, RayOptions(**options), host=host, port=port, address=address)
 
 
 @app.command()

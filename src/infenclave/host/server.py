@@ -31,8 +31,8 @@ import os
 import re
 import socket
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,8 +123,15 @@ class _Error(Exception):
         self.status, self.code, self.detail = status, code, detail
 
 
-def create_app(config: ServerConfig) -> FastAPI:
-    """The FastAPI application; the enclave pool and BackNet start with it (lifespan)."""
+def create_app(
+    config: ServerConfig, *, backend: Callable[[], AbstractAsyncContextManager[Any]] | None = None
+) -> FastAPI:
+    """The FastAPI application; the enclave pool and BackNet start with it (lifespan).
+
+    *backend*, when given, replaces the local enclave pool and BackNet: a context manager
+    yielding (pool, batcher) with their interface, for enclaves and a BackNet that run
+    elsewhere (`host.ray_serve`). The HTTP API, its checks and its error mapping stay these.
+    """
     manifest = read_manifest(config.bundle_dir)
     signature = read_signature(config.bundle_dir)
     metrics = Metrics()
@@ -133,6 +140,11 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if backend is not None:
+            async with backend() as (remote_pool, remote_batcher):
+                state.update(pool=remote_pool, batcher=remote_batcher)
+                yield
+            return
         backnet: BackNet | None = None
         batcher: BackNetBatcher | None = None
         if not manifest.whole_model:  # a whole-model bundle has nothing for the host to run
