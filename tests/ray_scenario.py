@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -58,6 +60,11 @@ def _keyserver(args: dict[str, Any], policy: Path, audit: Path, log: Path) -> tu
     )
     _wait_port(port, process)
     return process, f"http://127.0.0.1:{port}"
+
+
+def _ray_temp_dir() -> str:
+    """Ray's session folder, short: its AF_UNIX socket paths must stay under 108 bytes."""
+    return tempfile.mkdtemp(prefix="ray-", dir="/tmp")
 
 
 def _listening(pids: list[int]) -> list[dict[str, Any]]:
@@ -123,10 +130,11 @@ def run(args: dict[str, Any], result: dict[str, Any]) -> None:
 
     t0 = time.monotonic()
     port = _free_port()
+    ray_dir = _ray_temp_dir()
     try:
         ray.init(
             _node_ip_address="127.0.0.1",
-            _temp_dir=str(work / "ray"),
+            _temp_dir=ray_dir,
             include_dashboard=False,
             num_cpus=2,
             resources={"tee": 8},
@@ -241,6 +249,7 @@ def run(args: dict[str, Any], result: dict[str, Any]) -> None:
                 process.wait(10)
             except subprocess.TimeoutExpired:
                 process.kill()
+        shutil.rmtree(ray_dir, ignore_errors=True)
         step("stopped")
         result["left_over"] = [p.pid for p in psutil.Process().children(recursive=True)]
 
@@ -305,13 +314,14 @@ def run_cli(args: dict[str, Any], result: dict[str, Any]) -> None:
     ks, ks_url = _keyserver(args, policy, work / "audit.jsonl", work / "keyserver.log")
     port = _free_port()
     log = work / "serve.log"
+    ray_dir = _ray_temp_dir()
     began = time.monotonic()
     server = subprocess.Popen(
         [sys.executable, "-m", "infenclave.cli", "serve", args["bundle"], "--ray", "--keyserver", ks_url]
         + ["--ray-enclaves", "1", "--port", str(port), "--state", str(state), "--worker-memory", "0"],
         stdout=open(log, "wb"),
         stderr=subprocess.STDOUT,
-        env=dict(os.environ, PYTHONUNBUFFERED="1", RAY_TMPDIR=str(work / "ray")),
+        env=dict(os.environ, PYTHONUNBUFFERED="1", RAY_TMPDIR=ray_dir),
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -342,6 +352,7 @@ def run_cli(args: dict[str, Any], result: dict[str, Any]) -> None:
             server.kill()
         ks.send_signal(signal.SIGINT)
         ks.wait(10)
+        shutil.rmtree(ray_dir, ignore_errors=True)
         result["log_tail"] = log.read_text(errors="replace")[-2000:]
 
 
