@@ -159,7 +159,8 @@ def test_metrics_and_logs(server, bundle, photos) -> None:
     client.close()
     httpx.get(server.url + "/no/such/path")
     text = httpx.get(server.url + "/metrics").text
-    assert f'infenclave_info{{model_id="{bundle.model_id}",tee="sim",version="{infenclave.__version__}"}} 1' in text
+    info = f'deployment="partitioned",model_id="{bundle.model_id}",tee="sim",version="{infenclave.__version__}"'
+    assert f"infenclave_info{{{info}}} 1" in text
     assert "infenclave_requests_in_flight 1" in text  # this very request
     assert 'infenclave_requests_total{endpoint="classify",outcome="ok",code="200"} 1' in text
     assert 'infenclave_requests_total{endpoint="other",outcome="error",code="404"} 1' in text
