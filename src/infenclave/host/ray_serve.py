@@ -47,7 +47,7 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -100,7 +100,6 @@ class RayOptions:
     app_name: str = "infenclave"
     #: Calls one enclave replica holds at once (the enclave runs them one after another).
     enclave_max_ongoing: int = 256
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # --- the registry of enclave keys --------------------------------------------------------
@@ -390,6 +389,8 @@ class EnclaveReplica:
         self._registry.register.remote(self.key_id, self._info)
 
     async def __del__(self) -> None:
+        if not hasattr(self, "key_id"):  # the constructor failed and has cleaned up already
+            return
         try:
             self._registry.drop.remote(self.key_id)
         except Exception:  # noqa: BLE001 - shutting down: best effort
