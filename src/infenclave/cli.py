@@ -297,6 +297,29 @@ def assess(
         "one-sided 95% upper bound on the share of photos an attack "
         "recovers is at most this (0.10 needs 29 photos, none recovered).",
     ),
+    jobs: int | None = typer.Option(
+        None,
+        "--jobs",
+        "-j",
+        min=1,
+        help="Attack processes side by side, one thread each (default: the cores this process may "
+        "use; 1: in this process). Results do not depend on it.",
+    ),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Continue the interrupted assessment in --out: run only the attack tasks it had not "
+        "finished. Refused when the options differ from the interrupted run's.",
+    ),
+    ray: bool = typer.Option(
+        False,
+        "--ray",
+        help="Run the attack tasks on Ray (pip install 'infenclave[ray]'): a private local Ray on "
+        "127.0.0.1, shut down at the end, unless --ray-address.",
+    ),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="Existing Ray cluster for the attack tasks (implies --ray), e.g. 10.0.0.5:6379."
+    ),
 ) -> None:
     """Assess how much each cut point's intermediate representation reveals about the input
     (KL-oracle method, then real inversion attacks under --adversary) and recommend where the
@@ -307,7 +330,9 @@ def assess(
     (in KL) than a uniform guess does. The recommended FrontNet end is the first cut point safe
     for every photo. Under an adversary that can attack (the default, knows-weights), a cut is
     safe only when, in addition, no inversion attack recovers a photo that an independent judge
-    network recognises. Ctrl-C stops cleanly and writes what is done, marked partial.
+    network recognises. Ctrl-C stops cleanly and writes what is done, marked partial;
+    --resume continues it. The attacks run as independent, seeded tasks: --jobs processes, or
+    Ray with --ray, with the same results.
 
     Exit code 0: plan written with a safe partition; 2: bad input; 4: no cut point is safe;
     6: not enough evidence to call one safe (attack more photos); with 4 and 6 the plan and
@@ -337,6 +362,10 @@ def assess(
         whitebox_restarts=whitebox_restarts,
         attack_images=list(attack_images) or None,
         max_recovery=max_recovery,
+        jobs=jobs,
+        ray=ray or ray_address is not None,
+        ray_address=ray_address,
+        resume=resume,
     )
     with rich_progress() as progress:
         outcome = run_assess(opts, progress=progress, log=lambda msg: print(msg, file=sys.stderr, flush=True))

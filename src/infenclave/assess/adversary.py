@@ -27,7 +27,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -52,6 +52,9 @@ from infenclave.assess.scan import ScanResult, scan
 from infenclave.enclave.imaging import resize_and_crop
 from infenclave.models.spec import LoadedModel
 from infenclave.network import CutPoint, Network
+
+if TYPE_CHECKING:
+    from infenclave.assess.attacks.tasks import Executor, TaskStore
 
 AttackProgressFn = Callable[[ProgressEvent], None]
 GRID_PHOTOS = 8  # rows of the report's inversion picture (every photo's figures are in the plan)
@@ -127,10 +130,13 @@ def assess_adversary(
     surrogate: Network | None = None,
     progress: AttackProgressFn | None = None,
     say: Callable[[str], None] = lambda _m: None,
+    executor: Executor | None = None,
+    store: TaskStore | None = None,
 ) -> AdversaryVerdict:
     """Run the adversary's attacks where they can change the answer; merge KL results.
 
-    `eval_images` None: the offline evaluation set (`photosets`, >= 40 photos).
+    `eval_images` None: the offline evaluation set (`photosets`, >= 40 photos). The attack
+    tasks run on `executor` (default: in this process) and are kept in `store` (`run_attacks`).
     """
     from infenclave.assess.photosets import offline_sets
 
@@ -183,6 +189,8 @@ def assess_adversary(
             max_recovery=max_recovery,
             stop_when_unsafe=stop_when_unsafe,
             surrogate=surrogate,
+            executor=executor,
+            store=store,
         )
 
     # the input-side cut as a reference point: what the host would see at the very start
@@ -253,6 +261,8 @@ def _kl_safe(net: Network, result: ScanResult, oracle: Oracle, cut: CutPoint, se
     cr = result.cuts[cut.index]
     if cr.status == "not-scanned":
         extra = scan(net, oracle, result.images, mode=result.mode, seed=seed, only=[cut.name])
+        if extra.partial:  # the scan took the Ctrl-C: the assessment stops here
+            raise KeyboardInterrupt
         result.cuts[cut.index] = extra.cuts[cut.index]
         result.stats.channel_images += extra.stats.channel_images
         result.stats.forwarded += extra.stats.forwarded

@@ -5,6 +5,12 @@ oracle, --tail-start) is checked before the minutes of oracle work. Outputs are 
 hidden temporary folder next to `--out` and renamed into place at the end, so a folder named
 `--out` is always a finished assessment (possibly a *partial* one after Ctrl-C, which says so
 in the plan and the report) and never a half-written one.
+
+The attack work runs as tasks (`attacks.tasks`): `--jobs` processes side by side, or Ray
+tasks with `--ray`. Each finished task is kept in `OUT/.partial/tasks/` of an interrupted
+assessment, beside `OUT/.partial/state.json` (what the run was asked to do); `--resume` checks
+that the same assessment is asked for again, refuses otherwise, and runs only the missing
+tasks. A finished assessment drops `.partial`.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from infenclave.errors import AssessmentError, UsageError
 
 DEFAULT_OUT = Path("assessment")
 OUTPUT_FILES = ("plan.json", "exposure.csv", "report.html")
+PARTIAL_DIR = ".partial"  # in an interrupted assessment's folder: state.json and tasks/
+STATE_FORMAT = 1
 
 
 @dataclass
@@ -51,6 +59,10 @@ class AssessOptions:
     whitebox_restarts: int | None = None
     attack_images: list[Path] | None = None  # None: the offline evaluation set (photosets.py)
     max_recovery: float = 0.10  # attacks.evidence.DEFAULT_MAX_RECOVERY
+    jobs: int | None = None  # attack processes; None: the cores this process may use; 1: in-process
+    ray: bool = False  # attack tasks on Ray (a private local instance unless ray_address)
+    ray_address: str | None = None
+    resume: bool = False  # continue the interrupted assessment in `out`
 
 
 @dataclass
@@ -118,17 +130,91 @@ def publish(tmp: Path, out: Path, force: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def check_resume(out: Path) -> dict[str, Any]:
+    """The saved state of the interrupted assessment in `out`, or a clear refusal."""
+    import json
+
+    state = out / PARTIAL_DIR / "state.json"
+    if not out.is_dir():
+        raise UsageError(f"--resume: {out} does not exist; there is nothing to resume")
+    if not state.is_file():
+        if (out / "plan.json").is_file():
+            raise UsageError(
+                f"--resume: {out} holds a finished assessment (no {PARTIAL_DIR}/ state); "
+                "there is nothing to resume (use --force to run it again)"
+            )
+        raise UsageError(f"--resume: {out} holds no interrupted assessment ({PARTIAL_DIR}/state.json is missing)")
+    try:
+        doc = json.loads(state.read_text(encoding="utf-8"))
+        if doc.get("format") != STATE_FORMAT or not isinstance(doc.get("settings"), dict):
+            raise ValueError("unknown format")
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--resume: cannot read {state}: {exc}") from exc
+    return dict(doc["settings"])
+
+
+def run_settings(
+    opts: AssessOptions,
+    model: Any,
+    oracle_model: Any,
+    decoded: list[Any],
+    attack_decoded: list[Any] | None,
+    budgets: Any,
+) -> dict[str, Any]:
+    """What determines an assessment's result (never where it runs: --jobs, --ray, --out)."""
+    from infenclave import __version__
+
+    return {
+        "infenclave": __version__,
+        "model": opts.model,
+        "model_sha256": model.weights_sha256,
+        "oracle": opts.oracle,
+        "oracle_sha256": oracle_model.weights_sha256 if oracle_model is not None else None,
+        "images": [d.sha256 for d in decoded],
+        "attack_images": [d.sha256 for d in attack_decoded] if attack_decoded else None,
+        "full": opts.full,
+        "tail_start": opts.tail_start,
+        "seed": opts.seed,
+        "adversary": opts.adversary,
+        "judge": opts.judge,
+        "budgets": budgets.to_dict(),
+        "max_recovery": opts.max_recovery,
+    }
+
+
+def _refuse_other_settings(out: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:
+    diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if diff:
+        shown = ", ".join(
+            f"{k}: {_short(saved.get(k))} -> {_short(now.get(k))}" if k not in ("images", "attack_images") else k
+            for k in diff
+        )
+        raise UsageError(
+            f"--resume: {out} was started with other settings ({shown}); "
+            "resume with the same options, or start a new assessment with another --out"
+        )
+
+
+def _short(v: Any) -> str:
+    text = str(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def run_assess(
     opts: AssessOptions, *, progress: ProgressFn | None = None, log: Callable[[str], None] | None = None
 ) -> AssessOutcome:
     """Run an assessment and write plan.json, exposure.csv and report.html to `opts.out`."""
     from infenclave.assess.attacks import Budgets, attacks_for
+    from infenclave.assess.attacks.tasks import make_executor, running
     from infenclave.models import load_model
     from infenclave.network import analyse
 
     say = log or (lambda _msg: None)
     t0 = time.perf_counter()
-    check_out_dir(opts.out, opts.force)
+    saved = check_resume(opts.out) if opts.resume else None
+    if not opts.resume:
+        check_out_dir(opts.out, opts.force)
+    executor = make_executor(opts.jobs, ray=opts.ray, ray_address=opts.ray_address)  # refuse before work
     from infenclave.assess.attacks.evidence import check_max_recovery
 
     attacks_for(opts.adversary)  # refuse an unknown adversary before any work
@@ -155,51 +241,33 @@ def run_assess(
     else:
         tail, tail_source = default_tail_start(net), "default"
     images = [d.fitted(model.preprocess) for d in decoded]
+    settings = run_settings(opts, model, oracle_model, decoded, attack_decoded, budgets)
+    if saved is not None:
+        _refuse_other_settings(opts.out, saved, settings)
     with staged_dir(opts.out) as tmp:
+        store = _partial_state(tmp, opts.out if opts.resume else None, settings)
+        if opts.resume:
+            say(f"resuming: {len(store)} finished attack task(s) kept in {opts.out / PARTIAL_DIR}")
         mode: Mode = "full" if opts.full else "early-stop"
         n_maps = sum(1 for c in net.cuts if c.is_feature_map)
         say(f"scanning {n_maps} feature-map cut points of {model.name} with {len(images)} image(s), {mode} mode")
         result = scan(net, oracle, images, mode=mode, seed=opts.seed, runtime=opts.runtime, progress=progress)
         verdict = None
-        if not result.partial:
-            from infenclave.assess.adversary import assess_adversary, public_surrogate
-
-            surrogate = public_surrogate(model, net) if opts.adversary == "surrogate-weights" else None
-            verdict = assess_adversary(
-                model,
-                net,
-                result,
-                oracle,
-                {d.name: d.rgb for d in attack_decoded} if attack_decoded else None,
-                adversary=opts.adversary,
-                tail=tail,
-                full=opts.full,
-                budgets=budgets,
-                judge=opts.judge,
-                seed=opts.seed,
-                say=say,
-                max_recovery=opts.max_recovery,
-                surrogate=surrogate,
-                progress=(
-                    lambda ev: progress(ev.done, ev.total, f"{ev.attack} @ {ev.cut} ({ev.cut_number}/{ev.cuts_total})")
-                )
-                if progress
-                else None,
-            )
         leakage = None
-        if verdict is not None and verdict.attacks:
-            from infenclave.assess import label_leakage
-
-            say("measuring label leakage from IR2 at the candidate Tail starts")
-            maps = [c.name for c in net.cuts if c.is_feature_map]
-            starts = list(dict.fromkeys([*maps[-label_leakage.CANDIDATE_TAIL_STARTS :], tail.name]))
-            leakage = label_leakage.measure(
-                net,
-                verdict.eval_photos,
-                verdict.training_photos,
-                tail_starts=starts,
-                public_head=opts.adversary in ("knows-weights", "surrogate-weights"),
-                seed=opts.seed,
+        try:
+            if not result.partial:
+                with running(executor):
+                    verdict = _attack(
+                        opts, model, net, result, oracle, attack_decoded, tail, budgets, executor, store, say, progress
+                    )
+            if verdict is not None and verdict.attacks:
+                leakage = _leakage(opts, net, tail, verdict, say)
+        except KeyboardInterrupt:
+            result.partial = True  # the scan is done; the attacks are not: a partial plan
+            verdict, leakage = None, None
+            say(
+                f"interrupted: {len(store)} finished attack task(s) are kept; "
+                f"run the same command with --resume to continue"
             )
         plan = build_plan(
             result,
@@ -211,9 +279,83 @@ def run_assess(
             label_leakage=leakage,
         )
         say("writing plan, CSV and report")
+        if not result.partial:
+            shutil.rmtree(tmp / PARTIAL_DIR, ignore_errors=True)  # finished: nothing to resume
         _write(tmp, plan, result, verdict)
-        publish(tmp, opts.out, opts.force)
+        publish(tmp, opts.out, opts.force or opts.resume)
     return AssessOutcome(out=opts.out, plan=plan, result=result, seconds=time.perf_counter() - t0)
+
+
+def _partial_state(tmp: Path, resume_from: Path | None, settings: dict[str, Any]) -> Any:
+    """`.partial/` in the staging folder: the settings, and the task results of the run being
+    resumed (copied, so that the old folder stays whole until the new one replaces it)."""
+    import json
+
+    from infenclave.assess.attacks.tasks import TaskStore
+
+    partial = tmp / PARTIAL_DIR
+    if resume_from is not None and (resume_from / PARTIAL_DIR / "tasks").is_dir():
+        shutil.copytree(resume_from / PARTIAL_DIR / "tasks", partial / "tasks")
+    partial.mkdir(exist_ok=True)
+    doc = {"format": STATE_FORMAT, "settings": settings}
+    (partial / "state.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    return TaskStore(partial / "tasks")
+
+
+def _attack(
+    opts: AssessOptions,
+    model: Any,
+    net: Any,
+    result: ScanResult,
+    oracle: Any,
+    attack_decoded: Any,
+    tail: Any,
+    budgets: Any,
+    executor: Any,
+    store: Any,
+    say: Callable[[str], None],
+    progress: ProgressFn | None,
+) -> Any:
+    from infenclave.assess.adversary import assess_adversary, public_surrogate
+
+    surrogate = public_surrogate(model, net) if opts.adversary == "surrogate-weights" else None
+    if opts.adversary in ("knows-weights", "surrogate-weights", "chosen-inputs"):
+        say(f"attack tasks: {executor.name}, {executor.workers} at a time")
+    return assess_adversary(
+        model,
+        net,
+        result,
+        oracle,
+        {d.name: d.rgb for d in attack_decoded} if attack_decoded else None,
+        adversary=opts.adversary,
+        tail=tail,
+        full=opts.full,
+        budgets=budgets,
+        judge=opts.judge,
+        seed=opts.seed,
+        say=say,
+        max_recovery=opts.max_recovery,
+        surrogate=surrogate,
+        progress=(lambda ev: progress(ev.done, ev.total, f"{ev.attack} @ {ev.cut}: {ev.unit}")) if progress else None,
+        executor=executor,
+        store=store,
+    )
+
+
+def _leakage(opts: AssessOptions, net: Any, tail: Any, verdict: Any, say: Callable[[str], None]) -> Any:
+    from infenclave.assess import label_leakage
+
+    say("measuring label leakage from IR2 at the candidate Tail starts")
+    maps = [c.name for c in net.cuts if c.is_feature_map]
+    starts = list(dict.fromkeys([*maps[-label_leakage.CANDIDATE_TAIL_STARTS :], tail.name]))
+    return label_leakage.measure(
+        net,
+        verdict.eval_photos,
+        verdict.training_photos,
+        tail_starts=starts,
+        public_head=opts.adversary in ("knows-weights", "surrogate-weights"),
+        seed=opts.seed,
+    )
 
 
 def _write(folder: Path, plan: dict[str, Any], result: ScanResult, verdict: Any = None) -> None:
@@ -273,13 +415,8 @@ def rich_progress() -> Iterator[ProgressFn]:
             bar.start()
             started = True
         attacking = current.startswith(("whitebox", "decoder"))
-        bar.update(
-            task,
-            completed=done,
-            total=total,
-            description=current or "oracle",
-            unit="steps" if attacking else "channel images",
-        )
+        description, _, unit = current.rpartition(": ") if attacking else (current, "", "channel images")
+        bar.update(task, completed=done, total=total, description=description or "oracle", unit=unit)
 
     try:
         yield update

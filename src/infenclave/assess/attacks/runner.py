@@ -24,13 +24,13 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from infenclave.assess.attacks import decoder as decoder_attack
 from infenclave.assess.attacks import whitebox as whitebox_attack
-from infenclave.assess.attacks._front import OnnxFront, torch_front
+from infenclave.assess.attacks._front import OnnxFront
 from infenclave.assess.attacks.evidence import DEFAULT_MAX_RECOVERY, Evidence, judge_evidence
 from infenclave.assess.attacks.metrics import RECOGNITION_TOP_K, Judge, JudgePanel, psnr, ssim, tiny_image
 from infenclave.assess.attacks.reident import Gallery, Reidentification, rank_histogram
@@ -45,6 +45,9 @@ from infenclave.enclave.imaging import resize_and_crop
 from infenclave.errors import AssessmentError
 from infenclave.models.spec import LoadedModel
 from infenclave.network import Network
+
+if TYPE_CHECKING:
+    from infenclave.assess.attacks.tasks import Executor, TaskStore
 
 ADVERSARIES = ("knows-weights", "surrogate-weights", "chosen-inputs", "passive")
 DEFAULT_ADVERSARY = "knows-weights"
@@ -101,7 +104,8 @@ class Budgets:
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    """One tick of progress: `done` of `total` steps (white-box) or epochs (decoder)."""
+    """One tick of progress: `done` of `total` steps (white-box) or epochs (decoder) of the
+    batch running in this process, or `done` of `total` tasks of the cut (parallel executors)."""
 
     attack: str
     cut: str
@@ -109,6 +113,7 @@ class ProgressEvent:
     cuts_total: int
     done: int
     total: int
+    unit: str = "steps"  # "steps" (epochs for the decoder) or "tasks"
 
 
 ProgressFn = Callable[[ProgressEvent], None]
@@ -250,6 +255,7 @@ class AttackResults:
     stopped_early: dict[str, str] = field(default_factory=dict)  # attack -> last cut run
     gallery: dict[str, Any] | None = None  # re-identification gallery: size, chance
     max_recovery: float = DEFAULT_MAX_RECOVERY
+    executor: dict[str, Any] = field(default_factory=dict)  # where the tasks ran (not a setting)
 
     def cut_evidence(self, cut: str) -> Evidence | None:
         """All attacks at `cut` together: a photo is recovered when any attack recovered it."""
@@ -290,6 +296,7 @@ class AttackResults:
             "images": [{"name": n, "sha256": h} for n, h in self.original_sha256.items()],
             "training": self.training,
             "threads": self.threads,
+            "executor": self.executor,
             "seconds": self.seconds,
             "stopped_early": self.stopped_early,
             "cuts": [c.to_dict() for c in self.cuts],
@@ -368,6 +375,8 @@ def run_attacks(
     max_recovery: float = DEFAULT_MAX_RECOVERY,
     stop_when_unsafe: bool = True,
     surrogate: Network | None = None,
+    executor: Executor | None = None,
+    store: TaskStore | None = None,
 ) -> AttackResults:
     """Attack every cut in `cut_names` with what `adversary` can mount; judge each photo.
 
@@ -382,6 +391,10 @@ def run_attacks(
     `surrogate` (required for the surrogate-weights adversary): the public network the
     white-box attack differentiates through, while the observed IRs come from `net`, the
     deployed (fine-tuned) one.
+
+    The work runs as independent tasks (`tasks`): in this process by default, or on
+    `executor` (a local process pool, Ray); each finished task is kept in `store` when given,
+    and a task found there is not run again (`assess --resume`).
     """
     start = time.perf_counter()
     chosen = attacks_for(adversary, attacks)
@@ -439,65 +452,54 @@ def run_attacks(
     p_original = panel.probabilities(batch)  # per judge (B, classes)
     references = [ssim(o, tiny_image(o, TINY_IMAGE_SIDE)) for o in batch]
 
+    from infenclave.assess.attacks.tasks import AttackContext
+    from infenclave.assess.attacks.tasks import Executor as InProcess
+
+    executor = executor or InProcess()
+    context = AttackContext(
+        surrogate or net, net if "decoder" in chosen else None, training if "decoder" in chosen else None
+    )
     with torch_threads(threads) as n_threads:
         results.threads = n_threads
+        results.executor = executor.to_dict()
+        executor.start(context)
         fronts: dict[str, OnnxFront] = {}
         for attack in chosen:
             safe_run = 0
             for number, point in enumerate(points, 1):
-
-                def tick(done: int, total: int, _a: str = attack, _c: str = point.name, _n: int = number) -> None:
-                    if progress is not None:
-                        progress(ProgressEvent(_a, _c, _n, len(points), done, total))
-
                 if point.name not in fronts:  # one ONNX Runtime session per cut, shared by attacks
                     fronts[point.name] = OnnxFront(net, point.name, threads=n_threads)
                 front = fronts[point.name]
-                cut_result = CutAttackResult(
-                    attack=attack,
-                    cut=point.name,
-                    cut_index=point.index,
-                    shape=point.shape,
-                    budget=0,
-                    attack_seconds=0.0,
-                    seconds_per_reconstruction=0.0,
-                    images=[],
-                    photos_planned=len(names),
-                    max_recovery=max_recovery,
+
+                def judge_batch(
+                    sl: slice, recon: np.ndarray, observed: np.ndarray, front: OnnxFront = front
+                ) -> list[ImageResult]:
+                    return judge_reconstructions(
+                        panel,
+                        names[sl],
+                        batch[sl],
+                        recon,
+                        p_original=[p[sl] for p in p_original],
+                        references=references[sl],
+                        ir_errors=_relative_ir_errors(front(recon), observed),
+                        gallery=gallery,
+                    )
+
+                cut_result = _attack_cut(
+                    _CutJob(adversary, attack, point.name, point.index, point.shape, number, len(points)),
+                    front,
+                    names,
+                    batch,
+                    budgets,
+                    seed,
+                    executor,
+                    context,
+                    store,
+                    progress,
+                    judge_batch,
+                    stop_when_unsafe,
+                    max_recovery,
                 )
-                chunk = WHITEBOX_CHUNK if attack == "whitebox" else len(names)
-                for lo in range(0, len(names), chunk):
-                    sl = slice(lo, lo + chunk)
-                    observed = front(batch[sl])  # (b, *cut shape): what the host sees
-                    recon, budget, seconds, extra = _attack_one_cut(
-                        attack,
-                        surrogate or net,
-                        point.name,
-                        front,
-                        observed,
-                        budgets,
-                        training,
-                        derive_seed(seed, attack, point.name) + lo,
-                        tick,
-                    )
-                    cut_result.budget = max(cut_result.budget, budget)
-                    cut_result.attack_seconds += seconds
-                    _merge_extra(cut_result.extra, extra)
-                    cut_result.images.extend(
-                        judge_reconstructions(
-                            panel,
-                            names[sl],
-                            batch[sl],
-                            recon,
-                            p_original=[p[sl] for p in p_original],
-                            references=references[sl],
-                            ir_errors=_relative_ir_errors(front(recon), observed),
-                            gallery=gallery,
-                        )
-                    )
-                    if stop_when_unsafe and cut_result.evidence.verdict == "unsafe":
-                        break  # more photos could only add recoveries
-                cut_result.seconds_per_reconstruction = cut_result.attack_seconds / max(1, len(cut_result.images))
                 results.cuts.append(cut_result)
                 safe_run = 0 if cut_result.unsafe else safe_run + 1
                 if stop_after_safe is not None and safe_run >= stop_after_safe:
@@ -505,6 +507,180 @@ def run_attacks(
                     break
     results.seconds = time.perf_counter() - start
     return results
+
+
+@dataclass(frozen=True)
+class _CutJob:
+    adversary: str
+    attack: str
+    cut: str
+    cut_index: int
+    shape: tuple[int, ...]
+    number: int  # 1-based among the cuts of this call
+    cuts_total: int
+
+
+def _attack_cut(
+    job: _CutJob,
+    front: OnnxFront,
+    names: list[str],
+    batch: np.ndarray,
+    budgets: Budgets,
+    seed: int,
+    executor: Any,
+    context: Any,
+    store: Any,
+    progress: ProgressFn | None,
+    judge_batch: Callable[[slice, np.ndarray, np.ndarray], list[ImageResult]],
+    stop_when_unsafe: bool,
+    max_recovery: float,
+) -> CutAttackResult:
+    """One attack at one cut: its tasks, run `executor.workers` at a time, judged in batch order.
+
+    Tasks are submitted in (batch, restart) order and may run ahead of the judging; a batch is
+    judged once all its restarts are back, and the cut stops (the white-box attack) once its
+    verdict can only be unsafe. Results are taken in batch order only, so which tasks ran ahead
+    never changes the figures; what ran ahead and was not needed is still stored for a resume.
+    """
+    from concurrent.futures import FIRST_COMPLETED, Future, wait
+
+    from infenclave.assess.attacks.tasks import AttackTask, TaskResult
+
+    whitebox = job.attack == "whitebox"
+    chunk = WHITEBOX_CHUNK if whitebox else len(names)
+    restarts = budgets.whitebox_restarts if whitebox else 1
+    step_cap = budgets.whitebox_steps if whitebox else budgets.decoder_epochs
+    slices = [slice(lo, lo + chunk) for lo in range(0, len(names), chunk)]
+    order = [(b, r) for b in range(len(slices)) for r in range(restarts)]
+    observed: dict[int, np.ndarray] = {}
+    cut_result = CutAttackResult(
+        attack=job.attack,
+        cut=job.cut,
+        cut_index=job.cut_index,
+        shape=job.shape,
+        budget=0,
+        attack_seconds=0.0,
+        seconds_per_reconstruction=0.0,
+        images=[],
+        photos_planned=len(names),
+        max_recovery=max_recovery,
+    )
+    done_tasks = 0
+    total_tasks = len(order)
+    steps_total = restarts * step_cap
+    steps_done: dict[int, int] = {}  # batch -> steps of its finished restarts (in-process ticks)
+
+    def report(done: float, total: int, unit: str) -> None:
+        if progress is not None:
+            progress(ProgressEvent(job.attack, job.cut, job.number, job.cuts_total, int(done), total, unit))
+
+    def make(b: int, r: int) -> AttackTask:
+        sl = slices[b]
+        if b not in observed:
+            observed[b] = front(batch[sl])  # (b, *cut shape): what the host sees
+        base = derive_seed(seed, job.attack, job.cut) + sl.start
+        return AttackTask(
+            adversary=job.adversary,
+            attack=job.attack,
+            cut=job.cut,
+            batch=b,
+            restart=r,
+            photos=tuple(names[sl]),
+            seed=whitebox_attack.restart_seed(base, r) if whitebox else base,
+            budget=step_cap,
+            observed=observed[b],
+        )
+
+    def submit(b: int, r: int) -> Future[TaskResult]:
+        task = make(b, r)
+        kept = store.get(task, context.identity) if store is not None else None
+        if kept is not None:
+            fut: Future[TaskResult] = Future()
+            fut.set_result(kept)
+            return fut
+        tick = None
+        if executor.steps_progress and progress is not None:
+            base_steps = steps_done.get(b, 0)
+
+            def tick(done: int, _total: int, _base: int = base_steps) -> None:
+                report(min(steps_total, _base + done), steps_total, "steps")
+
+        fut = executor.submit(task, tick)
+        if store is not None:
+            fut.add_done_callback(lambda f: _store_result(store, f))
+        return fut
+
+    futures: dict[tuple[int, int], Future[TaskResult]] = {}
+    queue = list(order)
+    next_batch = 0
+    while next_batch < len(slices):
+        while (
+            queue
+            and sum(not f.done() for f in futures.values()) < executor.workers
+            and (executor.workers > 1 or queue[0][0] == next_batch)  # run ahead only in parallel
+        ):
+            b, r = queue.pop(0)
+            fut = futures[b, r] = submit(b, r)
+            if executor.steps_progress and fut.done() and fut.exception() is None:
+                steps_done[b] = steps_done.get(b, 0) + int(fut.result().meta.get("steps", 0))
+        wanted = [futures.get((next_batch, r)) for r in range(restarts)]
+        if any(f is None or not f.done() for f in wanted):
+            wait([f for f in futures.values() if not f.done()], return_when=FIRST_COMPLETED)
+            finished = sum(f.done() for f in futures.values())
+            if not executor.steps_progress and finished > done_tasks:
+                done_tasks = finished
+                report(done_tasks, total_tasks, "tasks")
+            continue
+        parts = [f.result() for f in wanted if f is not None]
+        recon, budget, seconds, extra = _combine(job.attack, parts, step_cap)
+        cut_result.budget = max(cut_result.budget, budget)
+        cut_result.attack_seconds += seconds
+        _merge_extra(cut_result.extra, extra)
+        cut_result.images.extend(judge_batch(slices[next_batch], recon, observed[next_batch]))
+        next_batch += 1
+        stop = whitebox and stop_when_unsafe and cut_result.evidence.verdict == "unsafe"
+        if stop:
+            for f in futures.values():
+                f.cancel()  # not started: dropped; running: finishes and is stored, unused
+        if executor.steps_progress:
+            report(steps_total, steps_total, "steps")
+        else:
+            done_tasks = total_tasks if stop else max(done_tasks, sum(f.done() for f in futures.values()))
+            report(done_tasks, total_tasks, "tasks")
+        if stop:
+            break  # more photos could only add recoveries
+    cut_result.seconds_per_reconstruction = cut_result.attack_seconds / max(1, len(cut_result.images))
+    return cut_result
+
+
+def _store_result(store: Any, fut: Any) -> None:
+    """Done-callback: keep a finished task's result (not one read back, failed or cancelled)."""
+    if fut.cancelled() or fut.exception() is not None:
+        return
+    result = fut.result()
+    if not result.stored:
+        store.put(result)
+
+
+def _combine(attack: str, parts: Sequence[Any], step_cap: int) -> tuple[np.ndarray, int, float, dict[str, Any]]:
+    """(reconstructions (B, H, W, 3) uint8, budget, attack seconds, attack figures) of one batch."""
+    if attack == "whitebox":
+        records = [
+            {**p.meta, "_reconstructions": p.reconstructions, "_ir_error": p.ir_error}
+            for p in parts  # restarts in order
+        ]
+        wb = whitebox_attack.best_of_restarts(records)
+        return wb.reconstructions, step_cap, wb.seconds, {"restarts": wb.runs, "kept": wb.chosen, "steps_run": wb.steps}
+    (p,) = parts
+    m = p.meta
+    extra = {
+        "train_seconds": m["train_seconds"],
+        "invert_seconds": m["invert_seconds"],
+        "training_photos": m["training_photos"],
+        "training_views": m["training_views"],
+        "final_train_loss": m["final_train_loss"],
+    }
+    return p.reconstructions, int(m["epochs"]), m["train_seconds"] + m["invert_seconds"], extra
 
 
 def _merge_extra(into: dict[str, Any], extra: dict[str, Any]) -> None:
@@ -516,50 +692,6 @@ def _merge_extra(into: dict[str, Any], extra: dict[str, Any]) -> None:
             into[k] = v
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             into[k] = into[k] + v
-
-
-def _attack_one_cut(
-    attack: str,
-    net: Network,
-    cut: str,
-    front: OnnxFront,
-    observed: np.ndarray,
-    budgets: Budgets,
-    training: TrainingSet | None,
-    seed: int,
-    tick: Callable[[int, int], None],
-) -> tuple[np.ndarray, int, float, dict[str, Any]]:
-    """(reconstructions (B, H, W, 3) uint8, budget used, attack seconds, attack-specific figures)."""
-    pre = net.model.preprocess
-    if attack == "whitebox":
-        wb = whitebox_attack.invert_converged(
-            torch_front(net, cut),
-            observed,
-            pre,
-            max_steps=budgets.whitebox_steps,
-            restarts=budgets.whitebox_restarts,
-            seed=seed,
-            on_step=tick,
-        )
-        return (
-            wb.reconstructions,
-            budgets.whitebox_steps,
-            wb.seconds,
-            {"restarts": wb.runs, "kept": wb.chosen, "steps_run": wb.steps},
-        )
-    if training is None:  # run_attacks loads it whenever the decoder runs
-        raise AssessmentError("the decoder attack has no training photos")
-    dec = decoder_attack.train_and_invert(
-        front, observed, training, pre.input_hw, epochs=budgets.decoder_epochs, seed=seed, on_epoch=tick
-    )
-    extra = {
-        "train_seconds": dec.train_seconds,
-        "invert_seconds": dec.invert_seconds,
-        "training_photos": dec.training_photos,
-        "training_views": dec.training_views,
-        "final_train_loss": dec.loss_curve[-1],
-    }
-    return dec.reconstructions, dec.epochs, dec.train_seconds + dec.invert_seconds, extra
 
 
 def _relative_ir_errors(ir: np.ndarray, observed: np.ndarray) -> list[float | None]:

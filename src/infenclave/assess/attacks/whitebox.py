@@ -167,9 +167,8 @@ def invert_converged(
     if restarts < 1:
         raise AssessmentError("the white-box attack needs at least one restart")
     total = restarts * max_steps
-    best: ConvergedRun | None = None
     runs: list[dict[str, Any]] = []
-    seconds, steps_done = 0.0, 0
+    steps_done = 0
     for r in range(restarts):
         loss = FORMULATIONS[r % len(FORMULATIONS)]
         base = steps_done
@@ -179,34 +178,64 @@ def invert_converged(
                 on_step(min(total, _base + done), total)
 
         run = invert(
-            front, target, pre, steps=max_steps, seed=seed + 1009 * r, loss=loss, stop_on_plateau=True, on_step=tick
+            front,
+            target,
+            pre,
+            steps=max_steps,
+            seed=restart_seed(seed, r),
+            loss=loss,
+            stop_on_plateau=True,
+            on_step=tick,
         )
         steps_done += run.steps
-        seconds += run.seconds
-        runs.append(
-            {
-                "formulation": loss,
-                "seed": seed + 1009 * r,
-                "steps": run.steps,
-                "plateau": run.steps < max_steps,
-                "final_loss": run.loss_curve[-1],
-            }
-        )
-        label = f"{loss}#{r}"
-        if best is None:
-            best = ConvergedRun(
-                run.reconstructions.copy(), run.ir_error.copy(), [label] * len(run.ir_error), runs, 0.0, 0
-            )
-            continue
-        better = run.ir_error < best.ir_error
-        best.reconstructions[better] = run.reconstructions[better]
-        best.ir_error[better] = run.ir_error[better]
-        best.chosen = [label if b else c for b, c in zip(better, best.chosen)]
-    if best is None:  # pragma: no cover - restarts >= 1 is checked above
-        raise AssessmentError("the white-box attack ran no restart")
-    best.seconds, best.steps = seconds, steps_done
+        runs.append(restart_record(run, r, restart_seed(seed, r), max_steps))
+    best = best_of_restarts(runs)
     if on_step is not None:
         on_step(total, total)
+    return best
+
+
+def restart_seed(seed: int, restart: int) -> int:
+    """The seed of restart `restart` of a white-box run seeded `seed`."""
+    return seed + 1009 * restart
+
+
+def restart_record(run: WhiteboxRun, restart: int, seed: int, max_steps: int) -> dict[str, Any]:
+    """One restart's figures and images, as `best_of_restarts` takes them (the images under
+    the private keys `_reconstructions` and `_ir_error`, left out of the plan)."""
+    return {
+        "formulation": FORMULATIONS[restart % len(FORMULATIONS)],
+        "seed": seed,
+        "steps": run.steps,
+        "plateau": run.steps < max_steps,
+        "final_loss": run.loss_curve[-1],
+        "seconds": run.seconds,
+        "_reconstructions": run.reconstructions,
+        "_ir_error": run.ir_error,
+    }
+
+
+def best_of_restarts(records: Sequence[dict[str, Any]]) -> ConvergedRun:
+    """Per photo, the restart whose reconstruction has the lowest relative IR error (restarts in
+    order; a tie keeps the earlier one). The one rule for every place restarts are combined,
+    whether they ran one after another here or as separate tasks (`tasks`)."""
+    if not records:
+        raise AssessmentError("the white-box attack ran no restart")
+    best: ConvergedRun | None = None
+    runs = [{k: v for k, v in r.items() if not k.startswith("_") and k != "seconds"} for r in records]
+    for r, rec in enumerate(records):
+        recon, err = np.asarray(rec["_reconstructions"]), np.asarray(rec["_ir_error"])
+        label = f"{rec['formulation']}#{r}"
+        if best is None:
+            best = ConvergedRun(recon.copy(), err.copy(), [label] * len(err), runs, 0.0, 0)
+            continue
+        better = err < best.ir_error
+        best.reconstructions[better] = recon[better]
+        best.ir_error[better] = err[better]
+        best.chosen = [label if b else c for b, c in zip(better, best.chosen)]
+    assert best is not None
+    best.seconds = float(sum(rec["seconds"] for rec in records))
+    best.steps = int(sum(rec["steps"] for rec in records))
     return best
 
 
