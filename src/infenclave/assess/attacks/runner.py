@@ -592,7 +592,7 @@ def _attack_cut(
         )
 
     def submit(b: int, r: int) -> Future[TaskResult]:
-        task = make(b, r)
+        task = tasks[b, r] = make(b, r)
         kept = store.get(task, context.identity) if store is not None else None
         if kept is not None:
             fut: Future[TaskResult] = Future()
@@ -611,6 +611,7 @@ def _attack_cut(
         return fut
 
     futures: dict[tuple[int, int], Future[TaskResult]] = {}
+    tasks: dict[tuple[int, int], AttackTask] = {}
     queue = list(order)
     next_batch = 0
     while next_batch < len(slices):
@@ -640,8 +641,9 @@ def _attack_cut(
         next_batch += 1
         stop = whitebox and stop_when_unsafe and cut_result.evidence.verdict == "unsafe"
         if stop:
-            for f in futures.values():
-                f.cancel()  # not started: dropped; running: finishes and is stored, unused
+            for key, f in futures.items():
+                if not f.done():
+                    executor.cancel(tasks[key], f)  # not started: dropped; running: told to stop
         if executor.steps_progress:
             report(steps_total, steps_total, "steps")
         else:

@@ -46,6 +46,21 @@ from infenclave.network import Network
 
 TASK_FORMAT = 1  # bump when a task's meaning or stored form changes: old results are recomputed
 StepFn = Callable[[int, int], None]
+CANCEL_CHECK_STEPS = 5  # a worker looks for its cancel mark this often (a file test: microseconds)
+
+
+class TaskCancelled(Exception):
+    """A running task was told to stop: its cut's verdict was decided without it."""
+
+
+def _cancellable(mark: str) -> StepFn:
+    """An on-step callback that stops the task once `mark` exists (set by the parent)."""
+
+    def check(done: int, _total: int) -> None:
+        if done % CANCEL_CHECK_STEPS == 0 and os.path.exists(mark):
+            raise TaskCancelled(mark)
+
+    return check
 
 
 @dataclass(eq=False)
@@ -258,6 +273,10 @@ class Executor:
             fut.set_exception(exc)
         return fut
 
+    def cancel(self, task: AttackTask, fut: Future[TaskResult]) -> None:
+        """Stop `task`: dropped if not started; if running, it stops at its next check."""
+        fut.cancel()
+
     def close(self, *, interrupted: bool = False) -> None:
         """Stop the workers (at once after Ctrl-C: running tasks are dropped, stored ones kept)."""
 
@@ -278,10 +297,10 @@ def _init_worker(context: AttackContext) -> None:
     _WORKER_CONTEXT = context
 
 
-def _run_in_worker(task: AttackTask) -> TaskResult:
+def _run_in_worker(task: AttackTask, mark: str) -> TaskResult:
     if _WORKER_CONTEXT is None:  # pragma: no cover - the initializer always sets it
         raise AssessmentError("attack worker started without its context")
-    return _WORKER_CONTEXT.run(task)
+    return _WORKER_CONTEXT.run(task, _cancellable(mark))
 
 
 class LocalPool(Executor):
@@ -295,12 +314,15 @@ class LocalPool(Executor):
         self.workers = max(1, workers)
         self._pool: ProcessPoolExecutor | None = None
         self._for: AttackContext | None = None
+        self._marks: str | None = None  # a folder: one file per cancelled running task
 
     def start(self, context: AttackContext) -> None:
         if self._pool is not None and self._for is not None and self._for.same_objects(context):
             return
         self.close()
         import multiprocessing
+
+        self._marks = tempfile.mkdtemp(prefix="infenclave-cancel-")
 
         self._pool = ProcessPoolExecutor(
             self.workers,
@@ -313,7 +335,16 @@ class LocalPool(Executor):
     def submit(self, task: AttackTask, on_step: StepFn | None = None) -> Future[TaskResult]:
         if self._pool is None:
             raise AssessmentError("the attack pool was not started")
-        return self._pool.submit(_run_in_worker, task)
+        return self._pool.submit(_run_in_worker, task, self._mark(task))
+
+    def _mark(self, task: AttackTask) -> str:
+        if self._marks is None:
+            raise AssessmentError("the attack pool was not started")
+        return os.path.join(self._marks, hashlib.sha256(task.key.encode()).hexdigest()[:16])
+
+    def cancel(self, task: AttackTask, fut: Future[TaskResult]) -> None:
+        if not fut.cancel():
+            Path(self._mark(task)).touch()
 
     def close(self, *, interrupted: bool = False) -> None:
         pool, self._pool, self._for = self._pool, None, None
@@ -324,6 +355,11 @@ class LocalPool(Executor):
                 with contextlib.suppress(Exception):
                     proc.terminate()
         pool.shutdown(wait=True, cancel_futures=True)
+        if self._marks is not None:
+            import shutil
+
+            shutil.rmtree(self._marks, ignore_errors=True)
+            self._marks = None
 
 
 def _ray_run(context: AttackContext, task: AttackTask) -> TaskResult:
@@ -347,6 +383,7 @@ class RayExecutor(Executor):
         self._for: AttackContext | None = None
         self._tmp: str | None = None
         self._started_here = False
+        self._refs: dict[int, Any] = {}
 
     def _init(self) -> Any:
         if self._ray is not None:
@@ -379,8 +416,16 @@ class RayExecutor(Executor):
         self._for = context
 
     def submit(self, task: AttackTask, on_step: StepFn | None = None) -> Future[TaskResult]:
-        fut: Future[TaskResult] = self._fn.remote(self._ref, task).future()
+        ref = self._fn.remote(self._ref, task)
+        fut: Future[TaskResult] = ref.future()
+        self._refs[id(fut)] = ref
+        fut.add_done_callback(lambda f: self._refs.pop(id(f), None))
         return fut
+
+    def cancel(self, task: AttackTask, fut: Future[TaskResult]) -> None:
+        ref = self._refs.get(id(fut))
+        if ref is not None and self._ray is not None:
+            self._ray.cancel(ref)  # a running task gets KeyboardInterrupt in its worker
 
     def close(self, *, interrupted: bool = False) -> None:
         ray, self._ray, self._ref, self._for = self._ray, None, None, None
