@@ -53,22 +53,44 @@ def knows_weights_run(out: Path) -> int:
 
     Usage:  .venv/bin/python bench/assess.py --knows-weights [--out bench/results/assess-knows-weights.json]
     """
+    import threading
+
+    jobs = str(len(os.sched_getaffinity(0)))
+    cmd = ["infenclave", "assess", "efficientnet-lite0", "--jobs", jobs]
+    loads: list[float] = []  # 1-minute load average every 30 s: the machine is shared
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(30.0):
+            loads.append(round(os.getloadavg()[0], 2))
+
+    sampler = threading.Thread(target=sample, daemon=True)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
+        sampler.start()
         proc = subprocess.run(
-            [sys.executable, "-m", "infenclave.cli", "assess", "efficientnet-lite0", "--out", f"{tmp}/a"],
+            [sys.executable, "-m", "infenclave.cli", *cmd[1:], "--out", f"{tmp}/a"],
             capture_output=True,
             text=True,
         )
         seconds = time.perf_counter() - t0
+        stop.set()
         plan = json.loads(Path(f"{tmp}/a/plan.json").read_text()) if Path(f"{tmp}/a/plan.json").is_file() else None
     doc: dict[str, object] = {
-        "command": "infenclave assess efficientnet-lite0",
+        "command": " ".join(cmd),
         "exit_code": proc.returncode,
         "seconds": round(seconds, 1),
+        "minutes": round(seconds / 60, 1),
+        "target_minutes": 30,
         "cores": len(os.sched_getaffinity(0)),
+        "load_average_during": {
+            "samples_every_30_s": loads,
+            "mean": round(sum(loads) / len(loads), 2) if loads else None,
+            "max": max(loads, default=None),
+        },
         "load_average_after": [round(v, 2) for v in os.getloadavg()],
         "platform": platform.platform(),
+        "stderr_tail": [line for line in proc.stderr.splitlines() if "━" not in line][-12:],
     }
     if plan is not None:
         rec = plan["recommendation"]
@@ -80,6 +102,10 @@ def knows_weights_run(out: Path) -> int:
                 "deployment": rec["deployment"],
                 "budgets": res.get("budgets"),
                 "attack_seconds": round(res.get("seconds", 0.0), 1),
+                "executor": res.get("executor"),
+                "scan_oracle_seconds": round(plan["scan"]["stats"].get("oracle_seconds", 0.0), 1)
+                if isinstance(plan["scan"]["stats"].get("oracle_seconds"), (int, float))
+                else None,
                 "cuts": [
                     {
                         "cut": c["cut"],
@@ -89,6 +115,7 @@ def knows_weights_run(out: Path) -> int:
                         "verdict": c["evidence"]["verdict"],
                         "upper_bound": c["evidence"]["upper_bound"],
                         "attack_seconds": round(c["attack_seconds"], 1),
+                        "tasks_steps_run": c.get("steps_run"),
                     }
                     for c in res.get("cuts", [])
                 ],
