@@ -12,9 +12,17 @@ in that pre-set order, each at the full 5% level, and the search stops at the fi
 is not safe; the recommendation is the shallowest cut of that unbroken chain of safe cuts.
 Because each test is reached only after every earlier one was passed, the chance that any
 cut in the chain is wrongly called safe stays at 5% without a correction for the number of
-cuts tried, and no separate confirmation set is needed (the offline photos do not suffice for
-one: `photosets`). If the deepest candidate is not safe, no cut is: the plan then recommends
-the whole model in the enclave.
+cuts tried. If the deepest candidate is not safe, no cut is: the plan then recommends the
+whole model in the enclave.
+
+**Confirmation.** The chosen cut is then attacked again, with the same attacks and budgets, on
+the confirmation photos (`photosets`: photos that took no part in choosing it, disjoint by
+pixel hash from the evaluation and training photos), and *their* bound decides: the cut is
+recommended only when k of n fresh photos give a bound <= `--max-recovery`; otherwise nothing
+is (the whole model in the enclave), because picking another cut after seeing the
+confirmation photos would spend them. This needs at least `photos_needed(max_recovery)`
+confirmation photos (29 at 10%); with fewer (packages missing, or a stricter
+`--max-recovery`) the fixed-sequence test alone decides, and the plan's `selection` says so.
 
 Cost control: a cut's white-box attack stops as soon as enough photos are recovered that it
 cannot be safe, so broken cuts cost one chunk of photos; only cuts that hold get every photo
@@ -25,7 +33,7 @@ shows what the host would see at the start of the network.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +50,7 @@ from infenclave.assess.attacks import (
     run_attacks,
     training_photos,
 )
-from infenclave.assess.attacks.evidence import DEFAULT_MAX_RECOVERY, Evidence
+from infenclave.assess.attacks.evidence import DEFAULT_MAX_RECOVERY, Evidence, can_confirm
 from infenclave.assess.attacks.metrics import JudgePanel
 from infenclave.assess.attacks.reident import Gallery
 from infenclave.assess.kl import Oracle
@@ -62,6 +70,44 @@ SELECTION = (
     "fixed-sequence test, deepest candidate first, each cut at the full 5% level; "
     "the recommendation is the shallowest cut of the unbroken chain of safe cuts"
 )
+SELECTION_CONFIRMED = (
+    SELECTION + ", chosen on the evaluation photos and confirmed on the confirmation photos, "
+    "which took no part in choosing it: their bound decides"
+)
+SELECTION_UNCONFIRMED = (
+    SELECTION + "; not confirmed on fresh photos: the confirmation set has too few photos for this bound"
+)
+
+
+@dataclass
+class Confirmation:
+    """The chosen cut attacked again on photos that took no part in choosing it."""
+
+    cut: str
+    names: list[str]
+    by_source: dict[str, int]
+    results: AttackResults
+
+    @property
+    def evidence(self) -> Evidence:
+        ev = self.results.cut_evidence(self.cut)
+        if ev is None:  # pragma: no cover - confirm_cut always attacks its cut
+            raise AssertionError("a confirmation without an attacked cut")
+        return ev
+
+    def to_plan(self) -> dict[str, Any]:
+        """The plan's `adversary.confirmation`: which photos, how many, the bound and each figure."""
+        ev = self.evidence
+        return {
+            "cut": self.cut,
+            "photos": len(self.names),
+            "names": self.names,
+            "by_source": self.by_source,
+            "evidence": ev.to_dict(),
+            "summary": ev.sentence(),
+            "seconds": round(self.results.seconds, 1),
+            "attacks": [c.to_dict() for c in self.results.cuts],
+        }
 
 
 @dataclass
@@ -76,6 +122,8 @@ class AdversaryVerdict:
     max_recovery: float = DEFAULT_MAX_RECOVERY
     verdict: str = "safe"  # evidence verdict of the deepest candidate when none is chosen
     photo_sets: dict[str, Any] = field(default_factory=dict)
+    selection: str = SELECTION
+    confirmation: Confirmation | None = None
     eval_photos: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # not in the plan
     training_photos: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
@@ -94,9 +142,11 @@ class AdversaryVerdict:
             "front_end": self.front_end.name if self.front_end else None,
             "attacked_cuts": self.attacked,
             "max_recovery": self.max_recovery,
-            "selection": SELECTION,
+            "selection": self.selection,
             "photo_sets": self.photo_sets,
         }
+        if self.confirmation is not None:
+            doc["confirmation"] = self.confirmation.to_plan()
         if self.results is not None:
             doc["results"] = self.results.to_dict()
         return doc
@@ -111,6 +161,70 @@ def build_gallery(
         for p in s.photos:
             photos.setdefault(p.name, resize_and_crop(p.rgb, model.preprocess))
     return Gallery(photos, panel.features)
+
+
+def confirmation_photos(
+    sets: dict[str, PhotoSet],
+    max_recovery: float = DEFAULT_MAX_RECOVERY,
+    exclude: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray] | None:
+    """The confirmation photos (name -> pixels) when there are enough to confirm a cut at
+    `max_recovery` (`evidence.can_confirm`), else None. Photos whose pixels equal one of
+    `exclude` (the evaluation photos, e.g. the caller's --attack-images) are left out."""
+    from infenclave.assess.attacks.training_data import pixel_sha256
+
+    held = {pixel_sha256(v) for v in (exclude or {}).values()}
+    conf = sets.get("confirmation")
+    photos = {p.name: p.rgb for p in conf.photos if p.sha256 not in held} if conf is not None else {}
+    return photos if can_confirm(len(photos), max_recovery) else None
+
+
+def confirm_cut(
+    model: LoadedModel,
+    net: Network,
+    cut: str,
+    photos: dict[str, np.ndarray],
+    adversary: str,
+    budgets: Budgets,
+    panel: JudgePanel,
+    seed: int,
+    *,
+    sources: dict[str, str] | None = None,
+    gallery: Gallery | None = None,
+    training: TrainingSet | None = None,
+    max_recovery: float = DEFAULT_MAX_RECOVERY,
+    surrogate: Network | None = None,
+    progress: AttackProgressFn | None = None,
+    executor: Executor | None = None,
+) -> Confirmation:
+    """Attack `cut` on `photos` as the chain attacked it (same attacks, budgets, stop rule) and
+    return the fresh evidence. `sources` (name -> package) gives the per-source counts.
+
+    Its tasks are not kept in the assessment's task store: their keys (adversary, attack, cut,
+    batch, restart) are those of the chain's tasks at the same cut, so `--resume` runs the
+    confirmation again rather than mistake one photo set's results for the other's."""
+    res = run_attacks(
+        model,
+        net,
+        [cut],
+        photos,
+        adversary,
+        budgets,
+        panel,
+        seed,
+        progress=progress,
+        training=training,
+        gallery=gallery,
+        max_recovery=max_recovery,
+        stop_when_unsafe=True,
+        surrogate=surrogate,
+        executor=executor,
+    )
+    by_source: dict[str, int] = {}
+    for n in photos:
+        src = (sources or {}).get(n, n.split(":", 1)[0])
+        by_source[src] = by_source.get(src, 0) + 1
+    return Confirmation(cut, list(photos), by_source, res)
 
 
 def assess_adversary(
@@ -214,6 +328,33 @@ def assess_adversary(
             front_end = cut
         elif not full:
             break  # --full attacks every cut for the report; the chain is already decided
+    selection, confirmation = SELECTION, None
+    if front_end is not None:
+        fresh = confirmation_photos(sets, max_recovery, exclude=eval_images)
+        if fresh is None:
+            selection = SELECTION_UNCONFIRMED
+        else:
+            say(f"confirming {front_end.name} on {len(fresh)} confirmation photos that took no part in choosing it")
+            confirmation = confirm_cut(
+                model,
+                net,
+                front_end.name,
+                fresh,
+                adversary,
+                budgets,
+                panel,
+                seed,
+                sources={p.name: p.source for p in sets["confirmation"].photos},
+                gallery=gallery,
+                training=training,
+                max_recovery=max_recovery,
+                surrogate=surrogate,
+                progress=progress,
+                executor=executor,
+            )
+            selection = SELECTION_CONFIRMED
+            if confirmation.evidence.verdict != "safe":
+                front_end, deepest_verdict = None, confirmation.evidence.verdict
     verdict = (
         "safe"
         if front_end is not None
@@ -228,6 +369,8 @@ def assess_adversary(
         max_recovery=max_recovery,
         verdict=verdict,
         photo_sets=sets_doc,
+        selection=selection,
+        confirmation=confirmation,
         eval_photos=dict(eval_images),
         training_photos=sets["training"].images(),
     )

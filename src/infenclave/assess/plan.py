@@ -277,7 +277,15 @@ def build_plan(
 
     chosen = adversary.front_end if attacked else (rec.cut if rec is not None else None)
     partition: dict[str, Any] | None = None
-    if attacked and chosen is None and adversary.verdict == "not-enough-evidence":
+    confirmation = adversary.confirmation if attacked else None
+    if attacked and chosen is None and confirmation is not None:
+        reason = (
+            f"{confirmation.cut} was chosen on the evaluation photos (fixed-sequence test under the "
+            f"{adversary.name} adversary) but not confirmed on {len(confirmation.names)} photos "
+            f"that took no part in choosing it: {confirmation.evidence.sentence()} > "
+            f"{adversary.max_recovery:.0%}. Keep the whole model in the enclave."
+        )
+    elif attacked and chosen is None and adversary.verdict == "not-enough-evidence":
         reason = (
             f"Not enough evidence under the {adversary.name} adversary: no photo was "
             "recovered at the deepest candidate cut, but too few photos were attacked for "
@@ -323,6 +331,12 @@ def build_plan(
                 f"inversion), {ev.sentence()} <= {adversary.max_recovery:.0%}, tested "
                 "deepest cut first"
                 if attacked and ev is not None
+                else ""
+            )
+            + (
+                f", and confirmed on {len(confirmation.names)} photos that took no part in choosing "
+                f"it: {confirmation.evidence.sentence()}"
+                if confirmation is not None
                 else ""
             )
             + f"; the Tail starts at {tail_start.name} "

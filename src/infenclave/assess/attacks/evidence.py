@@ -8,10 +8,13 @@ supports a 10% claim (`photos_needed`). Fewer photos than that give the verdict
 **not enough evidence**, never "safe", however clean the attacks looked.
 
 Choosing the FrontNet end is a search over several cut points; the first one that happens to
-pass is favoured by the search itself. Either the chosen cut is confirmed on photos that took
-no part in choosing it (a fresh, uncorrected bound), or the bound is corrected for the number
-of cut points tried (Bonferroni: alpha / m per cut). Both are implemented here; which one the
-assessment used is recorded in the plan.
+pass is favoured by the search itself. The assessment (`assess.adversary`) chooses by a
+fixed-sequence test on the evaluation photos (valid at 5% without a correction) and then,
+when the confirmation set is large enough (`can_confirm`: at least `photos_needed` photos),
+confirms the chosen cut on those photos, which took no part in choosing it (a fresh,
+uncorrected bound that alone decides the verdict). A Bonferroni correction (alpha / m per cut,
+`judge_evidence(cuts_tried=m)`) is implemented for callers that search without either. Which
+one the assessment used is recorded in the plan.
 
 Verdict values (the plan's `recommendation.verdict` and every per-cut `verdict`), defined here
 once so that the CLI maps them to exit codes without reading prose:
@@ -64,6 +67,12 @@ def photos_needed(max_recovery: float, alpha: float = ALPHA) -> int:
     """The fewest photos for which "0 recovered" supports a recovery rate <= max_recovery."""
     check_max_recovery(max_recovery)
     return math.ceil(math.log(alpha) / math.log(1.0 - max_recovery))
+
+
+def can_confirm(photos: int, max_recovery: float = DEFAULT_MAX_RECOVERY, alpha: float = ALPHA) -> bool:
+    """True when `photos` fresh photos can confirm a cut: were none recovered, their bound alone
+    would reach `max_recovery`. With fewer, a confirmation could never say "safe"."""
+    return photos >= photos_needed(max_recovery, alpha)
 
 
 def check_max_recovery(max_recovery: float) -> None:
