@@ -248,3 +248,17 @@ def test_resume_needs_an_interrupted_assessment(tmp_path, photos, attack_dir) ->
     (tmp_path / "done" / "plan.json").write_text("{}")
     res = run_cli(*assess_args(photos, attack_dir, tmp_path / "done"), "--resume")
     assert res.returncode == 2 and "finished assessment" in res.stderr, res.stderr
+
+
+def test_ray_missing_is_a_clear_usage_error(tmp_path, photos) -> None:
+    """Without the `ray` extra, --ray is refused in one line (exit 2) before any work."""
+    code = "import sys; sys.modules['ray'] = None; from infenclave.cli import main; sys.argv[0] = 'infenclave'; main()"
+    res = subprocess.run(
+        [sys.executable, "-c", code, "assess", "efficientnet-lite0", "--ray", "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 2, res.stderr
+    assert "infenclave[ray]" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "o").exists()
