@@ -374,9 +374,11 @@ class RayExecutor(Executor):
     steps_progress = False
 
     def __init__(self, address: str | None = None, workers: int | None = None) -> None:
+        from infenclave.assess.runtime import cpu_count
+
         self.address = address
-        self.workers = max(1, workers or 1)
-        self._requested = workers
+        self._requested = workers or cpu_count()  # a private instance: this process's cores
+        self.workers = self._requested
         self._ray: Any = None
         self._fn: Any = None
         self._ref: Any = None
@@ -398,7 +400,7 @@ class RayExecutor(Executor):
                     _node_ip_address="127.0.0.1",
                     include_dashboard=False,
                     _temp_dir=self._tmp,
-                    num_cpus=self._requested or os.cpu_count() or 1,
+                    num_cpus=self._requested,
                     log_to_driver=False,
                     logging_level="ERROR",
                 )
