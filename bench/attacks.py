@@ -281,28 +281,43 @@ def evidence_run(
     return out
 
 
-def convergence_run(model: Any, net: Any, quick: bool, photos: int = CONVERGENCE_PHOTOS) -> dict[str, Any]:
-    """At the deepest candidate cut: the default cap vs twice the cap, same photos and seeds.
+def convergence_run(
+    model: Any,
+    net: Any,
+    quick: bool,
+    photos: int = CONVERGENCE_PHOTOS,
+    *,
+    cut: str = CONVERGENCE_CUT,
+    threads: int | None = None,
+    save: Any = None,
+) -> dict[str, Any]:
+    """At the recommended cut: the default cap vs twice the cap, same photos and seeds.
 
     The claim to check: doubling the white-box budget does not raise the recovery rate there.
+    Per cap: k of n recovered, the one-sided 95% bound and verdict, the Adam steps each restart
+    used (a plateau stops it before the cap), seconds, and per photo whether it was recovered and
+    its relative IR error. `save(doc)` is called after each cap so a long run keeps what it has.
+    The photos are the background photos of the evaluation set (after the 8 built-in ones,
+    which the judges know from ImageNet-like scenes), in the set's order.
     """
     from infenclave.assess.adversary import build_gallery
     from infenclave.assess.attacks import Budgets, run_attacks
+    from infenclave.assess.attacks.evidence import judge_evidence
     from infenclave.assess.attacks.metrics import JudgePanel
     from infenclave.assess.attacks.whitebox import DEFAULT_STEPS
     from infenclave.assess.photosets import offline_sets
 
     sets = offline_sets()
     panel = JudgePanel.for_model(model)
-    evaluation = dict(list(sets["evaluation"].images().items())[8 : 8 + (2 if quick else photos)])
+    evaluation = dict(list(sets["evaluation"].images().items())[8 : 8 + (1 if quick else photos)])
     gallery = build_gallery(model, panel, evaluation, sets)
-    rows = []
+    doc: dict[str, Any] = {"cut": cut, "photos": [*evaluation], "gallery": len(gallery), "runs": []}
     for cap in [5, 10] if quick else [DEFAULT_STEPS, 2 * DEFAULT_STEPS]:
         t0 = time.perf_counter()
         res = run_attacks(
             model,
             net,
-            [CONVERGENCE_CUT],
+            [cut],
             evaluation,
             "knows-weights",
             Budgets(whitebox_steps=cap),
@@ -310,22 +325,46 @@ def convergence_run(model: Any, net: Any, quick: bool, photos: int = CONVERGENCE
             seed=0,
             gallery=gallery,
             stop_when_unsafe=False,
+            threads=threads,
         )
         (c,) = res.cuts
-        rows.append(
+        ev = judge_evidence(c.recovered_count, len(c.images))
+        restarts = c.extra.get("restarts") or []
+        doc["runs"].append(
             {
                 "cap": cap,
-                "restarts": c.extra.get("restarts"),
+                "restarts": restarts,
+                "steps_used": sum(int(r["steps"]) for r in restarts),
+                "steps_allowed": cap * len(restarts),
                 "recovered": c.recovered_count,
                 "reidentified": c.reidentified_count,
                 "recognised": c.recognised_count,
                 "photos": len(c.images),
-                "mean_ir_error": round(float(np.mean([r.ir_error for r in c.images])), 4),
+                "upper_bound": round(ev.bound, 4),
+                "verdict": ev.verdict,
+                "mean_ir_error": round(float(np.mean([r.ir_error or 0.0 for r in c.images])), 4),
+                "per_photo": {
+                    r.image: {
+                        "recovered": bool(r.unsafe),
+                        "ir_error": round(float(r.ir_error), 4) if r.ir_error is not None else None,
+                        "ssim": round(float(r.ssim), 4),
+                    }
+                    for r in c.images
+                },
+                "attack_seconds": round(c.attack_seconds, 1),
                 "seconds": round(time.perf_counter() - t0, 1),
             }
         )
-        print(json.dumps(rows[-1]), flush=True)
-    return {"cut": CONVERGENCE_CUT, "photos": [*evaluation], "runs": rows}
+        print(json.dumps({k: v for k, v in doc["runs"][-1].items() if k != "per_photo"}), flush=True)
+        if save is not None:
+            save(doc)
+    if len(doc["runs"]) == 2:
+        base, doubled = doc["runs"]
+        before = base["per_photo"]
+        gained = [n for n, r in doubled["per_photo"].items() if r["recovered"] and not before[n]["recovered"]]
+        doc["doubling_raises_recovery"] = doubled["recovered"] > base["recovered"]
+        doc["recovered_only_at_double_cap"] = gained
+    return doc
 
 
 def main() -> int:
@@ -341,6 +380,8 @@ def main() -> int:
         help="evaluation photos for evidence (default all 40) / convergence (default 4)",
     )
     ap.add_argument("--no-decoder", action="store_true", help="evidence: white-box only")
+    ap.add_argument("--convergence-cut", default=CONVERGENCE_CUT, help="the cut for --parts convergence")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument(
         "--parts",
         default="cost,default,curves,figure",
@@ -376,7 +417,7 @@ def main() -> int:
         "judge": judge.name,
         "training_photos": training.summary()["distinct_photos"],
     }
-    with torch_threads(None) as threads:
+    with torch_threads(args.threads) as threads:
         report["machine"]["torch_threads"] = threads
         if "cost" in parts:
             print("per-cut cost", flush=True)
@@ -406,7 +447,21 @@ def main() -> int:
                 args.out.write_text(json.dumps(report, indent=2) + "\n")
         if "convergence" in parts:
             print("convergence at the deepest candidate cut", flush=True)
-            report["convergence"] = convergence_run(model, net, args.quick, args.photos or CONVERGENCE_PHOTOS)
+
+            def save(doc: dict[str, Any]) -> None:
+                report["convergence"] = doc
+                if not args.quick:
+                    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+            report["convergence"] = convergence_run(
+                model,
+                net,
+                args.quick,
+                args.photos or CONVERGENCE_PHOTOS,
+                cut=args.convergence_cut,
+                threads=args.threads,
+                save=save,
+            )
             report["load_average_after_convergence"] = [round(v, 2) for v in os.getloadavg()]
         if "figure" in parts and not args.quick:
             print("figure", flush=True)
@@ -420,7 +475,7 @@ def main() -> int:
     if not args.quick:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out.relative_to(ROOT)}")
+        print(f"wrote {args.out}")
     else:
         print(json.dumps(report, indent=2)[:3000])
     return 0
