@@ -171,9 +171,11 @@ def confirmation_photos(
     """The confirmation photos (name -> pixels) when there are enough to confirm a cut at
     `max_recovery` (`evidence.can_confirm`), else None. Photos whose pixels equal one of
     `exclude` (the evaluation photos, e.g. the caller's --attack-images) are left out."""
-    from infenclave.assess.attacks.training_data import pixel_sha256
+    from infenclave.assess.attacks.training_data import _shrink, pixel_sha256
 
-    held = {pixel_sha256(v) for v in (exclude or {}).values()}
+    # a set's photos are hashed as stored (short side at most 512 px): hash a caller's photo
+    # both at full size and as it would be stored
+    held = {h for v in (exclude or {}).values() for h in (pixel_sha256(v), pixel_sha256(_shrink(v)))}
     conf = sets.get("confirmation")
     photos = {p.name: p.rgb for p in conf.photos if p.sha256 not in held} if conf is not None else {}
     return photos if can_confirm(len(photos), max_recovery) else None
