@@ -191,6 +191,9 @@ def interrupted(photos, attack_dir, tmp_path_factory) -> tuple[Path, str]:
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        # a test runner started in the background (no job control) ignores SIGINT, and the child
+        # would inherit that: give it the default, so that Python turns SIGINT into Ctrl-C
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 400
     try:
