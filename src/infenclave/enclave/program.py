@@ -390,7 +390,7 @@ class EnclaveProgram:
             last = "model" if whole else "tail"
             tail_bytes, labels = decode_tail(decrypt_part(manifest, last, self._blobs[last], key), manifest.num_classes)
         except BundleError as exc:
-            raise _Refused("refused", f"{step}: FrontNet/Tail do not decrypt and match the manifest", exc) from exc
+            raise _Refused("refused", f"{step}: encrypted parts do not decrypt or match the manifest", exc) from exc
         try:
             front = OnnxPart(tail_bytes if whole else front_bytes, threads=self._threads)
             tail = None if whole else OnnxPart(tail_bytes, threads=self._threads)
@@ -537,7 +537,7 @@ class EnclaveProgram:
         if model is None:  # unreachable: a pending request had a model
             raise _Refused("not_provisioned", "answer: no model key yet")
         if not np.isfinite(scores).all():
-            raise _Refused("refused", "tail: produced non-finite scores")
+            raise _Refused("refused", "answer: the model produced non-finite scores")
         predictions = top_k(
             scores, model.labels, pending.k, already_probabilities=self._manifest_output() == "probabilities"
         )
