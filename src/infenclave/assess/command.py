@@ -317,10 +317,17 @@ def _attack(
     progress: ProgressFn | None,
 ) -> Any:
     from infenclave.assess.adversary import assess_adversary, public_surrogate
+    from infenclave.assess.attacks.runner import ProgressEvent
 
     surrogate = public_surrogate(model, net) if opts.adversary == "surrogate-weights" else None
     if opts.adversary in ("knows-weights", "surrogate-weights", "chosen-inputs"):
         say(f"attack tasks: {executor.name}, {executor.workers} at a time")
+
+    def attack_progress(ev: ProgressEvent) -> None:
+        # The bar's ETA is the running cut's; "cut i/N" bounds what is left (early stops end sooner).
+        if progress is not None:
+            progress(ev.done, ev.total, f"{ev.attack} @ {ev.cut}, cut {ev.cut_number}/{ev.cuts_total}: {ev.unit}")
+
     return assess_adversary(
         model,
         net,
@@ -336,7 +343,7 @@ def _attack(
         say=say,
         max_recovery=opts.max_recovery,
         surrogate=surrogate,
-        progress=(lambda ev: progress(ev.done, ev.total, f"{ev.attack} @ {ev.cut}: {ev.unit}")) if progress else None,
+        progress=attack_progress if progress else None,
         executor=executor,
         store=store,
     )
